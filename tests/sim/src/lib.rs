@@ -1,0 +1,1 @@
+//! edgestream-sim: simulated devices, brokers and network faults.

@@ -1,1 +1,36 @@
 //! edgestream-sim: simulated devices, brokers and network faults.
+//!
+//! The parts edgestream's demo, `edgestream simulate`, benchmarks and system
+//! tests are built on. Everything is real where it can be: real brokers
+//! ([`broker::Mosquitto`] spawns the mosquitto binary, [`broker::InProcessBroker`]
+//! runs rumqttd in-process), real TCP through [`proxy::FaultProxy`], real
+//! pseudo-terminals for serial devices. Everything binds 127.0.0.1 and
+//! ports chosen by the operating system, so tests run in parallel.
+//!
+//! * [`broker`]: start/stop/restart brokers.
+//! * [`proxy`]: cut, blackhole and restore a TCP path.
+//! * [`signal`]: deterministic sensor signals with injected faults.
+//! * [`devices`]: MQTT devices and fleets that record what the broker
+//!   acknowledged, and serial devices.
+//! * [`collector`]: records what the gateway published to the cloud broker.
+//!
+//! Shared topic contract: readings on `sensors/{device}/{metric}` as
+//! `{"value":..,"ts":..,"seq":..}`; commands on `devices/{device}/commands`,
+//! replies on `devices/{device}/replies`; cloud topics under
+//! `{prefix}/{gateway}/`.
+
+pub mod broker;
+pub mod collector;
+pub mod devices;
+pub mod proxy;
+pub mod signal;
+mod wire;
+
+pub use broker::{InProcessBroker, Mosquitto, MosquittoOptions};
+pub use collector::{CloudCollector, CloudMessage};
+pub use devices::mqtt::{
+    CommandBehavior, DeviceStats, MetricSpec, MqttDevice, MqttDeviceConfig, MqttFleet,
+    PayloadFormat, Rate, Reading,
+};
+pub use proxy::{FaultProxy, ProxyMode, ProxyStats};
+pub use signal::{Fault, FaultKind, Profile, Signal};

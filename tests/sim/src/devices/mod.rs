@@ -1,0 +1,4 @@
+//! Simulated devices: MQTT sensors/actuators and serial sensors on real
+//! pseudo-terminals.
+
+pub mod mqtt;

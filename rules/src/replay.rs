@@ -1,0 +1,216 @@
+//! Deterministic replay of recorded readings, for `edgestream rules test`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::output::{AggregateEvent, AlertEvent, AlertState, CommandAction, Disposition, Output};
+use crate::{Engine, Plan, Reading};
+
+/// A reading that owns its strings (one line of a readings.jsonl file).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnedReading {
+    pub device: String,
+    pub metric: String,
+    pub value: f64,
+    pub ts_ms: u64,
+}
+
+/// Something the engine decided during a replay.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplayEvent {
+    Alert(AlertEvent),
+    Command(CommandAction),
+    Aggregate(AggregateEvent),
+    /// Reading number `index` (0-based, in input order) was not forwarded.
+    Dropped {
+        index: usize,
+        device: String,
+        metric: String,
+        ts_ms: u64,
+    },
+    /// Reading number `index` was forwarded with these tags.
+    Tagged {
+        index: usize,
+        device: String,
+        metric: String,
+        ts_ms: u64,
+        tags: Vec<(Arc<str>, Arc<str>)>,
+    },
+}
+
+/// Runs `readings`, in the order given, through a fresh engine for `plan` and returns every
+/// event. Before each reading whose timestamp is newer than any before, the engine gets a
+/// tick at that timestamp, so time-driven detectors (`missing`, durations, downsampling)
+/// fire as they would live with ticks at reading times. Pure and deterministic: the same
+/// plan and readings always give the same events in the same order.
+pub fn replay(plan: Plan, readings: impl IntoIterator<Item = OwnedReading>) -> Vec<ReplayEvent> {
+    let mut engine = Engine::new(plan);
+    let mut out = Output::default();
+    let mut events = Vec::new();
+    let mut clock: Option<u64> = None;
+    for (index, r) in readings.into_iter().enumerate() {
+        if clock.is_none_or(|c| r.ts_ms > c) {
+            clock = Some(r.ts_ms);
+            engine.on_tick(r.ts_ms, &mut out);
+            collect(&out, &mut events);
+        }
+        engine.on_reading(
+            &Reading {
+                device: &r.device,
+                metric: &r.metric,
+                value: r.value,
+                ts_ms: r.ts_ms,
+            },
+            &mut out,
+        );
+        collect(&out, &mut events);
+        if out.disposition == Disposition::Drop {
+            events.push(ReplayEvent::Dropped {
+                index,
+                device: r.device,
+                metric: r.metric,
+                ts_ms: r.ts_ms,
+            });
+        } else if !out.tags.is_empty() {
+            events.push(ReplayEvent::Tagged {
+                index,
+                device: r.device,
+                metric: r.metric,
+                ts_ms: r.ts_ms,
+                tags: out.tags.clone(),
+            });
+        }
+    }
+    events
+}
+
+fn collect(out: &Output, events: &mut Vec<ReplayEvent>) {
+    events.extend(out.alerts.iter().cloned().map(ReplayEvent::Alert));
+    events.extend(out.commands.iter().cloned().map(ReplayEvent::Command));
+    events.extend(out.aggregates.iter().cloned().map(ReplayEvent::Aggregate));
+}
+
+/// A JSON string literal.
+struct J<'a>(&'a str);
+
+impl fmt::Display for J<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"")?;
+        for c in self.0.chars() {
+            match c {
+                '"' => f.write_str("\\\"")?,
+                '\\' => f.write_str("\\\\")?,
+                '\n' => f.write_str("\\n")?,
+                '\t' => f.write_str("\\t")?,
+                c if (c as u32) < 0x20 => write!(f, "\\u{:04x}", c as u32)?,
+                c => write!(f, "{c}")?,
+            }
+        }
+        f.write_str("\"")
+    }
+}
+
+/// A JSON number (`null` for NaN and infinities, which JSON cannot carry).
+struct N(f64);
+
+impl fmt::Display for N {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_finite() {
+            write!(f, "{}", self.0)
+        } else {
+            f.write_str("null")
+        }
+    }
+}
+
+/// One JSON object per event, on one line, fields in a fixed order.
+impl fmt::Display for ReplayEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplayEvent::Alert(a) => write!(
+                f,
+                r#"{{"event":"alert","ts":{},"rule":{},"device":{},"severity":"{}","state":"{}","value":{},"message":{}}}"#,
+                a.ts_ms,
+                J(&a.rule),
+                J(&a.device),
+                a.severity.as_str(),
+                if a.state == AlertState::Raised {
+                    "raised"
+                } else {
+                    "cleared"
+                },
+                N(a.value),
+                J(&a.message)
+            ),
+            ReplayEvent::Command(c) => {
+                write!(
+                    f,
+                    r#"{{"event":"command","ts":{},"rule":{},"device":{},"name":{},"args":{{"#,
+                    c.ts_ms,
+                    J(&c.rule),
+                    J(&c.device),
+                    J(&c.name)
+                )?;
+                for (i, (k, v)) in c.args.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    match v {
+                        crate::ArgValue::Number(n) => write!(f, "{}:{}", J(k), N(*n))?,
+                        crate::ArgValue::Bool(b) => write!(f, "{}:{b}", J(k))?,
+                        crate::ArgValue::Text(t) => write!(f, "{}:{}", J(k), J(t))?,
+                    }
+                }
+                f.write_str("}}")
+            }
+            ReplayEvent::Aggregate(g) => write!(
+                f,
+                r#"{{"event":"aggregate","ts":{},"rule":{},"device":{},"metric":{},"start":{},"end":{},"count":{},"avg":{},"min":{},"max":{},"sum":{},"last":{}}}"#,
+                g.end_ms,
+                J(&g.rule),
+                J(&g.device),
+                J(&g.metric),
+                g.start_ms,
+                g.end_ms,
+                g.count,
+                N(g.avg),
+                N(g.min),
+                N(g.max),
+                N(g.sum),
+                N(g.last)
+            ),
+            ReplayEvent::Dropped {
+                index,
+                device,
+                metric,
+                ts_ms,
+            } => write!(
+                f,
+                r#"{{"event":"dropped","ts":{ts_ms},"index":{index},"device":{},"metric":{}}}"#,
+                J(device),
+                J(metric)
+            ),
+            ReplayEvent::Tagged {
+                index,
+                device,
+                metric,
+                ts_ms,
+                tags,
+            } => {
+                write!(
+                    f,
+                    r#"{{"event":"tagged","ts":{ts_ms},"index":{index},"device":{},"metric":{},"tags":{{"#,
+                    J(device),
+                    J(metric)
+                )?;
+                for (i, (k, v)) in tags.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{}:{}", J(k), J(v))?;
+                }
+                f.write_str("}}")
+            }
+        }
+    }
+}

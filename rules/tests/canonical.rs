@@ -1,0 +1,101 @@
+//! The canonical threshold rule, end to end through the public API.
+
+use edgestream_rules::*;
+
+const OVERHEAT: &str = r#"
+rule overheat
+  on device "boiler-*"
+  when temperature > 80 for 30s
+  clear when temperature < 75
+  alert critical "boiler overheating"
+"#;
+
+fn reading<'a>(device: &'a str, metric: &'a str, value: f64, ts_ms: u64) -> Reading<'a> {
+    Reading {
+        device,
+        metric,
+        value,
+        ts_ms,
+    }
+}
+
+#[test]
+fn overheat_raises_after_30s_and_clears_below_75() {
+    let plan = compile(OVERHEAT).expect("canonical rule compiles");
+    assert_eq!(plan.rule_count(), 1);
+    assert!(plan.state_bytes() > 0);
+    let mut engine = Engine::new(plan);
+    let mut out = Output::default();
+    let mut alerts = Vec::new();
+    let series = [
+        (0, 79.0),
+        (5_000, 81.0), // condition starts holding
+        (20_000, 90.0),
+        (34_999, 85.0), // 29.999 s: not yet
+        (35_000, 85.0), // 30 s: raise
+        (40_000, 88.0), // still raised: no new event
+        (45_000, 78.0), // hysteresis: between 75 and 80, stays raised
+        (50_000, 74.0), // clear
+        (55_000, 74.0),
+    ];
+    for (ts, v) in series {
+        engine.on_reading(&reading("boiler-7", "temperature", v, ts), &mut out);
+        assert_eq!(out.disposition, Disposition::Forward);
+        alerts.extend(out.alerts.iter().cloned());
+    }
+    assert_eq!(alerts.len(), 2, "{alerts:?}");
+    assert_eq!(alerts[0].state, AlertState::Raised);
+    assert_eq!(alerts[0].ts_ms, 35_000);
+    assert_eq!(alerts[0].severity, Severity::Critical);
+    assert_eq!(&*alerts[0].rule, "overheat");
+    assert_eq!(alerts[0].device.as_str(), "boiler-7");
+    assert_eq!(alerts[0].value, 85.0);
+    assert_eq!(&*alerts[0].message, "boiler overheating");
+    assert_eq!(alerts[1].state, AlertState::Cleared);
+    assert_eq!(alerts[1].ts_ms, 50_000);
+    assert_eq!(alerts[1].value, 74.0);
+}
+
+#[test]
+fn overheat_resets_when_condition_breaks_before_30s() {
+    let mut engine = Engine::new(compile(OVERHEAT).unwrap());
+    let mut out = Output::default();
+    let mut n = 0;
+    for (ts, v) in [
+        (0, 85.0),
+        (20_000, 79.0),
+        (29_000, 85.0),
+        (40_000, 85.0),
+        (58_999, 85.0),
+    ] {
+        engine.on_reading(&reading("boiler-1", "temperature", v, ts), &mut out);
+        n += out.alerts.len();
+    }
+    assert_eq!(n, 0, "the 30 s restart at 29 s after the dip");
+    engine.on_reading(&reading("boiler-1", "temperature", 85.0, 59_000), &mut out);
+    assert_eq!(out.alerts.len(), 1);
+}
+
+#[test]
+fn overheat_ignores_other_devices_and_metrics() {
+    let mut engine = Engine::new(compile(OVERHEAT).unwrap());
+    let mut out = Output::default();
+    for ts in (0..100_000).step_by(1_000) {
+        engine.on_reading(&reading("fan-1", "temperature", 99.0, ts), &mut out);
+        assert!(out.alerts.is_empty());
+        engine.on_reading(&reading("boiler-1", "pressure", 99.0, ts), &mut out);
+        assert!(out.alerts.is_empty());
+    }
+}
+
+#[test]
+fn tick_completes_a_duration_without_new_readings() {
+    let mut engine = Engine::new(compile(OVERHEAT).unwrap());
+    let mut out = Output::default();
+    engine.on_reading(&reading("boiler-1", "temperature", 85.0, 1_000), &mut out);
+    engine.on_tick(30_999, &mut out);
+    assert!(out.alerts.is_empty());
+    engine.on_tick(31_000, &mut out);
+    assert_eq!(out.alerts.len(), 1);
+    assert_eq!(out.alerts[0].ts_ms, 31_000);
+}

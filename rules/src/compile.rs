@@ -385,7 +385,7 @@ impl<'l, 'e, 'a> RuleCompiler<'l, 'e, 'a> {
             .map(|d| self.duration(d.value, d.pos))
             .unwrap_or(0);
         if let Some(c) = &ast.clear {
-            if ast.when.is_none() {
+            if ast.when.is_none() && !ast.broken {
                 self.error(c.pos, "`clear when` needs a `when` condition to clear");
             }
         }
@@ -393,7 +393,13 @@ impl<'l, 'e, 'a> RuleCompiler<'l, 'e, 'a> {
         let alert = match &ast.alert {
             Some((sev, msg)) => match Severity::parse(sev.value) {
                 Some(s) => {
-                    if ast.when.is_none() {
+                    if msg.len() > MAX_ALERT_MESSAGE_LEN {
+                        self.error(
+                            sev.pos,
+                            format!("alert message is longer than {MAX_ALERT_MESSAGE_LEN} bytes"),
+                        );
+                    }
+                    if ast.when.is_none() && !ast.broken {
                         self.error(
                             sev.pos,
                             "`alert` needs a `when` condition saying when to raise it",
@@ -416,14 +422,14 @@ impl<'l, 'e, 'a> RuleCompiler<'l, 'e, 'a> {
         };
 
         let mut commands = Vec::new();
-        if ast.commands.len() > MAX_ACTIONS_PER_KIND {
+        if ast.commands.len() > MAX_COMMANDS_PER_RULE {
             self.error(
-                ast.commands[MAX_ACTIONS_PER_KIND].name.pos,
-                format!("more than {MAX_ACTIONS_PER_KIND} commands in one rule"),
+                ast.commands[MAX_COMMANDS_PER_RULE].name.pos,
+                format!("more than {MAX_COMMANDS_PER_RULE} commands in one rule"),
             );
         }
         for c in &ast.commands {
-            if ast.when.is_none() {
+            if ast.when.is_none() && !ast.broken {
                 self.error(
                     c.name.pos,
                     "`command` needs a `when` condition saying when to send it",
@@ -435,10 +441,30 @@ impl<'l, 'e, 'a> RuleCompiler<'l, 'e, 'a> {
                     format!("more than {MAX_COMMAND_ARGS} command arguments"),
                 );
             }
+            if c.name.value.len() > MAX_COMMAND_NAME_LEN {
+                self.error(
+                    c.name.pos,
+                    format!("command name is longer than {MAX_COMMAND_NAME_LEN} bytes"),
+                );
+            }
             let mut args: Vec<(Arc<str>, ArgValue)> = Vec::new();
             for (k, v) in &c.args {
                 if args.iter().any(|(a, _)| &**a == k.value) {
                     self.error(k.pos, format!("argument `{}` is given twice", k.value));
+                }
+                if k.value.len() > MAX_ARG_KEY_LEN {
+                    self.error(
+                        k.pos,
+                        format!("argument name is longer than {MAX_ARG_KEY_LEN} bytes"),
+                    );
+                }
+                if let ArgLit::Text(t) = v {
+                    if t.len() > MAX_ARG_STR_LEN {
+                        self.error(
+                            k.pos,
+                            format!("text argument is longer than {MAX_ARG_STR_LEN} bytes"),
+                        );
+                    }
                 }
                 let v = match v {
                     ArgLit::Number(n) => ArgValue::Number(*n),
@@ -466,13 +492,16 @@ impl<'l, 'e, 'a> RuleCompiler<'l, 'e, 'a> {
         }
 
         let mut tags = Vec::new();
-        if ast.tags.len() > MAX_ACTIONS_PER_KIND {
+        if ast.tags.len() > MAX_TAGS {
             self.error(
-                ast.tags[MAX_ACTIONS_PER_KIND].0.pos,
-                format!("more than {MAX_ACTIONS_PER_KIND} tags in one rule"),
+                ast.tags[MAX_TAGS].0.pos,
+                format!("more than {MAX_TAGS} tags in one rule"),
             );
         }
         for (k, v) in &ast.tags {
+            if k.value.len() > MAX_TAG_KEY_LEN || v.len() > MAX_TAG_VALUE_LEN {
+                self.error(k.pos, format!("tag names are at most {MAX_TAG_KEY_LEN} bytes and values at most {MAX_TAG_VALUE_LEN}"));
+            }
             tags.push((Arc::<str>::from(k.value), Arc::<str>::from(&**v)));
         }
 
@@ -653,6 +682,13 @@ impl<'l, 'e, 'a> RuleCompiler<'l, 'e, 'a> {
             }
             Expr::Samples(_, pos) => {
                 self.error(*pos, "`N samples` is only allowed as a window argument");
+                None
+            }
+            Expr::Str(pos) => {
+                self.error(
+                    *pos,
+                    "a string is not a value in an expression; metric names are written bare",
+                );
                 None
             }
             Expr::Unary(op, inner, pos) => {

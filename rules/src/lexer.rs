@@ -34,6 +34,8 @@ pub(crate) enum Tok {
     Minus,
     Star,
     Slash,
+    /// Text the lexer already reported as an error; the parser says nothing more about it.
+    Error,
     Eof,
 }
 
@@ -143,6 +145,16 @@ pub(crate) fn lex<'a>(src: &'a str, errors: &mut Vec<CompileError>) -> Vec<Token
                 match unit_ms(unit) {
                     Some(ms) => {
                         let total = value * ms as f64;
+                        let bad = !total.is_finite()
+                            || total > u64::MAX as f64 / 2.0
+                            || total.fract() != 0.0;
+                        if bad {
+                            out.push(Token {
+                                tok: Tok::Error,
+                                text: &src[start..i],
+                                pos,
+                            });
+                        }
                         if !total.is_finite() || total > u64::MAX as f64 / 2.0 {
                             errors.push(CompileError::new(
                                 pos,
@@ -164,17 +176,29 @@ pub(crate) fn lex<'a>(src: &'a str, errors: &mut Vec<CompileError>) -> Vec<Token
                             });
                         }
                     }
-                    None => errors.push(CompileError::new(
-                        pos,
-                        format!(
-                            "unknown duration unit `{unit}` in `{}`: use ms, s, m, h or d",
-                            &src[start..i]
-                        ),
-                    )),
+                    None => {
+                        out.push(Token {
+                            tok: Tok::Error,
+                            text: &src[start..i],
+                            pos,
+                        });
+                        errors.push(CompileError::new(
+                            pos,
+                            format!(
+                                "unknown duration unit `{unit}` in `{}`: use ms, s, m, h or d",
+                                &src[start..i]
+                            ),
+                        ));
+                    }
                 }
                 continue;
             }
             if !value.is_finite() {
+                out.push(Token {
+                    tok: Tok::Error,
+                    text: num_text,
+                    pos,
+                });
                 errors.push(CompileError::new(
                     pos,
                     format!("number `{num_text}` is too large"),
@@ -221,6 +245,11 @@ pub(crate) fn lex<'a>(src: &'a str, errors: &mut Vec<CompileError>) -> Vec<Token
                 }
             }
             if !closed {
+                out.push(Token {
+                    tok: Tok::Error,
+                    text: &src[start..i],
+                    pos,
+                });
                 errors.push(CompileError::new(
                     pos,
                     "unterminated string: add the closing `\"` on the same line",
@@ -228,6 +257,11 @@ pub(crate) fn lex<'a>(src: &'a str, errors: &mut Vec<CompileError>) -> Vec<Token
                 continue;
             }
             if s.len() > MAX_STRING_LEN {
+                out.push(Token {
+                    tok: Tok::Error,
+                    text: &src[start..i],
+                    pos,
+                });
                 errors.push(CompileError::new(
                     pos,
                     format!(

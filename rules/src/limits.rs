@@ -10,14 +10,31 @@
 pub const MAX_EXPR_DEPTH: usize = 32;
 /// Most operations in one compiled expression. The evaluation stack never exceeds this.
 pub const MAX_EXPR_OPS: usize = 256;
+// The next values mirror `edgestream_protocol::limits` constants of the same names, so that
+// everything a rule emits fits the wire format; they are copied (not imported) while that
+// crate settles. Keep them in step.
 /// Longest rule name, in bytes.
-pub const MAX_RULE_NAME_LEN: usize = 64;
+pub const MAX_RULE_NAME_LEN: usize = 48;
+/// Longest alert message, in bytes.
+pub const MAX_ALERT_MESSAGE_LEN: usize = 128;
+/// Most tags one rule attaches.
+pub const MAX_TAGS: usize = 4;
+/// Longest tag key, in bytes.
+pub const MAX_TAG_KEY_LEN: usize = 32;
+/// Longest tag value, in bytes.
+pub const MAX_TAG_VALUE_LEN: usize = 64;
+/// Longest command name, in bytes.
+pub const MAX_COMMAND_NAME_LEN: usize = 32;
+/// Most arguments of one device command.
+pub const MAX_COMMAND_ARGS: usize = 8;
+/// Longest command argument name, in bytes.
+pub const MAX_ARG_KEY_LEN: usize = 32;
+/// Longest text command argument value, in bytes.
+pub const MAX_ARG_STR_LEN: usize = 64;
 /// Longest string literal (alert messages, tag values, command arguments), in bytes.
 pub const MAX_STRING_LEN: usize = 256;
-/// Most actions of one kind (`tag`, `command`) in one rule.
-pub const MAX_ACTIONS_PER_KIND: usize = 16;
-/// Most arguments of one device command.
-pub const MAX_COMMAND_ARGS: usize = 16;
+/// Most `command` actions in one rule.
+pub const MAX_COMMANDS_PER_RULE: usize = 8;
 /// Most distinct metrics one rule may name.
 pub const MAX_METRICS_PER_RULE: usize = 16;
 /// Most detector calls (window functions, anomaly detectors) in one rule.

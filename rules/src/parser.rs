@@ -76,6 +76,8 @@ pub(crate) enum Expr<'a> {
     Metric(&'a str, Pos),
     Dur(u64, Pos),
     Samples(u64, Pos),
+    /// A string where a value was expected; kept so the compiler can say what was wanted.
+    Str(Pos),
     Call {
         name: &'a str,
         args: Vec<Expr<'a>>,
@@ -93,6 +95,7 @@ impl Expr<'_> {
             | Expr::Metric(_, p)
             | Expr::Dur(_, p)
             | Expr::Samples(_, p)
+            | Expr::Str(p)
             | Expr::Call { pos: p, .. }
             | Expr::Unary(_, _, p)
             | Expr::Binary(_, _, _, p) => *p,
@@ -198,7 +201,14 @@ impl<'t, 'a> Parser<'t, 'a> {
     }
 
     fn err<T>(&mut self, pos: Pos, msg: impl Into<String>) -> PResult<T> {
-        self.errors.push(CompileError::new(pos, msg));
+        // A token the lexer already reported gets no second message.
+        let at_lex_error = [self.i.wrapping_sub(1), self.i]
+            .iter()
+            .filter_map(|i| self.toks.get(*i))
+            .any(|t| t.tok == Tok::Error && t.pos == pos);
+        if !at_lex_error {
+            self.errors.push(CompileError::new(pos, msg));
+        }
         Err(())
     }
 
@@ -692,6 +702,7 @@ impl<'t, 'a> Parser<'t, 'a> {
                 Ok(Expr::Num(*value, *int, t.pos))
             }
             Tok::Dur(ms) => Ok(Expr::Dur(*ms, t.pos)),
+            Tok::Str(_) => Ok(Expr::Str(t.pos)),
             Tok::LParen => {
                 let e = self.expr(depth + 1)?;
                 self.expect(Tok::RParen, "`)`")?;

@@ -827,31 +827,51 @@ fn eval(n: &Node, latest: &[f64], dets: &mut [Det], now: u64) -> f64 {
         Node::Latest(i) => latest[*i as usize],
         Node::Det(i) => dets[*i as usize].value(now),
         Node::Neg(a) => -eval(a, latest, dets, now),
-        Node::Not(a) => bool_f(eval(a, latest, dets, now) == 0.0),
+        Node::Not(a) => {
+            let v = eval(a, latest, dets, now);
+            if v.is_nan() {
+                v
+            } else {
+                bool_f(v == 0.0)
+            }
+        }
         Node::Abs(a) => eval(a, latest, dets, now).abs(),
         Node::Bin(op, a, b) => {
             let x = eval(a, latest, dets, now);
             let y = eval(b, latest, dets, now);
+            // Unknown (NaN) follows SQL's three-valued logic: a comparison with an unknown
+            // value is unknown, `not unknown` is unknown, `false and unknown` is false and
+            // `true or unknown` is true. Only a definite true makes a condition hold.
+            let known = !x.is_nan() && !y.is_nan();
             match op {
                 BinOp::Add => x + y,
                 BinOp::Sub => x - y,
                 BinOp::Mul => x * y,
                 BinOp::Div => x / y,
+                _ if !known && !matches!(op, BinOp::And | BinOp::Or) => f64::NAN,
                 BinOp::Lt => bool_f(x < y),
                 BinOp::Le => bool_f(x <= y),
                 BinOp::Gt => bool_f(x > y),
                 BinOp::Ge => bool_f(x >= y),
                 BinOp::Eq => bool_f(x == y),
-                BinOp::Ne => bool_f(x != y && !x.is_nan() && !y.is_nan()),
-                BinOp::And => bool_f(x != 0.0 && y != 0.0),
-                BinOp::Or => bool_f(x != 0.0 || y != 0.0),
+                BinOp::Ne => bool_f(x != y),
+                BinOp::And if x == 0.0 || y == 0.0 => 0.0,
+                BinOp::Or if x == 1.0 || y == 1.0 => 1.0,
+                BinOp::And | BinOp::Or => {
+                    if known {
+                        bool_f(op == &BinOp::And)
+                    } else {
+                        f64::NAN
+                    }
+                }
             }
         }
     }
 }
 
+/// Only a definite true holds; false and unknown do not.
 fn holds(n: &Node, slot: &mut Slot, now: u64) -> bool {
-    eval(n, &slot.latest, &mut slot.dets, now) != 0.0
+    eval(n, &slot.latest, &mut slot.dets, now) == 1.0
 }
 
 /// Advances a (rule, device) alert state machine at time `now`.

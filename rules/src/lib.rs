@@ -48,4 +48,4 @@ pub use output::{
     AggFunctions, AggregateEvent, AlertEvent, AlertState, ArgValue, CommandAction, DeviceName,
     Disposition, MetricName, Output, Severity,
 };
-pub use replay::{replay, OwnedReading, ReplayEvent};
+pub use replay::{replay, OwnedReading, ReplayEvent, MAX_REPLAY_TICKS_PER_GAP, REPLAY_TICK_MS};

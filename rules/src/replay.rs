@@ -38,17 +38,33 @@ pub enum ReplayEvent {
     },
 }
 
+/// Period of the ticks replay simulates between readings, as a live agent would tick.
+pub const REPLAY_TICK_MS: u64 = 1_000;
+/// Most simulated ticks in one gap between readings, so that a timestamp far in the future
+/// cannot make a replay run for ever; past it, time jumps straight to the next reading.
+pub const MAX_REPLAY_TICKS_PER_GAP: u64 = 100_000;
+
 /// Runs `readings`, in the order given, through a fresh engine for `plan` and returns every
-/// event. Before each reading whose timestamp is newer than any before, the engine gets a
-/// tick at that timestamp, so time-driven detectors (`missing`, durations, downsampling)
-/// fire as they would live with ticks at reading times. Pure and deterministic: the same
-/// plan and readings always give the same events in the same order.
+/// event. Between readings, time advances in ticks at every multiple of [`REPLAY_TICK_MS`]
+/// and at each new reading timestamp, so time-driven detectors (`missing`, durations,
+/// downsampling) fire as they would live with a one-second tick. Pure and deterministic:
+/// the same plan and readings always give the same events in the same order.
 pub fn replay(plan: Plan, readings: impl IntoIterator<Item = OwnedReading>) -> Vec<ReplayEvent> {
     let mut engine = Engine::new(plan);
     let mut out = Output::default();
     let mut events = Vec::new();
     let mut clock: Option<u64> = None;
     for (index, r) in readings.into_iter().enumerate() {
+        if let Some(c) = clock {
+            let mut t = (c / REPLAY_TICK_MS + 1).saturating_mul(REPLAY_TICK_MS);
+            let mut n = 0;
+            while t < r.ts_ms && n < MAX_REPLAY_TICKS_PER_GAP {
+                engine.on_tick(t, &mut out);
+                collect(&out, &mut events);
+                t = t.saturating_add(REPLAY_TICK_MS);
+                n += 1;
+            }
+        }
         if clock.is_none_or(|c| r.ts_ms > c) {
             clock = Some(r.ts_ms);
             engine.on_tick(r.ts_ms, &mut out);

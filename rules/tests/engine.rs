@@ -1,0 +1,344 @@
+//! Engine behaviour through the public API: actions, time, limits, plan swaps, replay.
+
+use edgestream_rules::*;
+
+fn r<'a>(device: &'a str, metric: &'a str, value: f64, ts_ms: u64) -> Reading<'a> {
+    Reading {
+        device,
+        metric,
+        value,
+        ts_ms,
+    }
+}
+
+fn engine(src: &str) -> Engine {
+    Engine::new(compile(src).unwrap_or_else(|e| panic!("{e}")))
+}
+
+#[test]
+fn command_on_raise_and_on_clear_with_arguments() {
+    let mut e = engine(
+        r#"
+rule cool
+  on device "boiler-*"
+  when temperature > 80
+  command set_speed(percent = 100, mode = "max", force = true) to device "fan-1"
+  command set_speed(percent = 30) on clear
+"#,
+    );
+    let mut out = Output::default();
+    e.on_reading(&r("boiler-2", "temperature", 81.0, 1), &mut out);
+    assert!(out.alerts.is_empty(), "no alert action, no alert event");
+    assert_eq!(out.commands.len(), 1);
+    let c = &out.commands[0];
+    assert_eq!(
+        (c.device.as_str(), &*c.name, c.ts_ms),
+        ("fan-1", "set_speed", 1)
+    );
+    assert_eq!(c.args.len(), 3);
+    assert_eq!(
+        c.args[0],
+        (std::sync::Arc::from("percent"), ArgValue::Number(100.0))
+    );
+    assert_eq!(c.args[1].1, ArgValue::Text("max".into()));
+    assert_eq!(c.args[2].1, ArgValue::Bool(true));
+    e.on_reading(&r("boiler-2", "temperature", 82.0, 2), &mut out);
+    assert!(out.commands.is_empty(), "only on transitions");
+    e.on_reading(&r("boiler-2", "temperature", 70.0, 3), &mut out);
+    assert_eq!(out.commands.len(), 1);
+    assert_eq!(
+        out.commands[0].device.as_str(),
+        "boiler-2",
+        "default target is the same device"
+    );
+    assert_eq!(out.commands[0].args[0].1, ArgValue::Number(30.0));
+}
+
+#[test]
+fn downsampling_replaces_raw_readings_with_one_aggregate_per_window() {
+    let mut e =
+        engine("rule hum\n  on device \"room-*\"\n  forward avg, min, max of humidity every 1m");
+    let mut out = Output::default();
+    let mut aggs = Vec::new();
+    for (ts, v) in [
+        (60_000, 40.0),
+        (70_000, 50.0),
+        (119_999, 45.0),
+        (120_000, 60.0),
+        (185_000, 10.0),
+    ] {
+        e.on_reading(&r("room-1", "humidity", v, ts), &mut out);
+        assert_eq!(out.disposition, Disposition::Drop);
+        aggs.extend(out.aggregates.drain(..));
+    }
+    // Other metrics pass untouched.
+    e.on_reading(&r("room-1", "temperature", 20.0, 185_001), &mut out);
+    assert_eq!(out.disposition, Disposition::Forward);
+    assert_eq!(aggs.len(), 2);
+    let a = &aggs[0];
+    assert_eq!((a.start_ms, a.end_ms, a.count), (60_000, 120_000, 3));
+    assert_eq!(
+        (a.avg, a.min, a.max, a.sum, a.last),
+        (45.0, 40.0, 50.0, 135.0, 45.0)
+    );
+    assert_eq!(a.metric.as_str(), "humidity");
+    assert!(a.functions.contains(AggFunctions::AVG) && !a.functions.contains(AggFunctions::SUM));
+    assert_eq!(
+        (aggs[1].start_ms, aggs[1].count, aggs[1].avg),
+        (120_000, 1, 60.0)
+    );
+    // A tick closes the open window [180000, 240000).
+    e.on_tick(239_999, &mut out);
+    assert!(out.aggregates.is_empty());
+    e.on_tick(240_000, &mut out);
+    assert_eq!(out.aggregates.len(), 1);
+    assert_eq!(
+        (out.aggregates[0].start_ms, out.aggregates[0].avg),
+        (180_000, 10.0)
+    );
+    // A reading for the window just emitted is late: forwarded raw, counted.
+    e.on_reading(&r("room-1", "humidity", 99.0, 239_000), &mut out);
+    assert_eq!(out.disposition, Disposition::Forward);
+    assert_eq!(e.stats().late_readings, 1);
+}
+
+#[test]
+fn drop_and_tag_follow_selectors_and_conditions() {
+    let mut e = engine(
+        r#"
+rule debug
+  on metric "debug_*"
+  drop
+rule site
+  on device "plant3-*"
+  tag site = "plant-3"
+rule hot
+  on device "plant3-*" metric "temperature"
+  when temperature > 50
+  tag hot = "yes"
+rule noisy
+  drop when noise > 10
+"#,
+    );
+    let mut out = Output::default();
+    e.on_reading(&r("x", "debug_level", 1.0, 1), &mut out);
+    assert_eq!(out.disposition, Disposition::Drop);
+    e.on_reading(&r("plant3-a", "temperature", 20.0, 1), &mut out);
+    assert_eq!(out.disposition, Disposition::Forward);
+    let tags: Vec<(&str, &str)> = out.tags.iter().map(|(k, v)| (&**k, &**v)).collect();
+    assert_eq!(tags, vec![("site", "plant-3")]);
+    e.on_reading(&r("plant3-a", "temperature", 60.0, 2), &mut out);
+    let tags: Vec<(&str, &str)> = out.tags.iter().map(|(k, v)| (&**k, &**v)).collect();
+    assert_eq!(tags, vec![("site", "plant-3"), ("hot", "yes")]);
+    e.on_reading(&r("plant3-a", "humidity", 60.0, 3), &mut out);
+    assert_eq!(out.tags.len(), 1, "hot tags only its selected metric");
+    e.on_reading(&r("z", "noise", 11.0, 1), &mut out);
+    assert_eq!(out.disposition, Disposition::Drop);
+    e.on_reading(&r("z", "noise", 9.0, 2), &mut out);
+    assert_eq!(out.disposition, Disposition::Forward);
+}
+
+#[test]
+fn missing_data_is_detected_by_ticks_and_cleared_by_a_reading() {
+    let mut e = engine("rule silent\n  when missing(temperature, 2m)\n  alert warning \"no data\"");
+    let mut out = Output::default();
+    e.on_reading(&r("s1", "temperature", 20.0, 0), &mut out);
+    e.on_tick(119_999, &mut out);
+    assert!(out.alerts.is_empty());
+    e.on_tick(120_000, &mut out);
+    assert_eq!(out.alerts.len(), 1);
+    assert_eq!(
+        (out.alerts[0].state, out.alerts[0].ts_ms),
+        (AlertState::Raised, 120_000)
+    );
+    e.on_tick(200_000, &mut out);
+    assert!(out.alerts.is_empty());
+    e.on_reading(&r("s1", "temperature", 20.0, 210_000), &mut out);
+    assert_eq!(out.alerts.len(), 1);
+    assert_eq!(out.alerts[0].state, AlertState::Cleared);
+}
+
+#[test]
+fn flatline_rate_and_arithmetic() {
+    let mut e = engine("rule stuck\n  when flatline(t, 10s)\n  alert info \"stuck\"\nrule fast\n  when rate(p) * 2 > 1\n  alert info \"fast\"");
+    let mut out = Output::default();
+    let mut raised = Vec::new();
+    for i in 0..=10u64 {
+        e.on_reading(&r("d", "t", 5.0, i * 1000), &mut out);
+        raised.extend(out.alerts.iter().map(|a| (a.rule.to_string(), a.ts_ms)));
+    }
+    assert_eq!(raised, vec![("stuck".to_string(), 10_000)]);
+    e.on_reading(&r("d", "t", 5.5, 11_000), &mut out);
+    assert_eq!(out.alerts[0].state, AlertState::Cleared);
+    e.on_reading(&r("d", "p", 0.0, 0), &mut out);
+    e.on_reading(&r("d", "p", 0.4, 1000), &mut out); // 0.4/s * 2 = 0.8
+    assert!(out.alerts.is_empty());
+    e.on_reading(&r("d", "p", 0.7, 1500), &mut out); // 0.6/s * 2 = 1.2
+    assert_eq!(out.alerts.len(), 1);
+}
+
+#[test]
+fn conditions_across_metrics_of_the_same_device() {
+    let mut e = engine(
+        "rule muggy\n  when temperature > 30 and not (humidity < 70)\n  alert info \"muggy\"",
+    );
+    let mut out = Output::default();
+    e.on_reading(&r("a", "temperature", 35.0, 1), &mut out);
+    assert!(
+        out.alerts.is_empty(),
+        "humidity unknown: comparisons with unknown are false"
+    );
+    e.on_reading(&r("b", "humidity", 80.0, 2), &mut out);
+    assert!(out.alerts.is_empty(), "another device");
+    e.on_reading(&r("a", "humidity", 80.0, 3), &mut out);
+    assert_eq!(out.alerts.len(), 1);
+}
+
+#[test]
+fn late_and_non_finite_readings_change_no_state() {
+    let mut e = engine("rule hi\n  when x > 10\n  alert info \"hi\"");
+    let mut out = Output::default();
+    e.on_reading(&r("a", "x", 1.0, 1000), &mut out);
+    e.on_reading(&r("a", "x", 50.0, 999), &mut out);
+    assert!(out.alerts.is_empty());
+    assert_eq!(out.disposition, Disposition::Forward);
+    e.on_reading(&r("a", "x", f64::NAN, 2000), &mut out);
+    e.on_reading(&r("a", "x", f64::INFINITY, 2000), &mut out);
+    assert!(out.alerts.is_empty());
+    let s = e.stats();
+    assert_eq!((s.late_readings, s.non_finite, s.readings), (1, 2, 4));
+    e.on_reading(&r("a", "x", 50.0, 1000), &mut out);
+    assert_eq!(out.alerts.len(), 1, "equal timestamps are not late");
+}
+
+#[test]
+fn max_devices_bounds_per_rule_state_and_counts_refusals() {
+    let mut e = engine("rule hi\n  when x > 10\n  alert info \"hi\"\n  max_devices 2");
+    let mut out = Output::default();
+    let mut n = 0;
+    for d in ["a", "b", "c", "d", "c"] {
+        e.on_reading(&r(d, "x", 50.0, 1), &mut out);
+        n += out.alerts.len();
+    }
+    assert_eq!(n, 2);
+    assert_eq!(e.stats().rule_devices_refused, 2);
+    assert_eq!(e.rule_refusals().collect::<Vec<_>>(), vec![("hi", 2)]);
+
+    let limits = Limits {
+        max_engine_devices: 1,
+        ..Limits::default()
+    };
+    let mut e = Engine::new(compile_with("rule d\n  drop", &limits).unwrap());
+    e.on_reading(&r("a", "x", 1.0, 1), &mut out);
+    assert_eq!(out.disposition, Disposition::Drop);
+    e.on_reading(&r("b", "x", 1.0, 1), &mut out);
+    assert_eq!(
+        out.disposition,
+        Disposition::Forward,
+        "past the engine limit: untouched"
+    );
+    assert_eq!((e.device_count(), e.stats().engine_devices_refused), (1, 1));
+}
+
+#[test]
+fn swap_plan_keeps_state_of_unchanged_rules_only() {
+    let keep = "rule keep\n  when avg(x, 3) > 10\n  alert info \"k\"\n";
+    let change = "rule change\n  when avg(x, 3) > 10\n  alert info \"c\"\n";
+    let mut e = engine(&format!("{keep}{change}"));
+    let mut out = Output::default();
+    for (i, v) in [30.0, 30.0].into_iter().enumerate() {
+        e.on_reading(&r("a", "x", v, i as u64), &mut out);
+    }
+    // Both raised after the first reading (avg 30).
+    let changed = change.replace("> 10", "> 11");
+    e.swap_plan(compile(&format!("{keep}{changed}")).unwrap());
+    assert_eq!(e.plan().rule_count(), 2);
+    e.on_reading(&r("a", "x", 30.0, 2), &mut out);
+    let names: Vec<&str> = out.alerts.iter().map(|a| &*a.rule).collect();
+    assert_eq!(
+        names,
+        vec!["change"],
+        "`change` restarts and raises again; `keep` stays raised"
+    );
+    e.on_reading(&r("a", "x", -100.0, 3), &mut out);
+    // keep's window still holds 30, 30, 30 -> avg(30, 30, -100) < 10 clears it;
+    // change's window holds 30, -100 -> clears too.
+    assert_eq!(out.alerts.len(), 2);
+    assert!(out.alerts.iter().all(|a| a.state == AlertState::Cleared));
+    // Removing a rule frees it; a new device still works.
+    e.swap_plan(compile(keep).unwrap());
+    e.on_reading(&r("b", "x", 30.0, 4), &mut out);
+    assert_eq!(out.alerts.len(), 1);
+}
+
+#[test]
+fn replay_is_deterministic_and_prints_one_json_object_per_event() {
+    let plan = compile(
+        r#"
+rule overheat
+  on device "boiler-*"
+  when temperature > 80 for 30s
+  clear when temperature < 75
+  alert critical "boiler overheating"
+rule hum
+  forward avg of humidity every 1m
+rule silent
+  when missing(temperature, 1m)
+  alert warning "silent"
+"#,
+    )
+    .unwrap();
+    let mut readings = Vec::new();
+    for i in 0..200u64 {
+        let t = if (40..120).contains(&i) { 90.0 } else { 60.0 };
+        readings.push(OwnedReading {
+            device: "boiler-1".into(),
+            metric: "temperature".into(),
+            value: t,
+            ts_ms: i * 1000,
+        });
+        readings.push(OwnedReading {
+            device: "boiler-1".into(),
+            metric: "humidity".into(),
+            value: i as f64,
+            ts_ms: i * 1000,
+        });
+    }
+    readings.push(OwnedReading {
+        device: "boiler-1".into(),
+        metric: "humidity".into(),
+        value: 0.0,
+        ts_ms: 400_000,
+    });
+    let a = replay(plan.clone(), readings.clone());
+    let b = replay(plan, readings);
+    assert_eq!(a, b);
+    let lines: Vec<String> = a.iter().map(|e| e.to_string()).collect();
+    let alerts: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("\"event\":\"alert\""))
+        .collect();
+    assert_eq!(alerts.len(), 3, "{alerts:#?}");
+    assert_eq!(
+        alerts[0],
+        r#"{"event":"alert","ts":70000,"rule":"overheat","device":"boiler-1","severity":"critical","state":"raised","value":90,"message":"boiler overheating"}"#
+    );
+    assert!(alerts[1].contains("\"ts\":120000") && alerts[1].contains("cleared"));
+    assert!(
+        alerts[2].contains("\"rule\":\"silent\"") && alerts[2].contains("\"ts\":259000"),
+        "{}",
+        alerts[2]
+    );
+    let aggs = lines
+        .iter()
+        .filter(|l| l.contains("\"event\":\"aggregate\""))
+        .count();
+    assert_eq!(aggs, 4, "windows 0, 1, 2 and 3 minutes");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("\"event\":\"dropped\""))
+            .count(),
+        201
+    );
+}

@@ -69,7 +69,7 @@ fn downsampling_replaces_raw_readings_with_one_aggregate_per_window() {
     ] {
         e.on_reading(&r("room-1", "humidity", v, ts), &mut out);
         assert_eq!(out.disposition, Disposition::Drop);
-        aggs.extend(out.aggregates.drain(..));
+        aggs.append(&mut out.aggregates);
     }
     // Other metrics pass untouched.
     e.on_reading(&r("room-1", "temperature", 20.0, 185_001), &mut out);

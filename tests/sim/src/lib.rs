@@ -32,5 +32,6 @@ pub use devices::mqtt::{
     CommandBehavior, DeviceStats, MetricSpec, MqttDevice, MqttDeviceConfig, MqttFleet,
     PayloadFormat, Rate, Reading,
 };
+pub use devices::serial::{LineFormat, SerialDevice, SerialDeviceConfig, SerialStats};
 pub use proxy::{FaultProxy, ProxyMode, ProxyStats};
 pub use signal::{Fault, FaultKind, Profile, Signal};

@@ -2,3 +2,4 @@
 //! pseudo-terminals.
 
 pub mod mqtt;
+pub mod serial;

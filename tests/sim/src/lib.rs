@@ -13,6 +13,7 @@
 //! * [`devices`]: MQTT devices and fleets that record what the broker
 //!   acknowledged, and serial devices.
 //! * [`collector`]: records what the gateway published to the cloud broker.
+//! * [`simulate`](mod@simulate): run a simulated site (`edgestream simulate`, the demo).
 //!
 //! Shared topic contract: readings on `sensors/{device}/{metric}` as
 //! `{"value":..,"ts":..,"seq":..}`; commands on `devices/{device}/commands`,
@@ -24,6 +25,7 @@ pub mod collector;
 pub mod devices;
 pub mod proxy;
 pub mod signal;
+pub mod simulate;
 mod wire;
 
 pub use broker::{InProcessBroker, Mosquitto, MosquittoOptions};
@@ -35,3 +37,6 @@ pub use devices::mqtt::{
 pub use devices::serial::{LineFormat, SerialDevice, SerialDeviceConfig, SerialStats};
 pub use proxy::{FaultProxy, ProxyMode, ProxyStats};
 pub use signal::{Fault, FaultKind, Profile, Signal};
+pub use simulate::{
+    demo_fleet, demo_serial_probe, simulate, simulate_until, SimReport, SimulateOptions,
+};

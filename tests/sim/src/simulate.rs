@@ -1,0 +1,314 @@
+//! Running a simulated site: the engine behind `edgestream simulate` and
+//! `edgestream demo`.
+//!
+//! [`simulate`] starts MQTT devices against any broker and serial devices on
+//! pseudo-terminals (printing the paths an agent should open), runs until a
+//! duration passes, every device has taken its `max_samples`, or Ctrl-C, and
+//! returns what happened as a [`SimReport`].
+//!
+//! [`demo_fleet`] is the preset the demo uses: three boilers (temperature,
+//! pressure), two pumps (vibration) and a greenhouse (humidity), sampling at
+//! [`DEMO_RATE_HZ`] with clocks running [`DEMO_TIME_SCALE`] times faster than
+//! wall time. Boiler `boiler-1` overheats on cue: its temperature is above
+//! 80 °C from signal time ~12 s to 50 s (so a "above 80 for 30 s" rule fires
+//! about 4.2 s of wall time into the run) and then returns to about 65 °C,
+//! below 75, so the alert clears by ~5 s. `boiler-3` overheats again from
+//! 600 s to 660 s (one wall minute in) for demos that run longer.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::devices::mqtt::{DeviceStats, MetricSpec, MqttDeviceConfig, MqttFleet};
+use crate::devices::serial::{LineFormat, SerialDevice, SerialDeviceConfig, SerialStats};
+use crate::signal::{Fault, FaultKind, Signal};
+
+/// Samples per second per metric in the demo.
+pub const DEMO_RATE_HZ: f64 = 10.0;
+/// How much faster than wall time the demo devices' clocks run.
+pub const DEMO_TIME_SCALE: f64 = 10.0;
+/// The device whose temperature overheats early in the demo.
+pub const DEMO_OVERHEATING_DEVICE: &str = "boiler-1";
+/// How often [`simulate`] prints progress when `print` is on.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// What to simulate, and where.
+#[derive(Debug, Clone)]
+pub struct SimulateOptions {
+    /// Broker host for the MQTT devices.
+    pub host: String,
+    /// Broker port for the MQTT devices.
+    pub port: u16,
+    /// MQTT devices (may be empty).
+    pub mqtt_devices: Vec<MqttDeviceConfig>,
+    /// Serial devices on ptys (may be empty).
+    pub serial_devices: Vec<SerialDeviceConfig>,
+    /// Stop after this long; `None` = until Ctrl-C or every device finished.
+    pub duration: Option<Duration>,
+    /// Print serial paths and periodic progress to stdout.
+    pub print: bool,
+}
+
+impl SimulateOptions {
+    /// MQTT devices only, printing on, no time limit.
+    pub fn mqtt(host: impl Into<String>, port: u16, devices: Vec<MqttDeviceConfig>) -> Self {
+        SimulateOptions {
+            host: host.into(),
+            port,
+            mqtt_devices: devices,
+            serial_devices: Vec::new(),
+            duration: None,
+            print: true,
+        }
+    }
+}
+
+/// The outcome of one [`simulate`] run.
+#[derive(Debug, Clone, Default)]
+pub struct SimReport {
+    /// Wall time the run took.
+    pub elapsed: Duration,
+    /// Per MQTT device: name and counters.
+    pub mqtt: Vec<(String, DeviceStats)>,
+    /// Per serial device: name, the path it was reachable at, counters.
+    pub serial: Vec<(String, PathBuf, SerialStats)>,
+}
+
+impl SimReport {
+    /// MQTT counters summed over all devices.
+    pub fn mqtt_total(&self) -> DeviceStats {
+        let mut t = DeviceStats::default();
+        for (_, s) in &self.mqtt {
+            t.sampled += s.sampled;
+            t.published += s.published;
+            t.acked += s.acked;
+            t.acked_not_recorded += s.acked_not_recorded;
+            t.unacked_lost += s.unacked_lost;
+            t.skipped_offline += s.skipped_offline;
+            t.skipped_backpressure += s.skipped_backpressure;
+            t.dropouts += s.dropouts;
+            t.connects += s.connects;
+            t.commands += s.commands;
+            t.replies_acked += s.replies_acked;
+        }
+        t
+    }
+}
+
+impl std::fmt::Display for SimReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = self.mqtt_total();
+        writeln!(
+            f,
+            "simulated {:.1}s: {} MQTT devices, {} readings acknowledged by the broker \
+             ({} lost in flight, {} skipped offline, {} dropouts), {} commands",
+            self.elapsed.as_secs_f64(),
+            self.mqtt.len(),
+            t.acked,
+            t.unacked_lost,
+            t.skipped_offline,
+            t.dropouts,
+            t.commands
+        )?;
+        for (name, path, s) in &self.serial {
+            writeln!(
+                f,
+                "serial {name} at {}: {} lines written, {} dropped, {} commands",
+                path.display(),
+                s.lines_written,
+                s.lines_dropped,
+                s.commands
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `opts` until its duration, every device finished, or Ctrl-C.
+pub async fn simulate(opts: SimulateOptions) -> anyhow::Result<SimReport> {
+    simulate_until(opts, async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C; running until the duration");
+            std::future::pending::<()>().await;
+        }
+    })
+    .await
+}
+
+/// Like [`simulate`], but stops when `shutdown` resolves instead of Ctrl-C.
+pub async fn simulate_until(
+    opts: SimulateOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<SimReport> {
+    let started = Instant::now();
+    let mut serial = Vec::with_capacity(opts.serial_devices.len());
+    for cfg in opts.serial_devices.clone() {
+        let name = cfg.name.clone();
+        let dev =
+            SerialDevice::spawn(cfg).map_err(|e| anyhow::anyhow!("serial device {name}: {e}"))?;
+        if opts.print {
+            println!(
+                "serial device {name}: {} -> {}",
+                dev.path().display(),
+                dev.pty_path().display()
+            );
+        }
+        serial.push(dev);
+    }
+    let mut fleet = MqttFleet::spawn(&opts.host, opts.port, opts.mqtt_devices.clone());
+    if opts.print && !opts.mqtt_devices.is_empty() {
+        println!(
+            "{} MQTT devices publishing to {}:{} on sensors/{{device}}/{{metric}}",
+            opts.mqtt_devices.len(),
+            opts.host,
+            opts.port
+        );
+    }
+    let deadline = opts.duration.map(|d| started + d);
+    let all_finite = opts.mqtt_devices.iter().all(|d| d.max_samples.is_some())
+        && opts.serial_devices.iter().all(|d| d.max_samples.is_some());
+    let mut progress = tokio::time::interval(PROGRESS_EVERY);
+    progress.tick().await;
+    tokio::pin!(shutdown);
+    loop {
+        let finished = all_finite
+            && fleet.devices().iter().all(|d| d.is_finished())
+            && serial.iter().all(|d| d.is_finished());
+        if finished || deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = progress.tick(), if opts.print => {
+                let t = fleet.stats();
+                println!(
+                    "{:>6.1}s  acked {}  lost in flight {}  skipped offline {}  commands {}",
+                    started.elapsed().as_secs_f64(),
+                    t.acked,
+                    t.unacked_lost,
+                    t.skipped_offline,
+                    t.commands
+                );
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    fleet.stop().await;
+    let report = SimReport {
+        elapsed: started.elapsed(),
+        mqtt: fleet
+            .devices()
+            .iter()
+            .map(|d| (d.name().to_string(), d.stats()))
+            .collect(),
+        serial: serial
+            .iter_mut()
+            .map(|d| {
+                d.stop();
+                (d.name().to_string(), d.path().to_path_buf(), d.stats())
+            })
+            .collect(),
+    };
+    if opts.print {
+        print!("{report}");
+    }
+    Ok(report)
+}
+
+fn demo_device(name: &str, metrics: Vec<MetricSpec>) -> MqttDeviceConfig {
+    let mut c = MqttDeviceConfig::new(name, metrics, DEMO_RATE_HZ);
+    c.ts_step = Duration::from_secs_f64(DEMO_TIME_SCALE / DEMO_RATE_HZ);
+    c
+}
+
+/// The demo's devices (see the module docs). Deterministic: fixed seeds.
+pub fn demo_fleet() -> Vec<MqttDeviceConfig> {
+    let overheat = |start_s: f64, duration_s: f64| Fault {
+        start_s,
+        duration_s,
+        kind: FaultKind::Excursion {
+            target: 88.0,
+            ramp_s: 2.0,
+        },
+    };
+    vec![
+        demo_device(
+            "boiler-1",
+            vec![
+                MetricSpec::new(
+                    "temperature",
+                    Signal::temperature(65.0, 101).with_fault(overheat(10.0, 40.0)),
+                ),
+                MetricSpec::new("pressure", Signal::pressure(2.5, 102)),
+            ],
+        ),
+        demo_device(
+            "boiler-2",
+            vec![
+                MetricSpec::new("temperature", Signal::temperature(63.0, 201)),
+                MetricSpec::new(
+                    "pressure",
+                    Signal::pressure(2.4, 202).with_fault(Fault {
+                        start_s: 30.0,
+                        duration_s: 5.0,
+                        kind: FaultKind::Dropout,
+                    }),
+                ),
+            ],
+        ),
+        demo_device(
+            "boiler-3",
+            vec![
+                MetricSpec::new(
+                    "temperature",
+                    Signal::temperature(66.0, 301).with_fault(overheat(600.0, 60.0)),
+                ),
+                MetricSpec::new("pressure", Signal::pressure(2.6, 302)),
+            ],
+        ),
+        demo_device(
+            "pump-1",
+            vec![MetricSpec::new("vibration", Signal::vibration(2.0, 401))],
+        ),
+        demo_device(
+            "pump-2",
+            vec![MetricSpec::new(
+                "vibration",
+                Signal::vibration(2.2, 501).with_fault(Fault {
+                    start_s: 20.0,
+                    duration_s: 1.0,
+                    kind: FaultKind::Spike { magnitude: 12.0 },
+                }),
+            )],
+        ),
+        demo_device(
+            "greenhouse-1",
+            vec![MetricSpec::new(
+                "humidity",
+                Signal::humidity(55.0, 601).with_fault(Fault {
+                    start_s: 120.0,
+                    duration_s: 600.0,
+                    kind: FaultKind::Drift { per_s: 0.02 },
+                }),
+            )],
+        ),
+    ]
+}
+
+/// A serial probe for demos that show the serial path: key=value lines with
+/// temperature and humidity at [`DEMO_RATE_HZ`], clock scaled like the fleet.
+pub fn demo_serial_probe() -> SerialDeviceConfig {
+    let mut c = SerialDeviceConfig::new(
+        "probe-1",
+        vec![
+            MetricSpec::new("temperature", Signal::temperature(21.0, 701)),
+            MetricSpec::new("humidity", Signal::humidity(45.0, 702)),
+        ],
+        DEMO_RATE_HZ,
+    );
+    c.ts_step = Duration::from_secs_f64(DEMO_TIME_SCALE / DEMO_RATE_HZ);
+    c.format = LineFormat::KeyValue;
+    c
+}

@@ -140,7 +140,7 @@ enum Phase {
 }
 
 #[derive(Debug, Clone)]
-enum Det {
+pub(crate) enum Det {
     Agg {
         f: AggFn,
         ring: Ring,
@@ -201,7 +201,7 @@ fn score(x: f64, centre: f64, spread: f64) -> f64 {
 }
 
 impl Det {
-    fn new(spec: &DetSpec, created_ts: u64) -> Det {
+    pub(crate) fn new(spec: &DetSpec, created_ts: u64) -> Det {
         let w = spec.window;
         match spec.kind {
             DetKind::Agg(f) => Det::Agg {
@@ -249,7 +249,7 @@ impl Det {
     }
 
     /// Feeds one reading; returns true if a time window dropped a sample early.
-    fn update(&mut self, ts: u64, x: f64) -> bool {
+    pub(crate) fn update(&mut self, ts: u64, x: f64) -> bool {
         match self {
             Det::Agg {
                 ring, horizon_ms, ..
@@ -342,7 +342,7 @@ impl Det {
         }
     }
 
-    fn value(&mut self, now: u64) -> f64 {
+    pub(crate) fn value(&mut self, now: u64) -> f64 {
         match self {
             Det::Agg {
                 f,

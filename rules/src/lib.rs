@@ -37,6 +37,8 @@ mod lexer;
 mod limits;
 mod output;
 mod parser;
+#[cfg(test)]
+mod proptests;
 mod replay;
 mod window;
 

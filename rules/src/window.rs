@@ -24,6 +24,10 @@ pub(crate) struct Ring {
     mean: f64,
     m2: f64,
     since_resum: usize,
+    /// How many of the newest samples equal the newest one. When it covers the whole window
+    /// the statistics are exact (a stuck sensor reads exactly constant, with a standard
+    /// deviation of exactly zero, whatever rounding the downdates left behind).
+    same: usize,
 }
 
 impl Ring {
@@ -46,6 +50,7 @@ impl Ring {
             mean: 0.0,
             m2: 0.0,
             since_resum: 0,
+            same: 0,
         }
     }
 
@@ -70,6 +75,12 @@ impl Ring {
             self.pop_oldest();
         }
         let idx = (self.head + self.len) % cap;
+        let newest = (self.head + self.len + cap - 1) % cap;
+        self.same = if self.len > 0 && self.vals[newest] == x {
+            self.same + 1
+        } else {
+            1
+        };
         self.vals[idx] = x;
         if !self.ts.is_empty() {
             self.ts[idx] = ts;
@@ -152,26 +163,29 @@ impl Ring {
         }
     }
 
+    fn constant(&self) -> Option<f64> {
+        (self.len > 0 && self.same >= self.len)
+            .then(|| self.vals[(self.head + self.len - 1) % self.vals.len()])
+    }
+
     pub(crate) fn mean(&self) -> f64 {
         if self.len == 0 {
             f64::NAN
         } else {
-            self.mean
+            self.constant().unwrap_or(self.mean)
         }
     }
 
     pub(crate) fn sum(&self) -> f64 {
-        if self.len == 0 {
-            f64::NAN
-        } else {
-            self.mean * self.len as f64
-        }
+        self.mean() * self.len as f64
     }
 
     /// Population standard deviation.
     pub(crate) fn stddev(&self) -> f64 {
         if self.len == 0 {
             f64::NAN
+        } else if self.constant().is_some() {
+            0.0
         } else {
             (self.m2.max(0.0) / self.len as f64).sqrt()
         }

@@ -1,0 +1,136 @@
+//! One benchmark per detector family, in readings per second through `Engine::on_reading`
+//! on a warm engine (one core). Figures are recorded in rules/README.md.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use edgestream_rules::{compile, Engine, Output, Reading};
+use std::hint::black_box;
+
+const BATCH: usize = 10_000;
+
+struct Stream {
+    devices: Vec<String>,
+    metrics: Vec<&'static str>,
+    values: Vec<f64>,
+}
+
+impl Stream {
+    fn new(devices: usize, metrics: &[&'static str]) -> Self {
+        // A deterministic pseudo-random walk (xorshift), so every run measures the same input.
+        let mut s = 0x9E37_79B9_7F4A_7C15u64;
+        let values = (0..BATCH)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                60.0 + (s % 4000) as f64 / 100.0
+            })
+            .collect();
+        Stream { devices: (0..devices).map(|i| format!("boiler-{i}")).collect(), metrics: metrics.to_vec(), values }
+    }
+
+    fn run(&self, engine: &mut Engine, out: &mut Output, t0: &mut u64) -> usize {
+        let mut n = 0;
+        for (i, v) in self.values.iter().enumerate() {
+            *t0 += 10;
+            let r = Reading {
+                device: &self.devices[i % self.devices.len()],
+                metric: self.metrics[i % self.metrics.len()],
+                value: *v,
+                ts_ms: *t0,
+            };
+            engine.on_reading(&r, out);
+            n += out.alerts.len();
+        }
+        n
+    }
+}
+
+fn bench_plan(c: &mut Criterion, group: &str, name: &str, src: &str, devices: usize, metrics: &[&'static str]) {
+    let plan = compile(src).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let mut engine = Engine::new(plan);
+    let mut out = Output::default();
+    let stream = Stream::new(devices, metrics);
+    let mut t0 = 0;
+    // Warm: fill every window, see every device and metric.
+    for _ in 0..3 {
+        stream.run(&mut engine, &mut out, &mut t0);
+    }
+    let mut g = c.benchmark_group(group);
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.bench_function(BenchmarkId::from_parameter(name), |b| {
+        b.iter(|| black_box(stream.run(&mut engine, &mut out, &mut t0)))
+    });
+    g.finish();
+}
+
+fn thresholds(c: &mut Criterion) {
+    bench_plan(
+        c,
+        "threshold",
+        "canonical_1_rule",
+        "rule overheat\n on device \"boiler-*\"\n when temperature > 80 for 30s\n clear when temperature < 75\n alert critical \"hot\"",
+        16,
+        &["temperature"],
+    );
+    let mut src = String::new();
+    for (i, m) in ["temperature", "pressure", "flow", "level"].iter().enumerate() {
+        src += &format!("rule hi_{m}\n on device \"boiler-*\"\n when {m} > 95 for 10s\n clear when {m} < 90\n alert warning \"{m} high\"\n");
+        src += &format!("rule lo_{m}\n on device \"boiler-*\"\n when {m} < {} and {m} > 0\n alert info \"{m} low\"\n", 61 + i);
+    }
+    bench_plan(c, "threshold", "8_rules_4_metrics", &src, 16, &["temperature", "pressure", "flow", "level"]);
+}
+
+fn windows(c: &mut Criterion) {
+    for (name, call) in [
+        ("avg_256", "avg(temperature, 256)"),
+        ("max_256", "max(temperature, 256)"),
+        ("stddev_256", "stddev(temperature, 256)"),
+        ("percentile_256", "percentile(temperature, 95, 256)"),
+        ("avg_1m_time", "avg(temperature, 1m)"),
+    ] {
+        let src = format!("rule w\n when {call} > 99.9\n alert info \"w\"");
+        bench_plan(c, "window", name, &src, 16, &["temperature"]);
+    }
+}
+
+fn anomalies(c: &mut Criterion) {
+    for (name, cond) in [
+        ("zscore_256", "zscore(vibration, 256) > 4"),
+        ("ewma_dev_0.1", "ewma_dev(vibration, 0.1) > 4"),
+        ("mad_outlier_256", "mad_outlier(vibration, 256, 3.5)"),
+        ("all_three_256", "zscore(vibration, 256) > 4 or ewma_dev(vibration, 0.1) > 4 or mad_outlier(vibration, 256, 3.5)"),
+    ] {
+        let src = format!("rule a\n when {cond}\n alert warning \"a\"");
+        bench_plan(c, "anomaly", name, &src, 16, &["vibration"]);
+    }
+}
+
+fn change(c: &mut Criterion) {
+    for (name, cond) in [
+        ("rate", "rate(pressure) > 1000"),
+        ("flatline_10m", "flatline(pressure, 10m)"),
+        ("missing_2m", "missing(pressure, 2m)"),
+    ] {
+        let src = format!("rule c\n when {cond}\n alert warning \"c\"");
+        bench_plan(c, "change", name, &src, 16, &["pressure"]);
+    }
+}
+
+fn actions(c: &mut Criterion) {
+    bench_plan(c, "action", "forward_downsample_1m", "rule d\n forward avg, min, max of humidity every 1m", 16, &["humidity"]);
+    bench_plan(c, "action", "drop_and_tag", "rule d\n on metric \"hum*\"\n drop\nrule t\n tag site = \"p3\"", 16, &["humidity", "temperature"]);
+}
+
+fn compiler(c: &mut Criterion) {
+    let mut src = String::new();
+    for i in 0..100 {
+        src += &format!("rule r{i}\n on device \"boiler-*\"\n when avg(temperature, 5m) > 80 and zscore(vibration, 256) > 4 for 30s\n clear when temperature < 75\n alert critical \"r{i}\"\n");
+    }
+    let mut g = c.benchmark_group("compile");
+    g.throughput(Throughput::Bytes(src.len() as u64));
+    g.bench_function("100_rules", |b| b.iter(|| black_box(compile(black_box(&src)).is_ok())));
+    g.finish();
+}
+
+criterion_group!(benches, thresholds, windows, anomalies, change, actions, compiler);
+criterion_main!(benches);

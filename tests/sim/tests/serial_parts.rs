@@ -162,3 +162,90 @@ fn unplug_fails_reads_and_replug_moves_the_link() {
     assert!(read_lines(&mut port, 3, Duration::from_secs(5)).len() >= 3);
     assert_eq!(dev.stats().unplugs, 1);
 }
+
+mod binary {
+    use super::*;
+    use edgestream_protocol::frame::{
+        encode_frame, DefaultFrameAccumulator, FeedResult, FrameError,
+    };
+    use edgestream_protocol::limits::MAX_ENCODED_FRAME_LEN;
+    use edgestream_protocol::types::{Command, DeviceMessage, OutcomeState};
+
+    /// Reads frames until `pred` has seen what it wants or `timeout` passes.
+    fn read_frames(
+        port: &mut serialport::TTYPort,
+        timeout: Duration,
+        mut want: impl FnMut(&Result<DeviceMessage, FrameError>) -> bool,
+    ) -> bool {
+        let mut acc = Box::new(DefaultFrameAccumulator::new());
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 512];
+        while Instant::now() < deadline {
+            let n = match port.read(&mut buf) {
+                Ok(n) => n,
+                Err(_) => continue,
+            };
+            let mut input = &buf[..n];
+            loop {
+                let (got, rest) = match acc.feed(input) {
+                    FeedResult::Consumed => break,
+                    FeedResult::Frame { message, remaining } => (Ok(message), remaining),
+                    FeedResult::Error { error, remaining } => (Err(error), remaining),
+                };
+                if want(&got) {
+                    return true;
+                }
+                input = rest;
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn binary_frames_carry_batches_and_answer_commands() {
+        let dev = SerialDevice::spawn(config(LineFormat::Binary)).expect("device");
+        let mut port = open(dev.path());
+        let mut batches = 0;
+        assert!(read_frames(&mut port, Duration::from_secs(5), |m| {
+            if let Ok(DeviceMessage::Batch(b)) = m {
+                assert_eq!(b.readings.len(), 2);
+                assert_eq!(b.readings[0].metric.as_str(), "temperature");
+                assert_eq!(b.readings[1].metric.as_str(), "humidity");
+                assert!(b.readings[0].ts.is_some() && b.readings[0].seq.is_some());
+                batches += 1;
+            }
+            batches >= 5
+        }));
+
+        let cmd = DeviceMessage::Command(Command {
+            id: "c-7".try_into().unwrap(),
+            device: "probe-1".try_into().unwrap(),
+            name: "calibrate".try_into().unwrap(),
+            args: Default::default(),
+            issued_at: 1,
+            expires_at: u64::MAX,
+        });
+        let mut buf = [0u8; MAX_ENCODED_FRAME_LEN + 1];
+        port.write_all(encode_frame(&cmd, &mut buf).unwrap())
+            .unwrap();
+        assert!(read_frames(
+            &mut port,
+            Duration::from_secs(5),
+            |m| matches!(
+                m,
+                Ok(DeviceMessage::Outcome(o)) if o.id.as_str() == "c-7" && o.state == OutcomeState::Succeeded
+            )
+        ));
+        assert_eq!(dev.commands()[0]["name"], "calibrate");
+
+        dev.inject_corrupt_frame().unwrap();
+        dev.inject_garbage(20).unwrap();
+        let mut errors = 0;
+        assert!(read_frames(&mut port, Duration::from_secs(5), |m| {
+            if m.is_err() {
+                errors += 1;
+            }
+            errors >= 2
+        }));
+    }
+}

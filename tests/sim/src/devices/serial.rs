@@ -15,10 +15,15 @@
 //! creates a new pty (a new `/dev/pts/N`) and re-points the symlink, so only an
 //! agent that reopens by path recovers, as with real USB adapters.
 //!
-//! JSON command lines written by the agent (`{"id":..,"name":..,...}`) are
-//! answered with one JSON outcome line
+//! In the text formats, JSON command lines written by the agent
+//! (`{"id":..,"name":..,...}`) are answered with one JSON outcome line
 //! (`{"v":1,"id":..,"device":..,"state":"succeeded","detail":..,"ts":..}`),
-//! or not at all, per [`CommandBehavior`].
+//! or not at all, per [`CommandBehavior`]. In [`LineFormat::Binary`] the
+//! device speaks edgestream-protocol frames both ways (`Command` in,
+//! `Outcome` out), encoded and decoded by that crate, so it is byte for byte
+//! what firmware built on it sends. Binary "garbage" is random bytes closed by
+//! a `0x00` delimiter, an "over-long line" is an over-long frame, and
+//! [`SerialDevice::inject_corrupt_frame`] sends a frame with a bad CRC.
 //!
 //! Guarantees: every line is written whole or counted in
 //! `SerialStats::lines_dropped` (the pty buffer was full because nobody read
@@ -36,6 +41,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use serialport::{SerialPort, TTYPort};
+
+use edgestream_protocol::frame::{encode_frame, DefaultFrameAccumulator, FeedResult};
+use edgestream_protocol::limits::{MAX_BATCH_READINGS, MAX_ENCODED_FRAME_LEN};
+use edgestream_protocol::types as proto;
 
 use crate::devices::mqtt::{reply_for, CommandBehavior, MetricSpec, Reading};
 
@@ -64,6 +73,11 @@ pub enum LineFormat {
     /// (see [`SerialDevice::csv_columns`]); a sample with a dropout is not
     /// written.
     Csv,
+    /// edgestream-protocol binary frames (postcard in CRC-32 COBS frames,
+    /// `0x00`-delimited): one `Reading`, or a `Batch` when the sample has
+    /// several metrics. Commands arrive as `Command` frames and are answered
+    /// with `Outcome` frames.
+    Binary,
 }
 
 /// Configuration of a serial device.
@@ -156,6 +170,8 @@ pub struct SerialStats {
     pub replies: u64,
     /// Times unplugged.
     pub unplugs: u64,
+    /// Binary frames from the agent that the device refused.
+    pub bad_frames: u64,
 }
 
 #[derive(Debug, Default)]
@@ -185,6 +201,7 @@ pub struct SerialDevice {
     _dir: tempfile::TempDir,
     link: PathBuf,
     csv_columns: Vec<String>,
+    format: LineFormat,
     shared: Arc<Mutex<Shared>>,
     control: SyncSender<Control>,
     thread: Option<JoinHandle<()>>,
@@ -254,6 +271,7 @@ impl SerialDevice {
             .chain(config.metrics.iter().map(|m| m.metric.clone()))
             .collect();
         let name = config.name.clone();
+        let format = config.format;
         let thread = {
             let shared = Arc::clone(&shared);
             let link = link.clone();
@@ -266,6 +284,7 @@ impl SerialDevice {
             _dir: dir,
             link,
             csv_columns,
+            format,
             shared,
             control,
             thread: Some(thread),
@@ -346,18 +365,35 @@ impl SerialDevice {
         rx.recv().map_err(|_| SerialSimError::Stopped)?
     }
 
-    /// Writes `len` bytes of garbage (no newline inside) and a newline now.
+    /// Writes `len` bytes of garbage and a terminator (newline, or `0x00` in
+    /// binary mode; never inside the garbage) now.
     pub fn inject_garbage(&self, len: usize) -> Result<(), SerialSimError> {
         let mut rng = StdRng::seed_from_u64(len as u64);
-        let bytes = (0..len)
-            .map(|_| loop {
-                let b: u8 = rng.random();
-                if b != b'\n' {
-                    break b;
-                }
-            })
-            .collect();
+        let mut bytes = garbage(&mut rng, len, terminator(self.format));
+        bytes.push(terminator(self.format));
         self.send(Control::Garbage(bytes))
+    }
+
+    /// Binary mode: writes one reading frame whose CRC is wrong (one body
+    /// byte flipped after encoding), which a receiver must refuse and count.
+    pub fn inject_corrupt_frame(&self) -> Result<(), SerialSimError> {
+        let msg = proto::DeviceMessage::Reading(proto::Reading {
+            device: heapless::String::try_from("corrupt").unwrap_or_default(),
+            metric: heapless::String::try_from("temperature").unwrap_or_default(),
+            value: 1.0,
+            ts: None,
+            seq: None,
+            quality: None,
+        });
+        let mut frame = encode_message(&msg).ok_or(SerialSimError::Stopped)?;
+        // Flip a bit in the middle, keeping the byte non-zero so COBS
+        // framing stays intact and only the CRC check can catch it.
+        let mid = frame.len() / 2;
+        frame[mid] ^= 0x01;
+        if frame[mid] == 0 {
+            frame[mid] = 0x02;
+        }
+        self.send(Control::Raw(frame))
     }
 
     /// Writes raw bytes as they are (for hand-made faults).
@@ -453,6 +489,7 @@ fn format_line(
             }
             parts.join(" ")
         }
+        LineFormat::Binary => return None,
         LineFormat::Csv => {
             if present.len() != values.len() {
                 return None;
@@ -463,6 +500,79 @@ fn format_line(
                 .join(",")
         }
     })
+}
+
+/// The bytes of one sample, terminator included; `None` if nothing is to be
+/// written.
+fn encode_sample(
+    cfg: &SerialDeviceConfig,
+    values: &[(String, Option<f64>)],
+    ts: i64,
+    seq: u32,
+) -> Option<Vec<u8>> {
+    if cfg.format != LineFormat::Binary {
+        let mut bytes = format_line(cfg, values, ts, seq)?.into_bytes();
+        bytes.push(b'\n');
+        return Some(bytes);
+    }
+    let readings: Vec<proto::Reading> = values
+        .iter()
+        .filter_map(|(metric, v)| {
+            let v = (*v)?;
+            Some(proto::Reading {
+                device: heapless::String::try_from(cfg.name.as_str()).ok()?,
+                metric: heapless::String::try_from(metric.as_str()).ok()?,
+                value: v,
+                ts: if cfg.with_ts {
+                    u64::try_from(ts).ok()
+                } else {
+                    None
+                },
+                seq: cfg.with_seq.then_some(seq),
+                quality: None,
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    // One Reading per frame if alone, else batches of at most
+    // MAX_BATCH_READINGS, as firmware with a fixed batch buffer would send.
+    let messages: Vec<proto::DeviceMessage> = if readings.len() == 1 {
+        readings
+            .into_iter()
+            .map(proto::DeviceMessage::Reading)
+            .collect()
+    } else {
+        readings
+            .chunks(MAX_BATCH_READINGS)
+            .map(|chunk| {
+                let mut batch = proto::ReadingBatch::default();
+                for r in chunk {
+                    // Cannot fail: chunks are at most the batch capacity.
+                    if batch.readings.push(r.clone()).is_err() {
+                        tracing::error!("batch overflow despite chunking");
+                    }
+                }
+                proto::DeviceMessage::Batch(batch)
+            })
+            .collect()
+    };
+    for m in &messages {
+        out.extend_from_slice(&encode_message(m)?);
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// One complete frame (delimiter included), or `None` if the message is
+/// invalid for the protocol (e.g. a name too long), logged.
+fn encode_message(msg: &proto::DeviceMessage) -> Option<Vec<u8>> {
+    let mut buf = [0u8; MAX_ENCODED_FRAME_LEN + 1];
+    match encode_frame(msg, &mut buf) {
+        Ok(frame) => Some(frame.to_vec()),
+        Err(e) => {
+            tracing::warn!(error = ?e, "cannot encode a frame");
+            None
+        }
+    }
 }
 
 /// Writes all of `bytes` or reports why not. A timeout means the pty buffer
@@ -501,6 +611,7 @@ fn run(
     let mut index: u64 = 0;
     let mut inbuf: Vec<u8> = Vec::new();
     let mut discarding = false;
+    let mut frames = Box::new(DefaultFrameAccumulator::new());
     loop {
         // Control requests first: a test's unplug must take effect before
         // the next line.
@@ -514,6 +625,10 @@ fn run(
                     s.stats.unplugs += 1;
                 }
                 Control::Replug(reply) => {
+                    // A new port: no partial line or frame carries over.
+                    inbuf.clear();
+                    discarding = false;
+                    frames.reset();
                     let result = open_pty().and_then(|(m, path)| {
                         point_link(&link, &path)?;
                         master = Some(m);
@@ -528,9 +643,7 @@ fn run(
                 }
                 Control::Garbage(bytes) => {
                     if let Some(m) = master.as_mut() {
-                        let mut line = bytes;
-                        line.push(b'\n');
-                        if write_all(m, &line).is_ok() {
+                        if write_all(m, &bytes).is_ok() {
                             lock(&shared).stats.garbage_injected += 1;
                         }
                     }
@@ -568,6 +681,23 @@ fn run(
             Some(m) => {
                 let mut buf = [0u8; 512];
                 match m.read(&mut buf) {
+                    Ok(n) if n > 0 && cfg.format == LineFormat::Binary => {
+                        let mut input = &buf[..n];
+                        loop {
+                            match frames.feed(input) {
+                                FeedResult::Consumed => break,
+                                FeedResult::Frame { message, remaining } => {
+                                    handle_command_frame(&cfg.name, message, m, &shared);
+                                    input = remaining;
+                                }
+                                FeedResult::Error { error, remaining } => {
+                                    tracing::debug!(?error, "device refused a frame");
+                                    lock(&shared).stats.bad_frames += 1;
+                                    input = remaining;
+                                }
+                            }
+                        }
+                    }
                     Ok(n) if n > 0 => {
                         for &b in &buf[..n] {
                             if b == b'\n' {
@@ -625,11 +755,9 @@ fn sample(
         lock(shared).stats.skipped_unplugged += 1;
         return;
     };
-    let Some(line) = format_line(cfg, &values, ts, seq) else {
+    let Some(bytes) = encode_sample(cfg, &values, ts, seq) else {
         return;
     };
-    let mut bytes = line.into_bytes();
-    bytes.push(b'\n');
     match write_all(m, &bytes) {
         Ok(()) => {
             let mut s = lock(shared);
@@ -656,15 +784,8 @@ fn sample(
     }
     let n = index + 1;
     if cfg.garbage_every.is_some_and(|g| g > 0 && n % g == 0) {
-        let mut line: Vec<u8> = (0..16)
-            .map(|_| loop {
-                let b: u8 = rng.random();
-                if b != b'\n' {
-                    break b;
-                }
-            })
-            .collect();
-        line.push(b'\n');
+        let mut line = garbage(rng, 16, terminator(cfg.format));
+        line.push(terminator(cfg.format));
         if write_all(m, &line).is_ok() {
             lock(shared).stats.garbage_injected += 1;
         }
@@ -673,11 +794,80 @@ fn sample(
         if every > 0 && n % every == 0 {
             let mut line = b"overlong=".to_vec();
             line.resize(len.max(10), b'9');
-            line.push(b'\n');
+            line.push(terminator(cfg.format));
             if write_all(m, &line).is_ok() {
                 lock(shared).stats.overlong_injected += 1;
             }
         }
+    }
+}
+
+/// What ends a line or frame in `format`.
+fn terminator(format: LineFormat) -> u8 {
+    match format {
+        LineFormat::Binary => 0,
+        _ => b'\n',
+    }
+}
+
+/// `len` random bytes none of which is `terminator`.
+fn garbage(rng: &mut StdRng, len: usize, terminator: u8) -> Vec<u8> {
+    (0..len)
+        .map(|_| loop {
+            let b: u8 = rng.random();
+            if b != terminator {
+                break b;
+            }
+        })
+        .collect()
+}
+
+fn handle_command_frame(
+    device: &str,
+    message: proto::DeviceMessage,
+    master: &mut TTYPort,
+    shared: &Mutex<Shared>,
+) {
+    let proto::DeviceMessage::Command(cmd) = message else {
+        tracing::debug!(%device, "device ignores a non-command frame");
+        return;
+    };
+    let command = serde_json::to_value(&cmd).unwrap_or(Value::Null);
+    let behavior = {
+        let mut s = lock(shared);
+        s.stats.commands += 1;
+        if s.commands.len() < MAX_RECORDED_LINES {
+            s.commands.push(command.clone());
+        }
+        s.behavior.clone().unwrap_or(CommandBehavior::Succeed)
+    };
+    let Some(reply) = reply_for(device, &command, &behavior) else {
+        return;
+    };
+    let state = match reply["state"].as_str() {
+        Some("succeeded") => proto::OutcomeState::Succeeded,
+        _ => proto::OutcomeState::Failed,
+    };
+    let mut detail = heapless::String::new();
+    for ch in reply["detail"].as_str().unwrap_or_default().chars() {
+        // Truncate to the protocol's limit rather than fail the reply.
+        if detail.push(ch).is_err() {
+            break;
+        }
+    }
+    let outcome = proto::DeviceMessage::Outcome(proto::CommandOutcome {
+        id: cmd.id,
+        device: heapless::String::try_from(device).unwrap_or_default(),
+        state,
+        detail,
+        ts: u64::try_from(now_ms()).ok(),
+    });
+    let Some(frame) = encode_message(&outcome) else {
+        return;
+    };
+    match write_all(master, &frame) {
+        Ok(()) => lock(shared).stats.replies += 1,
+        Err(e) => tracing::debug!(%device, error = %e, "reply frame dropped"),
     }
 }
 

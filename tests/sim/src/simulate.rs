@@ -14,6 +14,14 @@
 //! about 4.2 s of wall time into the run) and then returns to about 65 °C,
 //! below 75, so the alert clears by ~5 s. `boiler-3` overheats again from
 //! 600 s to 660 s (one wall minute in) for demos that run longer.
+//! `boiler-2`'s pressure sensor is silent from 30 s to 70 s of signal time.
+//! `pump-2`'s vibration spikes (+12 mm/s for one sample) at 70 s of signal
+//! time and every 120 s after, each after a full 64-sample window of normal
+//! data. `greenhouse-1`'s humidity drifts up slowly from 120 s.
+//!
+//! Signal time starts at the wall clock when a device starts and runs
+//! [`DEMO_TIME_SCALE`] times faster, so reading timestamps run ahead of
+//! the wall clock (by 90 s after 10 s of demo).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -31,6 +39,8 @@ pub const DEMO_RATE_HZ: f64 = 10.0;
 pub const DEMO_TIME_SCALE: f64 = 10.0;
 /// The device whose temperature overheats early in the demo.
 pub const DEMO_OVERHEATING_DEVICE: &str = "boiler-1";
+/// Vibration spikes injected into `pump-2` (one per 2 minutes of signal time).
+const DEMO_SPIKES: u32 = 30;
 /// How often [`simulate`] prints progress when `print` is on.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -233,6 +243,17 @@ pub fn demo_fleet() -> Vec<MqttDeviceConfig> {
             ramp_s: 2.0,
         },
     };
+    // Spikes only after 64 samples: outlier detectors (MAD over 64) need a
+    // full window before they judge. First at 70 s (7 s of wall time), then
+    // every 2 minutes of signal time for an hour.
+    let mut pump_2 = Signal::vibration(2.2, 501);
+    for k in 0..DEMO_SPIKES {
+        pump_2.add_fault(Fault {
+            start_s: 70.0 + 120.0 * f64::from(k),
+            duration_s: 1.0,
+            kind: FaultKind::Spike { magnitude: 12.0 },
+        });
+    }
     vec![
         demo_device(
             "boiler-1",
@@ -250,9 +271,11 @@ pub fn demo_fleet() -> Vec<MqttDeviceConfig> {
                 MetricSpec::new("temperature", Signal::temperature(63.0, 201)),
                 MetricSpec::new(
                     "pressure",
+                    // Silent for 40 s of signal time (4 s of wall time), so a
+                    // 3 s `missing` rule fires whichever clock it counts.
                     Signal::pressure(2.4, 202).with_fault(Fault {
                         start_s: 30.0,
-                        duration_s: 5.0,
+                        duration_s: 40.0,
                         kind: FaultKind::Dropout,
                     }),
                 ),
@@ -272,17 +295,7 @@ pub fn demo_fleet() -> Vec<MqttDeviceConfig> {
             "pump-1",
             vec![MetricSpec::new("vibration", Signal::vibration(2.0, 401))],
         ),
-        demo_device(
-            "pump-2",
-            vec![MetricSpec::new(
-                "vibration",
-                Signal::vibration(2.2, 501).with_fault(Fault {
-                    start_s: 20.0,
-                    duration_s: 1.0,
-                    kind: FaultKind::Spike { magnitude: 12.0 },
-                }),
-            )],
-        ),
+        demo_device("pump-2", vec![MetricSpec::new("vibration", pump_2)]),
         demo_device(
             "greenhouse-1",
             vec![MetricSpec::new(
@@ -311,4 +324,39 @@ pub fn demo_serial_probe() -> SerialDeviceConfig {
     c.ts_step = Duration::from_secs_f64(DEMO_TIME_SCALE / DEMO_RATE_HZ);
     c.format = LineFormat::KeyValue;
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(device: &str, metric: &str, n: u32) -> Vec<Option<f64>> {
+        let mut fleet = demo_fleet();
+        let d = fleet.iter_mut().find(|d| d.name == device).unwrap();
+        let step = d.ts_step.as_secs_f64();
+        let m = d.metrics.iter_mut().find(|m| m.metric == metric).unwrap();
+        (0..n).map(|i| m.signal.sample(f64::from(i) * step)).collect()
+    }
+
+    #[test]
+    fn pump_2_spikes_only_after_a_full_window() {
+        let v = series("pump-2", "vibration", 200);
+        let spikes: Vec<usize> = (0..v.len()).filter(|i| v[*i].unwrap() > 8.0).collect();
+        assert_eq!(spikes, vec![70, 190]);
+    }
+
+    #[test]
+    fn boiler_2_pressure_is_silent_for_40_seconds() {
+        let v = series("boiler-2", "pressure", 100);
+        let silent: Vec<usize> = (0..v.len()).filter(|i| v[*i].is_none()).collect();
+        assert_eq!(silent, (30..70).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn demo_clocks_run_ten_times_wall_time() {
+        for d in demo_fleet() {
+            assert_eq!(d.rate, crate::devices::mqtt::Rate::PerSecond(DEMO_RATE_HZ));
+            assert_eq!(d.ts_step, Duration::from_secs(1));
+        }
+    }
 }

@@ -197,3 +197,174 @@ async fn mosquitto_restart_keeps_port_and_retained_messages() {
     .is_ok());
     let _: Vec<Value> = cloud.alerts();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flat_out_devices_get_everything_acknowledged() {
+    let broker = InProcessBroker::start().await.expect("rumqttd");
+    let mosq = Mosquitto::start().await.expect("mosquitto");
+    for port in [broker.port(), mosq.port()] {
+        let mut cfg = device("fast-1", 2000);
+        cfg.rate = edgestream_sim::Rate::FlatOut;
+        let start = std::time::Instant::now();
+        let mut dev = MqttDevice::spawn("127.0.0.1", port, cfg);
+        assert!(dev.wait_finished(WAIT).await, "{:?}", dev.stats());
+        let s = dev.stats();
+        assert_eq!(s.acked, 4000, "{s:?}");
+        assert_eq!(
+            s.skipped_backpressure + s.skipped_offline + s.unacked_lost,
+            0,
+            "{s:?}"
+        );
+        // Every (metric, seq) exactly once.
+        let mut keys: Vec<(String, u32)> =
+            dev.acked().into_iter().map(|r| (r.metric, r.seq)).collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), 4000);
+        eprintln!(
+            "port {port}: 4000 readings acknowledged in {:?}",
+            start.elapsed()
+        );
+        dev.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn mosquitto_kill_then_restart_comes_back_on_the_same_port() {
+    let mut broker = Mosquitto::start().await.expect("mosquitto");
+    let port = broker.port();
+    let mut cfg = device("dev-k", u64::MAX);
+    cfg.rate = edgestream_sim::Rate::PerSecond(100.0);
+    let dev = MqttDevice::spawn("127.0.0.1", port, cfg);
+    assert!(dev.wait_acked(10, WAIT).await);
+    broker.kill();
+    assert!(!broker.is_running());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while dev.is_connected() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!dev.is_connected());
+    broker.restart().await.expect("restart");
+    assert_eq!(broker.port(), port);
+    assert!(broker.is_running());
+    assert!(
+        dev.wait_connected(WAIT).await,
+        "device did not reconnect\n{}",
+        broker.log_tail()
+    );
+    let n = dev.stats().acked;
+    assert!(dev.wait_acked(n + 10, WAIT).await);
+}
+
+/// Generates a CA and a server certificate for 127.0.0.1 with the openssl
+/// CLI; `None` if openssl is not installed.
+fn make_certs(dir: &std::path::Path) -> Option<edgestream_sim::broker::TlsFiles> {
+    let run = |args: &[&str]| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+    };
+    match run(&["version"]) {
+        Ok(true) => {}
+        _ => return None,
+    }
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    for args in [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=edgestream-test-ca",
+        ][..],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ][..],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ][..],
+    ] {
+        assert!(run(args).unwrap(), "openssl {args:?} failed");
+    }
+    Some(edgestream_sim::broker::TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+        require_client_cert: false,
+    })
+}
+
+#[tokio::test]
+async fn mosquitto_tls_listener_completes_a_verified_handshake() {
+    let certs = tempfile::tempdir().unwrap();
+    let Some(tls) = make_certs(certs.path()) else {
+        eprintln!("SKIPPED: openssl CLI not installed, cannot make test certificates");
+        return;
+    };
+    let ca = tls.ca.clone();
+    let broker = Mosquitto::start_with(edgestream_sim::MosquittoOptions {
+        tls: Some(tls),
+        extra_config: Vec::new(),
+    })
+    .await
+    .expect("mosquitto with TLS");
+    let tls_port = broker.tls_port().expect("tls port");
+    assert_ne!(tls_port, broker.port());
+    let out = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{tls_port}"),
+            "-CAfile",
+        ])
+        .arg(&ca)
+        .args(["-verify_return_error", "-brief"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("Verification: OK"), "{text}");
+}

@@ -117,6 +117,104 @@ pub struct TlsFiles {
     pub require_client_cert: bool,
 }
 
+/// Certificates made by [`generate_test_certs`].
+#[derive(Debug, Clone)]
+pub struct TestCerts {
+    /// For the broker (`require_client_cert` false; set it for mutual TLS).
+    pub server: TlsFiles,
+    /// A client certificate signed by the same CA (for mutual TLS).
+    pub client_cert: PathBuf,
+    /// The client certificate's key.
+    pub client_key: PathBuf,
+}
+
+/// Makes a throwaway CA, a server certificate for `127.0.0.1`/`localhost`
+/// and a client certificate in `dir`, with the `openssl` command-line tool
+/// (RSA 2048, valid two days). Test use only: the keys are unencrypted.
+pub fn generate_test_certs(dir: &Path) -> Result<TestCerts, BrokerError> {
+    let run = |args: &[&str]| -> Result<(), BrokerError> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io_err("running openssl (is it installed?)"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(BrokerError::Io {
+                action: "generating test certificates",
+                source: std::io::Error::other(format!(
+                    "openssl {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )),
+            })
+        }
+    };
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .map_err(io_err("writing san.ext"))?;
+    let days = "2";
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        days,
+        "-subj",
+        "/CN=edgestream-test-ca",
+    ])?;
+    for (name, cn, ext) in [
+        ("server", "localhost", true),
+        ("client", "edgestream-test-client", false),
+    ] {
+        let key = format!("{name}.key");
+        let csr = format!("{name}.csr");
+        let pem = format!("{name}.pem");
+        let subj = format!("/CN={cn}");
+        run(&[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &subj,
+        ])?;
+        let mut args = vec![
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            days,
+        ];
+        if ext {
+            args.extend(["-extfile", "san.ext"]);
+        }
+        run(&args)?;
+    }
+    Ok(TestCerts {
+        server: TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+            require_client_cert: false,
+        },
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+    })
+}
+
 /// How to configure a [`Mosquitto`] broker. `Default` is a plaintext broker.
 #[derive(Debug, Clone, Default)]
 pub struct MosquittoOptions {

@@ -335,7 +335,9 @@ mod tests {
         let d = fleet.iter_mut().find(|d| d.name == device).unwrap();
         let step = d.ts_step.as_secs_f64();
         let m = d.metrics.iter_mut().find(|m| m.metric == metric).unwrap();
-        (0..n).map(|i| m.signal.sample(f64::from(i) * step)).collect()
+        (0..n)
+            .map(|i| m.signal.sample(f64::from(i) * step))
+            .collect()
     }
 
     #[test]

@@ -256,90 +256,12 @@ async fn mosquitto_kill_then_restart_comes_back_on_the_same_port() {
     assert!(dev.wait_acked(n + 10, WAIT).await);
 }
 
-/// Generates a CA and a server certificate for 127.0.0.1 with the openssl
-/// CLI; `None` if openssl is not installed.
-fn make_certs(dir: &std::path::Path) -> Option<edgestream_sim::broker::TlsFiles> {
-    let run = |args: &[&str]| {
-        std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .map(|s| s.success())
-    };
-    match run(&["version"]) {
-        Ok(true) => {}
-        _ => return None,
-    }
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
-    for args in [
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=edgestream-test-ca",
-        ][..],
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ][..],
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ][..],
-    ] {
-        assert!(run(args).unwrap(), "openssl {args:?} failed");
-    }
-    Some(edgestream_sim::broker::TlsFiles {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
-        require_client_cert: false,
-    })
-}
-
 #[tokio::test]
 async fn mosquitto_tls_listener_completes_a_verified_handshake() {
     let certs = tempfile::tempdir().unwrap();
-    let Some(tls) = make_certs(certs.path()) else {
-        eprintln!("SKIPPED: openssl CLI not installed, cannot make test certificates");
-        return;
-    };
+    let tls = edgestream_sim::broker::generate_test_certs(certs.path())
+        .expect("test certificates (needs the openssl CLI)")
+        .server;
     let ca = tls.ca.clone();
     let broker = Mosquitto::start_with(edgestream_sim::MosquittoOptions {
         tls: Some(tls),

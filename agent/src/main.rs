@@ -1,1 +1,120 @@
-fn main() {}
+//! `edgestream`: run the gateway daemon, check its config, or try it with simulated devices.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use edgestream_agent::config::Config;
+use edgestream_agent::metrics::Metrics;
+use edgestream_agent::pipeline::Agent;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "edgestream",
+    version,
+    about = "Edge/IoT stream processor for ARM gateways"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway daemon.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file (and its rules) without starting; non-zero exit on any problem.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// The whole data path with nothing installed: in-process brokers, simulated devices,
+    /// demo rules and a cloud subscriber, with a live status line.
+    Demo {
+        /// Stop by itself after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+    /// Compile rule files or replay recorded readings through them.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RulesCommand {
+    /// Compile a rule file and report its rules and memory budget, or every error.
+    Check { file: PathBuf },
+    /// Replay readings (JSON lines: device, metric, value, ts) through a rule file and print
+    /// the alerts, commands and aggregates they produce.
+    Test {
+        file: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{}: {} problem(s)", config.display(), errors.0.len());
+                for p in &errors.0 {
+                    eprintln!("  {p}");
+                }
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config } => report(run(config)),
+        Command::Demo { duration } => report(edgestream_agent::demo::main(duration)),
+        Command::Rules { command } => match command {
+            RulesCommand::Check { file } => report(edgestream_agent::rules_cli::check(&file)),
+            RulesCommand::Test { file, input } => {
+                report(edgestream_agent::rules_cli::test(&file, &input))
+            }
+        },
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
+    edgestream_agent::logging::init(&config.log.level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let metrics = Arc::new(Metrics::default());
+        let agent = Agent::build(config, path.parent(), metrics).context("cannot start")?;
+        let shutdown = CancellationToken::new();
+        edgestream_agent::logging::cancel_on_signal(shutdown.clone())?;
+        let report = agent.run(shutdown).await?;
+        if !report.stuck.is_empty() {
+            anyhow::bail!("did not stop cleanly: {:?}", report.stuck);
+        }
+        Ok(())
+    })
+}

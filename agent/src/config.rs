@@ -1,0 +1,806 @@
+//! Agent configuration: TOML with defaults, `deny_unknown_fields`, and validation that reports
+//! every problem it finds with the path of the field it concerns.
+//!
+//! Loading happens in three passes so that one mistake does not hide the next:
+//! 1. the document is parsed as TOML (a syntax error stops here, with its line and column);
+//! 2. each top-level section is deserialised on its own, so an unknown field or a wrong type in
+//!    `[cloud]` does not hide another in `[outbox]` (paths come from `serde_path_to_error`);
+//! 3. [`Config::validate`] checks values and cross-field rules, again collecting every problem.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Largest number of readings the uplink packs into one telemetry publish.
+pub const MAX_BATCH_SIZE: usize = 5_000;
+/// Longest linger the uplink accepts before it publishes a partial batch.
+pub const MAX_LINGER_MS: u64 = 60_000;
+/// Smallest outbox byte cap that still holds a useful backlog.
+pub const MIN_OUTBOX_BYTES: u64 = 1 << 20;
+/// Longest accepted gateway id; it becomes part of every cloud topic.
+pub const MAX_GATEWAY_ID_LEN: usize = 64;
+
+/// One problem found in a configuration, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted path of the field (`cloud.batch_size`), or `<toml>` for syntax errors.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in a configuration. Never empty.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<Problem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    #[serde(default)]
+    pub local: LocalConfig,
+    pub cloud: CloudConfig,
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    #[serde(default)]
+    pub rules: RulesConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Identifies this gateway in every cloud topic: letters, digits, `-` and `_`.
+    pub id: String,
+    /// Where the outbox and persisted state live.
+    pub data_dir: PathBuf,
+    /// How long a graceful shutdown may take before the agent gives up and reports what is left.
+    #[serde(default = "default_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
+}
+
+/// The local broker the sensors publish to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_local_port")]
+    pub port: u16,
+    /// Fixed so that the broker keeps our persistent session across restarts.
+    /// Default: `edgestream-local-{gateway.id}`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Subscriptions; every topic must read as `.../{device}/{metric}` (last two levels).
+    #[serde(default = "default_topics")]
+    pub topics: Vec<String>,
+    /// 1 (default): a reading is acknowledged to the broker only once it is in the outbox.
+    /// 0: fire and forget, for sensors whose data is not worth a round trip.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    #[serde(default = "default_keep_alive_secs")]
+    pub keep_alive_secs: u64,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// The cloud broker the outbox drains to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    pub host: String,
+    #[serde(default = "default_cloud_port")]
+    pub port: u16,
+    /// TLS is on unless the config says `tls = false`.
+    #[serde(default = "default_true")]
+    pub tls: bool,
+    /// PEM file of the CA that signs the broker's certificate; system roots when absent.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key for mutual TLS (both or neither).
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// ALPN protocols, e.g. `["x-amzn-mqtt-ca"]` for AWS IoT Core on port 443.
+    #[serde(default)]
+    pub alpn: Vec<String>,
+    /// Default: `edgestream-{gateway.id}`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    #[serde(default = "default_keep_alive_secs")]
+    pub keep_alive_secs: u64,
+    /// Readings per telemetry publish.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// How long a partial batch may wait for more readings.
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u64,
+    /// Publishes awaiting their PUBACK at once.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    #[serde(default = "default_max_packet_bytes")]
+    pub max_packet_bytes: usize,
+    #[serde(default = "default_backoff_min_ms")]
+    pub backoff_min_ms: u64,
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Every batch is flushed to disk before anything is acknowledged upstream (default).
+    Batch,
+    /// Flushed every `flush_interval_ms`: fewer writes for SD cards, but a power cut can lose
+    /// up to that much of what was acknowledged.
+    Interval,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FullPolicy {
+    /// Make room by dropping the oldest telemetry; alerts go only when no telemetry is left.
+    DropOldestTelemetry,
+    /// Keep what is stored and refuse new records.
+    RefuseNew,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Cap on stored record bytes (keys + values); see ARCHITECTURE.md for the on-disk margin.
+    #[serde(default = "default_outbox_bytes")]
+    pub max_bytes: u64,
+    /// sled page cache; its default of 1 GiB is wrong for a Pi.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
+    #[serde(default = "default_durability")]
+    pub durability: Durability,
+    /// Only with `durability = "interval"`.
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    #[serde(default = "default_full_policy")]
+    pub full_policy: FullPolicy,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    /// Rule file loaded at start.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Inline rules, for small setups.
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Period of the health message on `{prefix}/{id}/health`.
+    #[serde(default = "default_health_secs")]
+    pub interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `edgestream=debug`; `RUST_LOG` wins when set.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+fn default_shutdown_timeout_ms() -> u64 {
+    5_000
+}
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_local_port() -> u16 {
+    1883
+}
+fn default_cloud_port() -> u16 {
+    8883
+}
+fn default_topics() -> Vec<String> {
+    vec!["sensors/+/+".into()]
+}
+fn default_qos() -> u8 {
+    1
+}
+fn default_keep_alive_secs() -> u64 {
+    30
+}
+fn default_true() -> bool {
+    true
+}
+fn default_prefix() -> String {
+    "edgestream".into()
+}
+fn default_batch_size() -> usize {
+    200
+}
+fn default_linger_ms() -> u64 {
+    100
+}
+fn default_max_inflight() -> u16 {
+    16
+}
+fn default_max_packet_bytes() -> usize {
+    1 << 20
+}
+fn default_backoff_min_ms() -> u64 {
+    200
+}
+fn default_backoff_max_ms() -> u64 {
+    30_000
+}
+fn default_outbox_bytes() -> u64 {
+    256 << 20
+}
+fn default_cache_bytes() -> u64 {
+    4 << 20
+}
+fn default_durability() -> Durability {
+    Durability::Batch
+}
+fn default_flush_interval_ms() -> u64 {
+    1_000
+}
+fn default_full_policy() -> FullPolicy {
+    FullPolicy::DropOldestTelemetry
+}
+fn default_health_secs() -> u64 {
+    30
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        Self {
+            host: default_host(),
+            port: default_local_port(),
+            client_id: None,
+            topics: default_topics(),
+            qos: default_qos(),
+            keep_alive_secs: default_keep_alive_secs(),
+            username: None,
+            password: None,
+        }
+    }
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_outbox_bytes(),
+            cache_bytes: default_cache_bytes(),
+            durability: default_durability(),
+            flush_interval_ms: default_flush_interval_ms(),
+            full_policy: default_full_policy(),
+        }
+    }
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval_secs: default_health_secs(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+        }
+    }
+}
+
+impl CloudConfig {
+    /// A plaintext cloud connection to `host:port`, for demos and tests.
+    pub fn plaintext(host: impl Into<String>, port: u16) -> Self {
+        Self {
+            host: host.into(),
+            port,
+            tls: false,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            alpn: Vec::new(),
+            client_id: None,
+            topic_prefix: default_prefix(),
+            keep_alive_secs: default_keep_alive_secs(),
+            batch_size: default_batch_size(),
+            linger_ms: default_linger_ms(),
+            max_inflight: default_max_inflight(),
+            max_packet_bytes: default_max_packet_bytes(),
+            backoff_min_ms: default_backoff_min_ms(),
+            backoff_max_ms: default_backoff_max_ms(),
+            username: None,
+            password: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file, returning every problem found.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![Problem {
+                path: path.display().to_string(),
+                message: format!("cannot read config file: {e}"),
+            }])
+        })?;
+        Self::from_toml(&text, path.parent())
+    }
+
+    /// Parses and validates TOML text; `base` resolves a relative rules file.
+    pub fn from_toml(text: &str, base: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let (config, mut problems) = Self::parse_sections(text, base)?;
+        match config {
+            Some(c) if problems.is_empty() => {
+                problems.extend(c.validate(base));
+                if problems.is_empty() {
+                    Ok(c)
+                } else {
+                    Err(ConfigErrors(problems))
+                }
+            }
+            _ => Err(ConfigErrors(problems)),
+        }
+    }
+
+    /// Parses TOML text into a config without validating values.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        match Self::parse_sections(text, None)? {
+            (Some(c), p) if p.is_empty() => Ok(c),
+            (_, p) => Err(ConfigErrors(p)),
+        }
+    }
+
+    /// Passes 1 and 2 (see the module doc). Sections that parse are validated on their own
+    /// when another section did not parse, so that their problems are reported too.
+    fn parse_sections(
+        text: &str,
+        base: Option<&Path>,
+    ) -> Result<(Option<Config>, Vec<Problem>), ConfigErrors> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| {
+            ConfigErrors(vec![Problem {
+                path: "<toml>".into(),
+                message: e.to_string().trim().replace('\n', " "),
+            }])
+        })?;
+        let mut problems = Vec::new();
+        const SECTIONS: [&str; 7] = [
+            "gateway", "local", "cloud", "outbox", "rules", "health", "log",
+        ];
+        for key in table.keys() {
+            if !SECTIONS.contains(&key.as_str()) {
+                problems.push(Problem {
+                    path: key.clone(),
+                    message: format!("unknown section, expected one of: {}", SECTIONS.join(", ")),
+                });
+            }
+        }
+        let gateway = section::<GatewayConfig>(&table, "gateway", &mut problems, None);
+        let local = section(&table, "local", &mut problems, Some(LocalConfig::default()));
+        let cloud = section::<CloudConfig>(&table, "cloud", &mut problems, None);
+        let outbox = section(
+            &table,
+            "outbox",
+            &mut problems,
+            Some(OutboxConfig::default()),
+        );
+        let rules = section(&table, "rules", &mut problems, Some(RulesConfig::default()));
+        let health = section(
+            &table,
+            "health",
+            &mut problems,
+            Some(HealthConfig::default()),
+        );
+        let log = section(&table, "log", &mut problems, Some(LogConfig::default()));
+        match (gateway, local, cloud, outbox, rules, health, log) {
+            (
+                Some(gateway),
+                Some(local),
+                Some(cloud),
+                Some(outbox),
+                Some(rules),
+                Some(health),
+                Some(log),
+            ) => Ok((
+                Some(Config {
+                    gateway,
+                    local,
+                    cloud,
+                    outbox,
+                    rules,
+                    health,
+                    log,
+                }),
+                problems,
+            )),
+            (gateway, local, cloud, outbox, rules, health, log) => {
+                if let Some(g) = &gateway {
+                    g.validate(&mut problems);
+                }
+                if let Some(l) = &local {
+                    l.validate(&mut problems);
+                }
+                if let Some(c) = &cloud {
+                    c.validate(&mut problems);
+                }
+                if let Some(o) = &outbox {
+                    o.validate(&mut problems);
+                }
+                if let Some(r) = &rules {
+                    r.validate(base, &mut problems);
+                }
+                if let Some(h) = &health {
+                    h.validate(&mut problems);
+                }
+                if let Some(l) = &log {
+                    l.validate(&mut problems);
+                }
+                Ok((None, problems))
+            }
+        }
+    }
+
+    /// Checks values and cross-field rules. `base` resolves a relative rules file.
+    pub fn validate(&self, base: Option<&Path>) -> Vec<Problem> {
+        let mut p = Vec::new();
+        self.gateway.validate(&mut p);
+        self.local.validate(&mut p);
+        self.cloud.validate(&mut p);
+        self.outbox.validate(&mut p);
+        self.rules.validate(base, &mut p);
+        self.health.validate(&mut p);
+        self.log.validate(&mut p);
+        p
+    }
+
+    /// The initial rule text and where it came from (`rules.file` path or `rules.text`).
+    pub fn rules_source(&self, base: Option<&Path>) -> Result<Option<(String, String)>, Problem> {
+        self.rules.source(base)
+    }
+
+    pub fn local_client_id(&self) -> String {
+        self.local
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("edgestream-local-{}", self.gateway.id))
+    }
+
+    pub fn cloud_client_id(&self) -> String {
+        self.cloud
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("edgestream-{}", self.gateway.id))
+    }
+}
+
+impl RulesConfig {
+    /// The rule text and where it came from (`rules.file (path)` or `rules.text`).
+    pub fn source(&self, base: Option<&Path>) -> Result<Option<(String, String)>, Problem> {
+        if let Some(text) = &self.text {
+            return Ok(Some(("rules.text".into(), text.clone())));
+        }
+        let Some(file) = &self.file else {
+            return Ok(None);
+        };
+        let path = match base {
+            Some(b) if file.is_relative() => b.join(file),
+            _ => file.clone(),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some((format!("rules.file ({})", path.display()), text))),
+            Err(e) => Err(Problem {
+                path: "rules.file".into(),
+                message: format!("cannot read {}: {e}", path.display()),
+            }),
+        }
+    }
+}
+
+fn bad(p: &mut Vec<Problem>, path: &str, message: impl Into<String>) {
+    p.push(Problem {
+        path: path.into(),
+        message: message.into(),
+    });
+}
+
+impl GatewayConfig {
+    fn validate(&self, p: &mut Vec<Problem>) {
+        let id = &self.id;
+        if id.is_empty() || id.len() > MAX_GATEWAY_ID_LEN {
+            bad(
+                p,
+                "gateway.id",
+                format!("must be 1 to {MAX_GATEWAY_ID_LEN} characters"),
+            );
+        } else if !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            bad(
+                p,
+                "gateway.id",
+                format!("{id:?} may contain only letters, digits, '-' and '_' (it is part of every topic)"),
+            );
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            bad(p, "gateway.data_dir", "must not be empty");
+        }
+        if self.shutdown_timeout_ms == 0 || self.shutdown_timeout_ms > 120_000 {
+            bad(
+                p,
+                "gateway.shutdown_timeout_ms",
+                "must be between 1 and 120000",
+            );
+        }
+    }
+}
+
+impl LocalConfig {
+    fn validate(&self, p: &mut Vec<Problem>) {
+        if self.host.is_empty() {
+            bad(p, "local.host", "must not be empty");
+        }
+        if self.port == 0 {
+            bad(p, "local.port", "must be between 1 and 65535");
+        }
+        if self.topics.is_empty() {
+            bad(p, "local.topics", "needs at least one topic filter");
+        }
+        for (i, t) in self.topics.iter().enumerate() {
+            if let Err(why) = check_topic_filter(t) {
+                bad(p, &format!("local.topics[{i}]"), format!("{t:?}: {why}"));
+            }
+        }
+        if self.qos > 1 {
+            bad(
+                p,
+                "local.qos",
+                format!("{} is not supported; use 0 or 1", self.qos),
+            );
+        }
+        if self.keep_alive_secs < 5 || self.keep_alive_secs > 3600 {
+            bad(p, "local.keep_alive_secs", "must be between 5 and 3600");
+        }
+    }
+}
+
+impl CloudConfig {
+    fn validate(&self, p: &mut Vec<Problem>) {
+        if self.host.is_empty() {
+            bad(p, "cloud.host", "must not be empty");
+        }
+        if self.port == 0 {
+            bad(p, "cloud.port", "must be between 1 and 65535");
+        }
+        if self.client_cert_file.is_some() != self.client_key_file.is_some() {
+            bad(
+                p,
+                "cloud.client_key_file",
+                "mutual TLS needs both client_cert_file and client_key_file",
+            );
+        }
+        if !self.tls
+            && (self.ca_file.is_some() || self.client_cert_file.is_some() || !self.alpn.is_empty())
+        {
+            bad(p, "cloud.tls", "TLS options are set but tls = false");
+        }
+        for (field, file) in [
+            ("cloud.ca_file", &self.ca_file),
+            ("cloud.client_cert_file", &self.client_cert_file),
+            ("cloud.client_key_file", &self.client_key_file),
+        ] {
+            if let Some(f) = file {
+                if !f.is_file() {
+                    bad(
+                        p,
+                        field,
+                        format!("{} does not exist or is not a file", f.display()),
+                    );
+                }
+            }
+        }
+        if self.topic_prefix.is_empty() || self.topic_prefix.contains(['+', '#']) {
+            bad(
+                p,
+                "cloud.topic_prefix",
+                "must be non-empty and free of MQTT wildcards",
+            );
+        }
+        if self.keep_alive_secs < 5 || self.keep_alive_secs > 3600 {
+            bad(p, "cloud.keep_alive_secs", "must be between 5 and 3600");
+        }
+        if self.batch_size == 0 || self.batch_size > MAX_BATCH_SIZE {
+            bad(
+                p,
+                "cloud.batch_size",
+                format!("must be between 1 and {MAX_BATCH_SIZE}"),
+            );
+        }
+        if self.linger_ms > MAX_LINGER_MS {
+            bad(
+                p,
+                "cloud.linger_ms",
+                format!("must be at most {MAX_LINGER_MS}"),
+            );
+        }
+        if self.max_inflight == 0 || self.max_inflight > 1000 {
+            bad(p, "cloud.max_inflight", "must be between 1 and 1000");
+        }
+        if self.max_packet_bytes < 16 * 1024 || self.max_packet_bytes > 256 << 20 {
+            bad(
+                p,
+                "cloud.max_packet_bytes",
+                "must be between 16384 and 268435456",
+            );
+        }
+        if self.backoff_min_ms == 0 || self.backoff_min_ms > self.backoff_max_ms {
+            bad(
+                p,
+                "cloud.backoff_min_ms",
+                "must be at least 1 and at most backoff_max_ms",
+            );
+        }
+    }
+}
+
+impl OutboxConfig {
+    fn validate(&self, p: &mut Vec<Problem>) {
+        if self.max_bytes < MIN_OUTBOX_BYTES {
+            bad(
+                p,
+                "outbox.max_bytes",
+                format!("must be at least {MIN_OUTBOX_BYTES}"),
+            );
+        }
+        if self.cache_bytes < 256 * 1024 || self.cache_bytes > 1 << 30 {
+            bad(
+                p,
+                "outbox.cache_bytes",
+                "must be between 262144 and 1073741824",
+            );
+        }
+        if self.durability == Durability::Interval
+            && (self.flush_interval_ms == 0 || self.flush_interval_ms > 60_000)
+        {
+            bad(p, "outbox.flush_interval_ms", "must be between 1 and 60000");
+        }
+    }
+}
+
+impl RulesConfig {
+    fn validate(&self, base: Option<&Path>, p: &mut Vec<Problem>) {
+        if self.file.is_some() && self.text.is_some() {
+            bad(p, "rules", "give either `file` or `text`, not both");
+        }
+        match self.source(base) {
+            Ok(Some((origin, text))) => {
+                if let Err(errors) = edgestream_rules::compile(&text) {
+                    for e in errors.0 {
+                        bad(
+                            p,
+                            &origin,
+                            format!("line {}, column {}: {}", e.line, e.column, e.message),
+                        );
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(problem) => p.push(problem),
+        }
+    }
+}
+
+impl HealthConfig {
+    fn validate(&self, p: &mut Vec<Problem>) {
+        if self.interval_secs == 0 || self.interval_secs > 86_400 {
+            bad(p, "health.interval_secs", "must be between 1 and 86400");
+        }
+    }
+}
+
+impl LogConfig {
+    fn validate(&self, p: &mut Vec<Problem>) {
+        if tracing_subscriber::EnvFilter::try_new(&self.level).is_err() {
+            bad(
+                p,
+                "log.level",
+                format!("{:?} is not a valid tracing filter", self.level),
+            );
+        }
+    }
+}
+
+/// Deserialises one section; a missing section is `default`, or a problem when that is `None`.
+fn section<T: DeserializeOwned>(
+    table: &toml::Table,
+    name: &str,
+    problems: &mut Vec<Problem>,
+    default: Option<T>,
+) -> Option<T> {
+    let Some(value) = table.get(name) else {
+        if default.is_none() {
+            problems.push(Problem {
+                path: name.into(),
+                message: "section is required".into(),
+            });
+        }
+        return default;
+    };
+    match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let inner = e.path().to_string();
+            let path = if inner == "." || inner.is_empty() {
+                name.to_string()
+            } else {
+                format!("{name}.{inner}")
+            };
+            problems.push(Problem {
+                path,
+                message: e.into_inner().to_string().trim().replace('\n', " "),
+            });
+            None
+        }
+    }
+}
+
+/// Checks an MQTT subscription filter used for readings.
+fn check_topic_filter(t: &str) -> Result<(), &'static str> {
+    if t.is_empty() {
+        return Err("is empty");
+    }
+    let levels: Vec<&str> = t.split('/').collect();
+    for (i, l) in levels.iter().enumerate() {
+        if l.contains('#') && (*l != "#" || i != levels.len() - 1) {
+            return Err("'#' must be a whole level and the last one");
+        }
+        if l.contains('+') && *l != "+" {
+            return Err("'+' must be a whole level");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,19 @@
+//! edgestream-agent: the gateway daemon. See ARCHITECTURE.md for the data path, every channel
+//! and every guarantee with the test that proves it.
+
+pub mod backoff;
+pub mod config;
+pub mod deadletter;
+pub mod demo;
+pub mod health;
+pub mod logging;
+pub mod metrics;
+pub mod outbox;
+pub mod pipeline;
+pub mod processor;
+pub mod record;
+pub mod rules_cli;
+pub mod source;
+pub mod topics;
+pub mod uplink;
+pub mod wire;

@@ -1,0 +1,201 @@
+//! Wires the whole graph in one place:
+//!
+//! ```text
+//!  LocalMqttSource --(SourceMsg, 4096, block)--> RulesStage --(group commit)--> Outbox
+//!        ^                                          |                           |
+//!        +------------- PUBACK after flush ---------+                 Uplink --(QoS 1)--> cloud
+//! ```
+//!
+//! Shutdown order (each step bounded by `gateway.shutdown_timeout_ms`):
+//! 1. sources stop forwarding and drop their senders (they keep their connection open);
+//! 2. the rules stage drains its channel, commits and acknowledges everything it was given;
+//! 3. sources send their last acknowledgements and disconnect;
+//! 4. the uplink drains the outbox until it is empty or the deadline passes, publishes the
+//!    offline status and disconnects. Whatever is left stays on disk for the next start.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgestream_rules::{Engine, Plan};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::outbox::{OpenReport, Outbox, OutboxError, OutboxSettings};
+use crate::processor::RulesStage;
+use crate::source::mqtt::LocalMqttSource;
+use crate::source::SOURCE_CHANNEL_CAPACITY;
+use crate::uplink::{StatusInfo, Uplink, UplinkError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory cannot be created or used; check the path and permissions.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    /// The initial rules do not compile; `edgestream check` lists every error.
+    #[error("initial rules do not compile:\n{0}")]
+    Rules(String),
+    #[error("initial rules: {0}")]
+    RulesSource(String),
+    #[error(transparent)]
+    Uplink(#[from] UplinkError),
+}
+
+/// What stopping left behind.
+#[derive(Debug, Clone, Default)]
+pub struct StopReport {
+    pub outbox_remaining: u64,
+    /// Tasks that did not stop within their deadline.
+    pub stuck: Vec<&'static str>,
+}
+
+/// A built, not yet running agent.
+#[derive(Debug)]
+pub struct Agent {
+    config: Config,
+    metrics: Arc<Metrics>,
+    outbox: Outbox,
+    plan: Plan,
+    pub open_report: OpenReport,
+}
+
+impl Agent {
+    /// Opens the outbox and compiles the initial rules. `config_dir` resolves a relative rules
+    /// file.
+    pub fn build(
+        config: Config,
+        config_dir: Option<&Path>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Agent, StartError> {
+        let dir = &config.gateway.data_dir;
+        std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let (outbox, open_report) = Outbox::open(
+            &dir.join("outbox"),
+            OutboxSettings::from(&config.outbox),
+            metrics.clone(),
+        )?;
+        let text = config
+            .rules_source(config_dir)
+            .map_err(|p| StartError::RulesSource(p.to_string()))?
+            .map(|(_, t)| t)
+            .unwrap_or_default();
+        let plan =
+            edgestream_rules::compile(&text).map_err(|e| StartError::Rules(e.to_string()))?;
+        tracing::info!(
+            gateway = %config.gateway.id,
+            rules = plan.rule_count(),
+            rule_state_bytes = plan.state_bytes(),
+            backlog = open_report.records,
+            "agent built"
+        );
+        Ok(Agent {
+            config,
+            metrics,
+            outbox,
+            plan,
+            open_report,
+        })
+    }
+
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops in order (see the module doc).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<StopReport, StartError> {
+        let Agent {
+            config,
+            metrics,
+            outbox,
+            plan,
+            ..
+        } = self;
+        let deadline = Duration::from_millis(config.gateway.shutdown_timeout_ms);
+        let (_status_tx, status_rx) = watch::channel(StatusInfo {
+            rules_version: 0,
+            rules_hash: format!("{:016x}", plan.hash()),
+        });
+        let uplink = Uplink::new(&config, outbox.clone(), metrics.clone(), status_rx)?;
+
+        let stop_intake = CancellationToken::new();
+        let release_sources = CancellationToken::new();
+        let stages_done = CancellationToken::new();
+        let (tx, rx) = mpsc::channel(SOURCE_CHANNEL_CAPACITY);
+
+        let source = LocalMqttSource::new(&config);
+        let local_span = tracing::info_span!("local_mqtt", broker = %format!("{}:{}", config.local.host, config.local.port));
+        let uplink_span = tracing::info_span!("uplink", broker = %format!("{}:{}", config.cloud.host, config.cloud.port));
+        let (local_client, local_events) = source.client_pair();
+        let source_task = tokio::spawn(
+            source
+                .run(
+                    local_client.clone(),
+                    local_events,
+                    tx,
+                    metrics.clone(),
+                    stop_intake.clone(),
+                    release_sources.clone(),
+                )
+                .instrument(local_span),
+        );
+        let stage = RulesStage::new(
+            Engine::new(plan),
+            outbox.clone(),
+            Some(local_client),
+            metrics.clone(),
+        );
+        let mut stage_task =
+            tokio::spawn(stage.run(rx).instrument(tracing::info_span!("rules_stage")));
+        let mut uplink_task = tokio::spawn(
+            uplink
+                .run(shutdown.clone(), stages_done.clone())
+                .instrument(uplink_span),
+        );
+
+        shutdown.cancelled().await;
+        tracing::info!("shutting down");
+        let mut report = StopReport::default();
+        stop_intake.cancel();
+        if tokio::time::timeout(deadline, &mut stage_task)
+            .await
+            .is_err()
+        {
+            tracing::error!("rules stage did not drain in time");
+            report.stuck.push("rules stage");
+            stage_task.abort();
+        }
+        release_sources.cancel();
+        stages_done.cancel();
+        if tokio::time::timeout(Duration::from_secs(2), source_task)
+            .await
+            .is_err()
+        {
+            report.stuck.push("local source");
+        }
+        if tokio::time::timeout(deadline + Duration::from_secs(3), &mut uplink_task)
+            .await
+            .is_err()
+        {
+            tracing::error!("uplink did not stop in time");
+            report.stuck.push("uplink");
+            uplink_task.abort();
+        }
+        if let Err(e) = outbox.flush().await {
+            tracing::error!(error = %e, "final outbox flush failed");
+        }
+        report.outbox_remaining = outbox.depth();
+        tracing::info!(outbox_remaining = report.outbox_remaining, stuck = ?report.stuck, "stopped");
+        Ok(report)
+    }
+}

@@ -1,0 +1,45 @@
+//! Sources turn outside input into [`SourceMsg`]s for the rules stage.
+//!
+//! Each source owns its transport and hands every input, accepted or rejected, to the rules
+//! stage over one bounded channel ([`SOURCE_CHANNEL_CAPACITY`], full-policy **block**: a slow
+//! disk slows the sources, which slows the brokers and devices, and nothing is dropped). A
+//! source also carries the token that acknowledges its input (an MQTT PUBACK) so that the rules
+//! stage can acknowledge only after the outbox holds the result.
+
+pub mod mqtt;
+
+use crate::record::DeadLetterRecord;
+
+/// Capacity of the channel from all sources to the rules stage (readings).
+pub const SOURCE_CHANNEL_CAPACITY: usize = 4096;
+
+/// A reading as it arrives, before rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    pub device: String,
+    pub metric: String,
+    pub value: f64,
+    pub ts_ms: u64,
+}
+
+/// Acknowledges an input once the outbox holds what came of it.
+#[derive(Debug)]
+pub enum Ack {
+    /// A QoS 1 publish from the local broker.
+    Mqtt(rumqttc::Publish),
+}
+
+#[derive(Debug)]
+pub enum SourceMsg {
+    Reading(Reading, Option<Ack>),
+    /// Malformed input; a sample of it goes upstream as a dead letter.
+    Rejected(Option<DeadLetterRecord>, Option<Ack>),
+}
+
+/// Milliseconds since the Unix epoch, for readings that carry no timestamp.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,297 @@
+//! The local MQTT source: subscribes to the sensors' broker and turns each publish on
+//! `.../{device}/{metric}` into a [`Reading`].
+//!
+//! Delivery contract with the local broker (PITFALLS.md, rumqttc):
+//! - fixed client id and `clean_session = false`, so the broker keeps our subscription and
+//!   queues readings while the agent is down or restarting;
+//! - manual acknowledgements: a QoS 1 reading is PUBACKed by the rules stage only after what
+//!   came of it is durable in the outbox, so a crash before that makes the broker redeliver it;
+//! - every publish, accepted or rejected, is acknowledged in arrival order (MQTT 3.1.1 §4.6);
+//! - on shutdown the source stops forwarding at once but keeps its connection until the rules
+//!   stage has acknowledged everything it was given; publishes that arrive meanwhile are not
+//!   acknowledged, so the broker redelivers them on the next start.
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{now_ms, Ack, Reading, SourceMsg};
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::deadletter::RejectSampler;
+use crate::metrics::Metrics;
+use crate::topics::device_metric;
+
+/// Largest reading payload accepted; anything longer is rejected (and sampled) unread.
+pub const MAX_PAYLOAD_LEN: usize = 4096;
+/// Largest packet rumqttc will read from the local broker. Larger ones make rumqttc drop the
+/// connection, and a persistent session would redeliver them forever: cap the broker's
+/// `message_size_limit` below this (mosquitto) to keep such payloads out entirely.
+pub const MAX_LOCAL_PACKET: usize = 1 << 20;
+const SOURCE: &str = "local-mqtt";
+/// Longest accepted device or metric name (the protocol's limits).
+const MAX_NAME: usize = edgestream_protocol::limits::MAX_DEVICE_LEN;
+
+#[derive(Debug, Clone)]
+pub struct LocalMqttSource {
+    options: MqttOptions,
+    topics: Vec<String>,
+    qos: QoS,
+}
+
+/// Why a local payload was rejected.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PayloadError {
+    #[error("topic does not end in /{{device}}/{{metric}}")]
+    Topic,
+    #[error("device or metric name is empty, longer than {MAX_NAME} bytes, or has characters other than letters, digits, '-', '_', '.'")]
+    Name,
+    #[error("payload is {0} bytes, more than the limit of {MAX_PAYLOAD_LEN}")]
+    TooLarge(usize),
+    #[error("payload is neither a number nor a JSON object with a numeric \"value\": {0}")]
+    Malformed(String),
+    #[error("value is not a finite number")]
+    NotFinite,
+}
+
+#[derive(serde::Deserialize)]
+struct JsonReading {
+    value: f64,
+    #[serde(default)]
+    ts: Option<u64>,
+}
+
+/// Decodes a local reading payload: `{"value": 23.5, "ts": 1700000000123}` or `23.5`.
+pub fn parse_payload(payload: &[u8]) -> Result<(f64, Option<u64>), PayloadError> {
+    if payload.len() > MAX_PAYLOAD_LEN {
+        return Err(PayloadError::TooLarge(payload.len()));
+    }
+    let trimmed = payload.trim_ascii();
+    let (value, ts) = if trimmed.first() == Some(&b'{') {
+        let r: JsonReading =
+            serde_json::from_slice(trimmed).map_err(|e| PayloadError::Malformed(e.to_string()))?;
+        (r.value, r.ts)
+    } else {
+        let v: f64 =
+            serde_json::from_slice(trimmed).map_err(|e| PayloadError::Malformed(e.to_string()))?;
+        (v, None)
+    };
+    if !value.is_finite() {
+        return Err(PayloadError::NotFinite);
+    }
+    Ok((value, ts))
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Turns one publish into a reading or a rejection reason.
+pub fn decode(topic: &str, payload: &[u8]) -> Result<Reading, PayloadError> {
+    let (device, metric) = device_metric(topic).ok_or(PayloadError::Topic)?;
+    if !valid_name(device) || !valid_name(metric) {
+        return Err(PayloadError::Name);
+    }
+    let (value, ts) = parse_payload(payload)?;
+    Ok(Reading {
+        device: device.to_string(),
+        metric: metric.to_string(),
+        value,
+        ts_ms: ts.unwrap_or_else(now_ms),
+    })
+}
+
+impl LocalMqttSource {
+    pub fn new(config: &Config) -> Self {
+        let l = &config.local;
+        let mut options = MqttOptions::new(config.local_client_id(), l.host.clone(), l.port);
+        options
+            .set_keep_alive(Duration::from_secs(l.keep_alive_secs))
+            .set_clean_session(false)
+            .set_manual_acks(true)
+            .set_max_packet_size(MAX_LOCAL_PACKET, 64 * 1024)
+            .set_request_channel_capacity(1024);
+        if let (Some(u), Some(p)) = (&l.username, &l.password) {
+            options.set_credentials(u.clone(), p.clone());
+        }
+        Self {
+            options,
+            topics: l.topics.clone(),
+            qos: if l.qos == 0 {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            },
+        }
+    }
+
+    /// The client and event loop for [`LocalMqttSource::run`]; the rules stage acknowledges
+    /// through a clone of the client.
+    pub fn client_pair(&self) -> (AsyncClient, rumqttc::EventLoop) {
+        AsyncClient::new(self.options.clone(), 1024)
+    }
+
+    /// Runs until `stop_intake` and then `release` are cancelled (see the module doc).
+    pub async fn run(
+        self,
+        client: AsyncClient,
+        mut eventloop: rumqttc::EventLoop,
+        out: mpsc::Sender<SourceMsg>,
+        metrics: std::sync::Arc<Metrics>,
+        stop_intake: CancellationToken,
+        release: CancellationToken,
+    ) {
+        let mut out = Some(out);
+        let mut sampler = RejectSampler::new(SOURCE);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut connected = false;
+        loop {
+            // Cancellation safety: `poll()` may be dropped mid-read; rumqttc keeps partial
+            // packets in its buffers and resumes on the next call.
+            let event = tokio::select! {
+                biased;
+                _ = release.cancelled() => break,
+                _ = stop_intake.cancelled(), if out.is_some() => {
+                    // Dropping our sender lets the rules stage drain and finish.
+                    out = None;
+                    continue;
+                }
+                ev = eventloop.poll() => ev,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    backoff.reset();
+                    if !connected {
+                        tracing::info!(
+                            session_present = ack.session_present,
+                            "connected to local broker"
+                        );
+                    }
+                    connected = true;
+                    // Always (re)subscribe: harmless with a kept session, needed without one.
+                    for t in &self.topics {
+                        if let Err(e) = client.try_subscribe(t.clone(), self.qos) {
+                            tracing::error!(topic = %t, error = %e, "cannot queue subscription");
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let refused = ack
+                        .return_codes
+                        .iter()
+                        .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                        .count();
+                    if refused > 0 {
+                        tracing::error!(refused, "local broker refused a subscription");
+                    } else {
+                        tracing::info!(topics = ?self.topics, "subscribed to local topics");
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let Some(tx) = &out else {
+                        // Shutting down: not acknowledged, so the broker redelivers it later.
+                        continue;
+                    };
+                    let ack = (p.qos != QoS::AtMostOnce).then_some(());
+                    let msg = match decode(&p.topic, &p.payload) {
+                        Ok(reading) => {
+                            Metrics::inc(&metrics.readings_in_mqtt);
+                            SourceMsg::Reading(reading, ack.map(|_| Ack::Mqtt(p)))
+                        }
+                        Err(e) => {
+                            Metrics::inc(&metrics.rejected_mqtt);
+                            let sample = sampler.reject(&p.topic, &e.to_string(), &p.payload);
+                            if sample.is_none() {
+                                Metrics::inc(&metrics.deadletters_suppressed);
+                            }
+                            SourceMsg::Rejected(sample, ack.map(|_| Ack::Mqtt(p)))
+                        }
+                    };
+                    // Block (full-policy): backpressure reaches the broker through TCP.
+                    tokio::select! {
+                        biased;
+                        _ = release.cancelled() => break,
+                        r = tx.send(msg) => if r.is_err() {
+                            tracing::error!("rules stage has stopped; no longer taking readings");
+                            out = None;
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if connected {
+                        tracing::warn!(error = %e, "lost local broker; reconnecting with backoff");
+                    } else {
+                        tracing::debug!(error = %e, "local broker still unreachable");
+                    }
+                    connected = false;
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        _ = release.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        if connected {
+            if let Err(e) = client.try_disconnect() {
+                tracing::debug!(error = %e, "disconnect request not queued");
+            }
+            // Let the event loop send pending acks and the DISCONNECT.
+            let _flush = tokio::time::timeout(Duration::from_millis(500), async {
+                while let Ok(ev) = eventloop.poll().await {
+                    if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        tracing::info!("local source stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_objects_and_bare_numbers() {
+        assert_eq!(
+            parse_payload(br#"{"value": 23.5, "ts": 17}"#),
+            Ok((23.5, Some(17)))
+        );
+        assert_eq!(
+            parse_payload(br#"{"value": 1, "unit": "C"}"#),
+            Ok((1.0, None))
+        );
+        assert_eq!(parse_payload(b" 42 "), Ok((42.0, None)));
+    }
+
+    #[test]
+    fn rejects_with_a_reason() {
+        assert!(matches!(
+            parse_payload(b"hot"),
+            Err(PayloadError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_payload(br#"{"value":"hot"}"#),
+            Err(PayloadError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_payload(br#"{"ts": 1}"#),
+            Err(PayloadError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_payload(&[b'1'; 5000]),
+            Err(PayloadError::TooLarge(5000))
+        ));
+        assert_eq!(decode("sensors/a b/t", b"1"), Err(PayloadError::Name));
+        assert_eq!(decode("t", b"1"), Err(PayloadError::Topic));
+    }
+}

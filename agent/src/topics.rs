@@ -1,0 +1,59 @@
+//! The cloud-side topic scheme (documented in README.md, "Topics").
+
+/// Every cloud topic of one gateway: `{prefix}/{gateway}/...`.
+#[derive(Debug, Clone)]
+pub struct CloudTopics {
+    pub telemetry: String,
+    pub alerts: String,
+    pub aggregates: String,
+    pub status: String,
+    pub health: String,
+    pub commands: String,
+    pub command_outcomes: String,
+    pub rules_set: String,
+    pub rules_status: String,
+    pub deadletter: String,
+}
+
+impl CloudTopics {
+    pub fn new(prefix: &str, gateway: &str) -> Self {
+        let t = |s: &str| format!("{prefix}/{gateway}/{s}");
+        Self {
+            telemetry: t("telemetry"),
+            alerts: t("alerts"),
+            aggregates: t("aggregates"),
+            status: t("status"),
+            health: t("health"),
+            commands: t("commands"),
+            command_outcomes: t("commands/outcomes"),
+            rules_set: t("rules/set"),
+            rules_status: t("rules/status"),
+            deadletter: t("deadletter"),
+        }
+    }
+}
+
+/// Reads `{device}/{metric}` from the last two levels of a local reading topic
+/// (`sensors/boiler-1/temperature`).
+pub fn device_metric(topic: &str) -> Option<(&str, &str)> {
+    let mut it = topic.rsplitn(3, '/');
+    let metric = it.next()?;
+    let device = it.next()?;
+    Some((device, metric))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_and_metric_are_the_last_two_levels() {
+        assert_eq!(device_metric("sensors/b-1/temp"), Some(("b-1", "temp")));
+        assert_eq!(
+            device_metric("site/3/sensors/b-1/temp"),
+            Some(("b-1", "temp"))
+        );
+        assert_eq!(device_metric("b-1/temp"), Some(("b-1", "temp")));
+        assert_eq!(device_metric("temp"), None);
+    }
+}

@@ -1,0 +1,522 @@
+//! The cloud uplink: drains the outbox to the cloud broker.
+//!
+//! An explicit mode machine, driven by one task that owns the MQTT event loop:
+//!
+//! ```text
+//!   Connecting --ConnAck--> Online --error / wedged--> Offline --backoff--> Connecting
+//!        \                    |                                     
+//!         \---shutdown-->  ShuttingDown (drain until empty or deadline, then offline status)
+//! ```
+//!
+//! Guarantees:
+//! - **A record leaves the outbox only on its own PUBACK.** Each publish is remembered with the
+//!   outbox keys it carries; rumqttc reports the packet id it assigned
+//!   (`Outgoing::Publish(pkid)`) in the order publishes were queued, and the keys are removed
+//!   when `Incoming::PubAck(pkid)` arrives.
+//! - **Everything unacknowledged is resent after every reconnect, whatever the broker says
+//!   about its session.** Each connection gets a fresh client and event loop (so nothing stale
+//!   is replayed by rumqttc itself) and starts reading the outbox from its beginning.
+//! - **Order.** Alerts go first, then telemetry in sequence order; a reconnect resends from the
+//!   oldest unacknowledged record, so per device the cloud sees readings in order (duplicates,
+//!   identifiable by `seq`, only from publishes in flight when a connection died).
+//! - **No tight reconnect loop**: jittered exponential backoff between attempts.
+//! - **Watchdog**: a connection with publishes in flight and no packet from the broker for
+//!   [`WEDGED_AFTER`] is dropped and rebuilt.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::config::{CloudConfig, Config};
+use crate::metrics::Metrics;
+use crate::outbox::{Key, Outbox, Stored};
+use crate::record::{Priority, Record};
+use crate::topics::CloudTopics;
+use crate::wire;
+
+/// How long a connection attempt may take before it counts as failed.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection with publishes in flight and no packet from the broker for this long is wedged.
+pub const WEDGED_AFTER: Duration = Duration::from_secs(45);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Connecting,
+    Online,
+    Offline,
+    ShuttingDown,
+}
+
+/// What the status message says besides online/offline.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StatusInfo {
+    pub rules_version: u64,
+    pub rules_hash: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    /// TLS settings could not be loaded; fix the config (files, PEM contents).
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+}
+
+pub struct Uplink {
+    cloud: CloudConfig,
+    gateway: String,
+    client_id: String,
+    topics: CloudTopics,
+    outbox: Outbox,
+    metrics: Arc<Metrics>,
+    status: watch::Receiver<StatusInfo>,
+    health_every: Duration,
+    shutdown_timeout: Duration,
+    started: Instant,
+    transport: Transport,
+}
+
+impl std::fmt::Debug for Uplink {
+    // rumqttc's Transport has no Debug.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uplink")
+            .field("gateway", &self.gateway)
+            .field("broker", &(&self.cloud.host, self.cloud.port))
+            .field("tls", &self.cloud.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Exit {
+    Done,
+    Lost(String),
+}
+
+/// State of one connection; thrown away when it ends.
+struct Session {
+    client: AsyncClient,
+    /// Publishes handed to rumqttc whose packet id is not known yet, in order.
+    queued: VecDeque<Vec<Key>>,
+    inflight: HashMap<u16, Vec<Key>>,
+    high_after: Option<u64>,
+    low_after: Option<u64>,
+    partial_since: Option<Instant>,
+    last_progress: Instant,
+}
+
+impl Uplink {
+    pub fn new(
+        config: &Config,
+        outbox: Outbox,
+        metrics: Arc<Metrics>,
+        status: watch::Receiver<StatusInfo>,
+    ) -> Result<Self, UplinkError> {
+        let cloud = config.cloud.clone();
+        let transport = build_transport(&cloud)?;
+        Ok(Self {
+            topics: CloudTopics::new(&cloud.topic_prefix, &config.gateway.id),
+            client_id: config.cloud_client_id(),
+            gateway: config.gateway.id.clone(),
+            cloud,
+            outbox,
+            metrics,
+            status,
+            health_every: Duration::from_secs(config.health.interval_secs),
+            shutdown_timeout: Duration::from_millis(config.gateway.shutdown_timeout_ms),
+            started: Instant::now(),
+            transport,
+        })
+    }
+
+    fn options(&self) -> MqttOptions {
+        let c = &self.cloud;
+        let mut o = MqttOptions::new(self.client_id.clone(), c.host.clone(), c.port);
+        o.set_keep_alive(Duration::from_secs(c.keep_alive_secs))
+            // The outbox, not the broker's session, is the source of truth.
+            .set_clean_session(true)
+            .set_max_packet_size(c.max_packet_bytes, c.max_packet_bytes)
+            .set_inflight(c.max_inflight.saturating_add(8))
+            .set_request_channel_capacity(c.max_inflight as usize * 2 + 16)
+            .set_last_will(LastWill::new(
+                self.topics.status.clone(),
+                self.status_payload("offline"),
+                QoS::AtLeastOnce,
+                true,
+            ))
+            .set_transport(self.transport.clone());
+        if let (Some(u), Some(p)) = (&c.username, &c.password) {
+            o.set_credentials(u.clone(), p.clone());
+        }
+        o
+    }
+
+    fn status_payload(&self, state: &str) -> Vec<u8> {
+        let s = self.status.borrow();
+        serde_json::to_vec(&serde_json::json!({
+            "v": 1, "gateway": self.gateway, "state": state,
+            "rules_version": s.rules_version, "rules_hash": s.rules_hash,
+            "agent_version": env!("CARGO_PKG_VERSION"),
+        }))
+        .unwrap_or_default()
+    }
+
+    /// Runs until `shutdown` is cancelled and either the outbox is drained (after `stages_done`
+    /// says nothing more will be appended) or the shutdown deadline passes.
+    pub async fn run(mut self, shutdown: CancellationToken, stages_done: CancellationToken) {
+        let mut backoff = Backoff::new(
+            Duration::from_millis(self.cloud.backoff_min_ms),
+            Duration::from_millis(self.cloud.backoff_max_ms),
+        );
+        let mut was_online = false;
+        loop {
+            if shutdown.is_cancelled() {
+                tracing::warn!(
+                    records = self.outbox.depth(),
+                    "shutting down while offline; the outbox keeps the backlog for the next start"
+                );
+                break;
+            }
+            tracing::debug!(mode = ?Mode::Connecting);
+            let (client, mut events) =
+                AsyncClient::new(self.options(), self.cloud.max_inflight as usize * 2 + 16);
+            let connected = tokio::select! {
+                _ = shutdown.cancelled() => continue,
+                r = tokio::time::timeout(CONNECT_TIMEOUT, wait_connack(&mut events)) => match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err("timed out waiting for CONNACK".to_string()),
+                },
+            };
+            match connected {
+                Ok(()) => {
+                    backoff.reset();
+                    Metrics::inc(&self.metrics.uplink_connects);
+                    Metrics::set(&self.metrics.uplink_online, 1);
+                    tracing::info!(mode = ?Mode::Online, backlog = self.outbox.depth(), "connected to cloud broker");
+                    was_online = true;
+                    let session = Session {
+                        client,
+                        queued: VecDeque::new(),
+                        inflight: HashMap::new(),
+                        high_after: None,
+                        low_after: None,
+                        partial_since: None,
+                        last_progress: Instant::now(),
+                    };
+                    let exit = self
+                        .online(session, &mut events, &shutdown, &stages_done)
+                        .await;
+                    Metrics::set(&self.metrics.uplink_online, 0);
+                    match exit {
+                        Exit::Done => break,
+                        Exit::Lost(why) => {
+                            tracing::warn!(mode = ?Mode::Offline, reason = %why, backlog = self.outbox.depth(), "lost cloud broker; backlog stays in the outbox");
+                        }
+                    }
+                }
+                Err(why) => {
+                    Metrics::inc(&self.metrics.uplink_connect_failures);
+                    if was_online {
+                        tracing::warn!(mode = ?Mode::Offline, reason = %why, "cloud broker unreachable");
+                        was_online = false;
+                    } else {
+                        tracing::debug!(reason = %why, "cloud broker still unreachable");
+                    }
+                }
+            }
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        tracing::info!(remaining = self.outbox.depth(), "uplink stopped");
+    }
+
+    async fn online(
+        &mut self,
+        mut s: Session,
+        events: &mut rumqttc::EventLoop,
+        shutdown: &CancellationToken,
+        stages_done: &CancellationToken,
+    ) -> Exit {
+        self.publish_status(&mut s, "online");
+        let mut health = tokio::time::interval(self.health_every);
+        health.reset(); // first health message one interval after connecting
+        let mut watchdog = tokio::time::interval(Duration::from_secs(1));
+        let mut deadline: Option<Instant> = shutdown
+            .is_cancelled()
+            .then(|| Instant::now() + self.shutdown_timeout);
+        let mut buf = Vec::with_capacity(self.cloud.batch_size);
+        loop {
+            if let Err(e) = self.fill_window(&mut s, &mut buf, deadline.is_some()) {
+                tracing::error!(error = %e, "cannot read the outbox");
+            }
+            if let Some(d) = deadline {
+                let drained = stages_done.is_cancelled()
+                    && self.outbox.depth() == 0
+                    && s.inflight.is_empty()
+                    && s.queued.is_empty();
+                if drained || Instant::now() >= d {
+                    if !drained {
+                        tracing::warn!(remaining = self.outbox.depth(), "shutdown deadline reached before the outbox drained; the rest is sent on next start");
+                    }
+                    self.goodbye(&mut s, events).await;
+                    return Exit::Done;
+                }
+            }
+            let linger = s
+                .partial_since
+                .map(|t| t + Duration::from_millis(self.cloud.linger_ms));
+            // Cancellation safety of each branch: `poll()` keeps partial reads in rumqttc's
+            // buffers; `appended()` and the timers lose nothing when dropped.
+            tokio::select! {
+                biased;
+                ev = events.poll() => match ev {
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if let Some(keys) = s.queued.pop_front() {
+                            if pkid != 0 {
+                                s.inflight.insert(pkid, keys);
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        s.last_progress = Instant::now();
+                        if let Some(keys) = s.inflight.remove(&ack.pkid) {
+                            match self.outbox.remove(&keys) {
+                                Ok(n) => Metrics::add(&self.metrics.outbox_acked, n as u64),
+                                Err(e) => tracing::error!(error = %e, "cannot remove acknowledged records; they will be sent again"),
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(_)) => s.last_progress = Instant::now(),
+                    Ok(Event::Outgoing(_)) => {}
+                    Err(e) => return Exit::Lost(e.to_string()),
+                },
+                _ = self.outbox.appended() => {}
+                _ = sleep_until(linger) => {}
+                _ = self.status.changed() => self.publish_status(&mut s, "online"),
+                _ = health.tick() => self.publish_health(&mut s),
+                _ = watchdog.tick() => {
+                    if !s.inflight.is_empty() && s.last_progress.elapsed() > WEDGED_AFTER {
+                        return Exit::Lost(format!("no packet from the broker for {WEDGED_AFTER:?} with {} publishes in flight", s.inflight.len()));
+                    }
+                }
+                _ = shutdown.cancelled(), if deadline.is_none() => {
+                    tracing::info!(mode = ?Mode::ShuttingDown, backlog = self.outbox.depth(), "draining the outbox before exit");
+                    deadline = Some(Instant::now() + self.shutdown_timeout);
+                }
+            }
+        }
+    }
+
+    /// Publishes from the outbox while the in-flight window has room.
+    fn fill_window(
+        &mut self,
+        s: &mut Session,
+        buf: &mut Vec<Stored>,
+        shutting_down: bool,
+    ) -> Result<(), crate::outbox::OutboxError> {
+        let window = self.cloud.max_inflight as usize;
+        let mut payload = Vec::new();
+        while s.queued.len() + s.inflight.len() < window {
+            buf.clear();
+            self.outbox
+                .read_after(Priority::High, s.high_after, 1, buf)?;
+            if let Some(st) = buf.pop() {
+                s.high_after = Some(st.seq);
+                self.publish_single(s, &st, &mut payload);
+                continue;
+            }
+            let n = self
+                .outbox
+                .count_after(Priority::Low, s.low_after, self.cloud.batch_size)?;
+            if n == 0 {
+                s.partial_since = None;
+                break;
+            }
+            if n < self.cloud.batch_size && !shutting_down {
+                let since = *s.partial_since.get_or_insert_with(Instant::now);
+                if since.elapsed() < Duration::from_millis(self.cloud.linger_ms) {
+                    break;
+                }
+            }
+            s.partial_since = None;
+            self.outbox
+                .read_after(Priority::Low, s.low_after, self.cloud.batch_size, buf)?;
+            let Some(last) = buf.last() else { break };
+            s.low_after = Some(last.seq);
+            let (readings, others): (Vec<&Stored>, Vec<&Stored>) = buf
+                .iter()
+                .partition(|st| matches!(st.record, Record::Reading(_)));
+            self.publish_readings(s, &readings, &mut payload);
+            for st in others {
+                self.publish_single(s, st, &mut payload);
+            }
+        }
+        Ok(())
+    }
+
+    fn publish_readings(&self, s: &mut Session, readings: &[&Stored], payload: &mut Vec<u8>) {
+        let mut rest = readings;
+        while !rest.is_empty() {
+            // Halve the batch until it fits the broker's packet limit.
+            let mut n = rest.len();
+            loop {
+                if wire::telemetry_batch(&self.gateway, &rest[..n], payload).is_err() {
+                    tracing::error!("telemetry batch could not be encoded");
+                    return;
+                }
+                if payload.len() + 256 <= self.cloud.max_packet_bytes || n == 1 {
+                    break;
+                }
+                n = n.div_ceil(2);
+            }
+            let keys = rest[..n].iter().map(|st| st.key).collect();
+            self.publish(s, &self.topics.telemetry, payload, keys, n as u64);
+            rest = &rest[n..];
+        }
+    }
+
+    fn publish_single(&self, s: &mut Session, st: &Stored, payload: &mut Vec<u8>) {
+        let topic = match st.record {
+            Record::Alert(_) => &self.topics.alerts,
+            Record::Aggregate(_) => &self.topics.aggregates,
+            Record::DeadLetter(_) => &self.topics.deadletter,
+            Record::Reading(_) => &self.topics.telemetry,
+        };
+        if wire::single(&self.gateway, st, payload).is_err() {
+            tracing::error!(seq = st.seq, "record could not be encoded");
+            return;
+        }
+        self.publish(s, topic, payload, vec![st.key], 1);
+    }
+
+    fn publish(&self, s: &mut Session, topic: &str, payload: &[u8], keys: Vec<Key>, records: u64) {
+        match s
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+        {
+            Ok(()) => {
+                s.queued.push_back(keys);
+                Metrics::inc(&self.metrics.uplink_publishes);
+                Metrics::add(&self.metrics.uplink_records_sent, records);
+                Metrics::add(&self.metrics.uplink_bytes, payload.len() as u64);
+            }
+            Err(e) => {
+                // Cannot happen while the window is smaller than the request channel; the
+                // records stay in the outbox and go out after the next reconnect.
+                tracing::error!(error = %e, "publish not queued");
+            }
+        }
+    }
+
+    fn publish_status(&self, s: &mut Session, state: &str) {
+        let payload = self.status_payload(state);
+        if s.client
+            .try_publish(&self.topics.status, QoS::AtLeastOnce, true, payload)
+            .is_ok()
+        {
+            s.queued.push_back(Vec::new());
+        }
+    }
+
+    fn publish_health(&self, s: &mut Session) {
+        let m = self.metrics.snapshot();
+        let payload = serde_json::json!({
+            "v": 1, "gateway": self.gateway, "uptime_s": self.started.elapsed().as_secs(),
+            "rss_bytes": crate::health::rss_bytes(), "outbox_disk_bytes": self.outbox.size_on_disk(),
+            "counters": m,
+        });
+        if let Ok(bytes) = serde_json::to_vec(&payload) {
+            if s.client
+                .try_publish(&self.topics.health, QoS::AtMostOnce, false, bytes)
+                .is_ok()
+            {
+                s.queued.push_back(Vec::new());
+            }
+        }
+    }
+
+    /// Publishes the offline status (a graceful exit does not fire the last will) and
+    /// disconnects, giving the broker a moment to acknowledge.
+    async fn goodbye(&self, s: &mut Session, events: &mut rumqttc::EventLoop) {
+        self.publish_status(s, "offline");
+        let _bounded = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut sent_disconnect = false;
+            loop {
+                if !sent_disconnect && s.queued.is_empty() && s.inflight.is_empty() {
+                    sent_disconnect = s.client.try_disconnect().is_ok();
+                }
+                match events.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if let Some(keys) = s.queued.pop_front() {
+                            s.inflight.insert(pkid, keys);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(a))) => {
+                        if let Some(keys) = s.inflight.remove(&a.pkid) {
+                            if let Ok(n) = self.outbox.remove(&keys) {
+                                Metrics::add(&self.metrics.outbox_acked, n as u64);
+                            }
+                        }
+                    }
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    }
+}
+
+async fn wait_connack(events: &mut rumqttc::EventLoop) -> Result<(), String> {
+    loop {
+        match events.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn build_transport(c: &CloudConfig) -> Result<Transport, UplinkError> {
+    if !c.tls {
+        return Ok(Transport::Tcp);
+    }
+    // ring, not aws-lc-rs: aws-lc-rs has failed to build for ARMv6/ARMv7 (PITFALLS.md).
+    // Installing fails only if a provider is already installed, which is what we want anyway.
+    let _already = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let ca_path = c
+        .ca_file
+        .clone()
+        .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
+    let ca = std::fs::read(&ca_path)
+        .map_err(|e| UplinkError::Tls(format!("cannot read CA file {}: {e}", ca_path.display())))?;
+    let client_auth = match (&c.client_cert_file, &c.client_key_file) {
+        (Some(cert), Some(key)) => Some((
+            std::fs::read(cert)
+                .map_err(|e| UplinkError::Tls(format!("cannot read {}: {e}", cert.display())))?,
+            std::fs::read(key)
+                .map_err(|e| UplinkError::Tls(format!("cannot read {}: {e}", key.display())))?,
+        )),
+        _ => None,
+    };
+    let alpn = (!c.alpn.is_empty()).then(|| c.alpn.iter().map(|p| p.as_bytes().to_vec()).collect());
+    Ok(Transport::Tls(rumqttc::TlsConfiguration::Simple {
+        ca,
+        alpn,
+        client_auth,
+    }))
+}

@@ -1,0 +1,396 @@
+//! System tests of the spine (issue 2): the real `edgestream` binary between two real
+//! mosquitto brokers, fed by a test publisher, watched by a cloud subscriber.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use edgestream_sim::{CloudCollector, FaultProxy, Mosquitto};
+
+const T0: u64 = 1_700_000_000_000;
+
+/// boiler-1 is above 80 for 40 s of reading time (alert raised, then cleared), boiler-3 only
+/// for 10 s (no alert), boiler-2 never, and pump-1 is hot but not a boiler (no alert).
+fn scenario() -> Vec<Sample> {
+    let mut v = Vec::new();
+    for i in 0..60u64 {
+        let ts = T0 + i * 1000;
+        let b1 = if (10..50).contains(&i) {
+            85.0
+        } else {
+            70.0 + i as f64 / 100.0
+        };
+        v.push(sample("boiler-1", "temperature", b1, ts));
+        v.push(sample("boiler-1", "pressure", 2.0 + i as f64 / 1000.0, ts));
+        v.push(sample("boiler-2", "temperature", 70.0 + (i % 5) as f64, ts));
+        v.push(sample(
+            "boiler-3",
+            "temperature",
+            if i < 10 { 85.0 } else { 70.0 },
+            ts,
+        ));
+        v.push(sample("pump-1", "temperature", 90.0, ts));
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_every_reading_in_order_and_raises_only_the_expected_alerts() {
+    let local = Mosquitto::start().await.expect("local broker");
+    let cloud = Mosquitto::start().await.expect("cloud broker");
+    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-spine")
+        .await
+        .expect("collector");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(
+        "gw-spine",
+        &dir.path().join("data"),
+        local.port(),
+        cloud.port(),
+        OVERHEAT_RULES,
+        "",
+    );
+    let mut agent = AgentProcess::start(dir.path(), &cfg);
+    assert!(
+        collector
+            .wait_for(
+                |m| m
+                    .iter()
+                    .any(|m| m.topic.ends_with("/status") && m.payload["state"] == "online"),
+                Duration::from_secs(20)
+            )
+            .await,
+        "agent never reported online\n{}",
+        agent.logs()
+    );
+
+    agent.wait_subscribed().await;
+    let samples = scenario();
+    publish_samples(local.port(), &samples).await;
+    assert!(
+        collector
+            .wait_for_readings(samples.len(), Duration::from_secs(30))
+            .await,
+        "only {} of {} readings reached the cloud\n{}",
+        collector.telemetry_readings().len(),
+        samples.len(),
+        agent.logs()
+    );
+    assert_all_delivered_in_order(&samples, &cloud_readings(&collector.telemetry_readings()));
+
+    // Alerts are sent ahead of telemetry, so they are in by now; give stragglers a moment.
+    collector
+        .wait_for(
+            |m| m.iter().filter(|m| m.topic.ends_with("/alerts")).count() >= 2,
+            Duration::from_secs(5),
+        )
+        .await;
+    let alerts: Vec<(String, String, String)> = collector
+        .alerts()
+        .iter()
+        .map(|a| {
+            (
+                a["rule"].as_str().unwrap_or("").to_string(),
+                a["device"].as_str().unwrap_or("").to_string(),
+                a["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        alerts,
+        vec![
+            ("overheat".into(), "boiler-1".into(), "raised".into()),
+            ("overheat".into(), "boiler-1".into(), "cleared".into()),
+        ],
+        "unexpected alerts\n{}",
+        agent.logs()
+    );
+    let raised = &collector.alerts()[0];
+    assert_eq!(raised["severity"], "critical");
+    // Raised once 30 s of reading time above 80 had passed: the reading at t = 40 s.
+    assert_eq!(
+        raised["ts"].as_u64(),
+        Some(T0 + 40_000),
+        "raised at the wrong reading: {raised}"
+    );
+
+    let status = agent.terminate(Duration::from_secs(15));
+    assert!(
+        status.success(),
+        "agent exited with {status}\n{}",
+        agent.logs()
+    );
+    assert!(
+        collector
+            .wait_for(
+                |m| m
+                    .iter()
+                    .any(|m| m.topic.ends_with("/status") && m.payload["state"] == "offline"),
+                Duration::from_secs(5)
+            )
+            .await,
+        "graceful stop did not publish the offline status"
+    );
+    let logs = agent.logs();
+    assert!(!logs.contains("ERROR"), "errors logged:\n{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_everything_after_the_cloud_was_unreachable() {
+    let local = Mosquitto::start().await.expect("local broker");
+    let cloud = Mosquitto::start().await.expect("cloud broker");
+    let proxy = FaultProxy::start(cloud.addr()).await.expect("proxy");
+    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-outage")
+        .await
+        .expect("collector");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(
+        "gw-outage",
+        &dir.path().join("data"),
+        local.port(),
+        proxy.port(),
+        OVERHEAT_RULES,
+        "",
+    );
+    let mut agent = AgentProcess::start(dir.path(), &cfg);
+    agent.wait_subscribed().await;
+
+    let first: Vec<Sample> = (0..200)
+        .map(|i| {
+            sample(
+                &format!("dev-{}", i % 4),
+                "temperature",
+                i as f64,
+                T0 + i * 100,
+            )
+        })
+        .collect();
+    publish_samples(local.port(), &first).await;
+    assert!(
+        collector
+            .wait_for_readings(first.len(), Duration::from_secs(30))
+            .await,
+        "before the outage\n{}",
+        agent.logs()
+    );
+
+    proxy.cut();
+    let during: Vec<Sample> = (200..700)
+        .map(|i| {
+            sample(
+                &format!("dev-{}", i % 4),
+                "temperature",
+                i as f64,
+                T0 + i * 100,
+            )
+        })
+        .collect();
+    publish_samples(local.port(), &during).await;
+    // Longer than the linger and the backoff: the agent has tried and failed by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let arrived_during = collector.telemetry_readings().len();
+    assert_eq!(
+        arrived_during,
+        first.len(),
+        "readings crossed a cut connection"
+    );
+
+    proxy.restore();
+    let all: Vec<Sample> = first.iter().chain(during.iter()).cloned().collect();
+    assert!(
+        collector
+            .wait_for_readings(all.len(), Duration::from_secs(30))
+            .await,
+        "only {} of {} readings after the outage\n{}",
+        collector.telemetry_readings().len(),
+        all.len(),
+        agent.logs()
+    );
+    assert_all_delivered_in_order(&all, &cloud_readings(&collector.telemetry_readings()));
+    assert!(
+        proxy.stats().accepted >= 2,
+        "the agent never reconnected: {:?}",
+        proxy.stats()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_payloads_are_counted_sampled_and_never_stop_good_readings() {
+    let local = Mosquitto::start().await.expect("local broker");
+    let cloud = Mosquitto::start().await.expect("cloud broker");
+    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-bad")
+        .await
+        .expect("collector");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(
+        "gw-bad",
+        &dir.path().join("data"),
+        local.port(),
+        cloud.port(),
+        OVERHEAT_RULES,
+        "",
+    );
+    let mut agent = AgentProcess::start(dir.path(), &cfg);
+    agent.wait_subscribed().await;
+
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("sensors/dev-1/temperature", b"not json at all".to_vec()),
+        ("sensors/dev-1/temperature", br#"{"value": "hot"}"#.to_vec()),
+        (
+            "sensors/dev-1/temperature",
+            br#"{"ts": 1700000000000}"#.to_vec(),
+        ),
+        ("sensors/dev-1/temperature", vec![b'9'; 100_000]),
+        ("sensors/dev-1/temperature", vec![0xff, 0xfe, 0x00]),
+        ("sensors/dev 1/temperature", b"21.5".to_vec()),
+    ];
+    let mut items = Vec::new();
+    let mut good = Vec::new();
+    for i in 0..60u64 {
+        let s = sample("dev-1", "temperature", 20.0 + i as f64, T0 + i * 1000);
+        items.push((
+            format!("sensors/{}/{}", s.device, s.metric),
+            serde_json::json!({"value": s.value, "ts": s.ts})
+                .to_string()
+                .into_bytes(),
+        ));
+        good.push(s);
+        if i % 10 == 5 {
+            let (t, p) = &bad[(i / 10) as usize];
+            items.push((t.to_string(), p.clone()));
+        }
+    }
+    publish_raw(local.port(), &items).await;
+    assert!(
+        collector
+            .wait_for_readings(good.len(), Duration::from_secs(30))
+            .await,
+        "{}",
+        agent.logs()
+    );
+    assert_all_delivered_in_order(&good, &cloud_readings(&collector.telemetry_readings()));
+
+    // Every rejection went upstream as a dead letter with its reason.
+    assert!(
+        collector
+            .wait_for(
+                |m| m
+                    .iter()
+                    .filter(|m| m.topic.ends_with("/deadletter"))
+                    .count()
+                    >= bad.len(),
+                Duration::from_secs(10)
+            )
+            .await,
+        "dead letters: {:?}\n{}",
+        collector.messages_on("deadletter"),
+        agent.logs()
+    );
+    let reasons: Vec<String> = collector
+        .payloads_on("deadletter")
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("100000 bytes")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("device or metric name")),
+        "{reasons:?}"
+    );
+    assert!(collector
+        .payloads_on("deadletter")
+        .iter()
+        .all(|d| d["where"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("sensors/"))));
+
+    // And they are counted: the health message carries the counter.
+    assert!(
+        collector
+            .wait_for(
+                |m| m.iter().any(|m| m.topic.ends_with("/health")
+                    && m.payload["counters"]["rejected_mqtt"] == bad.len()),
+                Duration::from_secs(10)
+            )
+            .await,
+        "health never counted {} rejections: {:?}",
+        bad.len(),
+        collector.payloads_on("health").last()
+    );
+    assert!(
+        agent.is_running(),
+        "agent died on bad input\n{}",
+        agent.logs()
+    );
+    // Logged once per source per interval, not once per payload.
+    let warnings = agent.logs().matches("rejected input").count();
+    assert!(
+        warnings >= 1 && warnings < bad.len(),
+        "{warnings} rejection log lines for {} rejections",
+        bad.len()
+    );
+}
+
+#[test]
+fn check_reports_every_mistake_with_its_field_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+[gateway]
+id = "gw 1/bad"
+data_dir = "/tmp/x"
+
+[cloud]
+host = "127.0.0.1"
+tls = false
+batch_size = 0
+
+[outbox]
+max_bites = 5
+"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgestream"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "check passed a bad config");
+    assert!(stderr.contains("gateway.id"), "{stderr}");
+    assert!(stderr.contains("cloud.batch_size"), "{stderr}");
+    assert!(
+        stderr.contains("outbox") && stderr.contains("max_bites"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("3 problem(s)"), "{stderr}");
+
+    std::fs::write(
+        &path,
+        config_toml(
+            "gw-1",
+            &dir.path().join("d"),
+            1883,
+            1884,
+            OVERHEAT_RULES,
+            "",
+        ),
+    )
+    .unwrap();
+    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_edgestream"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run check");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}

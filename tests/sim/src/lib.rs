@@ -38,5 +38,6 @@ pub use devices::serial::{LineFormat, SerialDevice, SerialDeviceConfig, SerialSt
 pub use proxy::{FaultProxy, ProxyMode, ProxyStats};
 pub use signal::{Fault, FaultKind, Profile, Signal};
 pub use simulate::{
-    demo_fleet, demo_serial_probe, simulate, simulate_until, SimReport, SimulateOptions,
+    demo_fleet, demo_serial_probe, simulate, simulate_until, uniform_fleet, SimReport,
+    SimulateOptions,
 };

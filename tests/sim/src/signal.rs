@@ -212,6 +212,25 @@ impl Signal {
         )
     }
 
+    /// A plausible signal for a metric named `metric`: temperature,
+    /// pressure, vibration and humidity (also matched as substrings, e.g.
+    /// `water_temperature`) get their profiles; anything else is a constant
+    /// 50 with noise.
+    pub fn for_metric(metric: &str, seed: u64) -> Self {
+        let m = metric.to_ascii_lowercase();
+        if m.contains("temp") {
+            Self::temperature(22.0, seed)
+        } else if m.contains("press") {
+            Self::pressure(2.0, seed)
+        } else if m.contains("vib") {
+            Self::vibration(2.0, seed)
+        } else if m.contains("hum") {
+            Self::humidity(50.0, seed)
+        } else {
+            Self::new(Profile::Constant(50.0), 1.0, seed)
+        }
+    }
+
     /// Adds a fault (builder style).
     pub fn with_fault(mut self, fault: Fault) -> Self {
         self.add_fault(fault);

@@ -233,6 +233,44 @@ fn demo_device(name: &str, metrics: Vec<MetricSpec>) -> MqttDeviceConfig {
     c
 }
 
+/// `count` devices named `{prefix}-1`..`{prefix}-{count}`, each with
+/// `metrics` (signals from [`Signal::for_metric`], seeded from `seed`, the
+/// device and metric index) at `rate_hz`, or flat out when `rate_hz` is
+/// `None`: what `edgestream simulate` and benchmarks start from.
+pub fn uniform_fleet(
+    prefix: &str,
+    count: usize,
+    metrics: &[&str],
+    rate_hz: Option<f64>,
+    seed: u64,
+) -> Vec<MqttDeviceConfig> {
+    (0..count)
+        .map(|d| {
+            let specs = metrics
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let s = seed
+                        .wrapping_mul(1_000_003)
+                        .wrapping_add((d as u64) << 16)
+                        .wrapping_add(i as u64);
+                    MetricSpec::new(*m, Signal::for_metric(m, s))
+                })
+                .collect();
+            let mut c = MqttDeviceConfig::new(
+                format!("{prefix}-{}", d + 1),
+                specs,
+                rate_hz.unwrap_or(10.0),
+            );
+            if rate_hz.is_none() {
+                c.rate = crate::devices::mqtt::Rate::FlatOut;
+                c.ts_step = Duration::from_millis(1);
+            }
+            c
+        })
+        .collect()
+}
+
 /// The demo's devices (see the module docs). Deterministic: fixed seeds.
 pub fn demo_fleet() -> Vec<MqttDeviceConfig> {
     let overheat = |start_s: f64, duration_s: f64| Fault {
@@ -352,6 +390,19 @@ mod tests {
         let v = series("boiler-2", "pressure", 100);
         let silent: Vec<usize> = (0..v.len()).filter(|i| v[*i].is_none()).collect();
         assert_eq!(silent, (30..70).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn uniform_fleet_names_and_rates() {
+        let f = uniform_fleet("dev", 3, &["temperature", "flow"], Some(5.0), 9);
+        assert_eq!(
+            f.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+            ["dev-1", "dev-2", "dev-3"]
+        );
+        assert_eq!(f[0].metrics.len(), 2);
+        assert_eq!(f[0].rate, crate::devices::mqtt::Rate::PerSecond(5.0));
+        let fast = uniform_fleet("b", 1, &["x"], None, 0);
+        assert_eq!(fast[0].rate, crate::devices::mqtt::Rate::FlatOut);
     }
 
     #[test]

@@ -290,3 +290,56 @@ async fn mosquitto_tls_listener_completes_a_verified_handshake() {
     );
     assert!(text.contains("Verification: OK"), "{text}");
 }
+
+/// What outage tests rely on: a persistent session and the QoS 1 messages
+/// queued for it survive `restart()`.
+#[tokio::test]
+async fn mosquitto_restart_keeps_persistent_sessions_and_their_queues() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+    let mut broker = Mosquitto::start().await.expect("mosquitto");
+    let port = broker.port();
+    let opts = || {
+        let mut o = MqttOptions::new("persist-1", "127.0.0.1", port);
+        o.set_clean_session(false);
+        o
+    };
+    // Subscribe with a persistent session, then vanish.
+    {
+        let (client, mut el) = AsyncClient::new(opts(), 10);
+        client
+            .subscribe("sensors/#", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        loop {
+            match tokio::time::timeout(WAIT, el.poll())
+                .await
+                .expect("suback in time")
+            {
+                Ok(Event::Incoming(Packet::SubAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => panic!("subscriber: {e}"),
+            }
+        }
+    }
+    let mut dev = MqttDevice::spawn("127.0.0.1", broker.port(), device("dev-q", 5));
+    assert!(dev.wait_finished(WAIT).await);
+    dev.stop().await;
+    broker.restart().await.expect("restart");
+
+    let (_client, mut el) = AsyncClient::new(opts(), 10);
+    let mut got = 0;
+    let mut session_present = false;
+    while got < 10 {
+        match tokio::time::timeout(WAIT, el.poll())
+            .await
+            .expect("queued messages in time")
+        {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => session_present = ack.session_present,
+            Ok(Event::Incoming(Packet::Publish(_))) => got += 1,
+            Ok(_) => {}
+            Err(e) => panic!("subscriber after restart: {e}"),
+        }
+    }
+    assert!(session_present);
+}

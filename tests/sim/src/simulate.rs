@@ -91,17 +91,7 @@ impl SimReport {
     pub fn mqtt_total(&self) -> DeviceStats {
         let mut t = DeviceStats::default();
         for (_, s) in &self.mqtt {
-            t.sampled += s.sampled;
-            t.published += s.published;
-            t.acked += s.acked;
-            t.acked_not_recorded += s.acked_not_recorded;
-            t.unacked_lost += s.unacked_lost;
-            t.skipped_offline += s.skipped_offline;
-            t.skipped_backpressure += s.skipped_backpressure;
-            t.dropouts += s.dropouts;
-            t.connects += s.connects;
-            t.commands += s.commands;
-            t.replies_acked += s.replies_acked;
+            t += *s;
         }
         t
     }

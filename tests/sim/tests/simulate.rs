@@ -62,3 +62,30 @@ async fn demo_fleet_overheats_boiler_1_early_then_recovers() {
     assert!(after.len() > 3, "no readings after the overheat");
     assert!(after.iter().all(|v| *v < 75.0), "{after:?}");
 }
+
+#[tokio::test]
+async fn simulate_runs_serial_devices_until_they_finish() {
+    let mut probe = edgestream_sim::demo_serial_probe();
+    probe.max_samples = Some(20);
+    probe.rate_hz = 200.0;
+    let opts = SimulateOptions {
+        host: "127.0.0.1".into(),
+        port: 1,
+        mqtt_devices: Vec::new(),
+        serial_devices: vec![probe],
+        duration: Some(Duration::from_secs(10)),
+        print: false,
+    };
+    let report = simulate_until(opts, std::future::pending())
+        .await
+        .expect("simulate");
+    assert!(
+        report.elapsed < Duration::from_secs(5),
+        "did not stop when finished"
+    );
+    let (name, path, stats) = &report.serial[0];
+    assert_eq!(name, "probe-1");
+    assert!(path.to_string_lossy().contains("by-id"));
+    assert_eq!(stats.sampled, 20);
+    assert!(report.to_string().contains("serial probe-1"));
+}

@@ -188,6 +188,22 @@ pub struct DeviceStats {
     pub replies_acked: u64,
 }
 
+impl std::ops::AddAssign for DeviceStats {
+    fn add_assign(&mut self, s: DeviceStats) {
+        self.sampled += s.sampled;
+        self.published += s.published;
+        self.acked += s.acked;
+        self.acked_not_recorded += s.acked_not_recorded;
+        self.unacked_lost += s.unacked_lost;
+        self.skipped_offline += s.skipped_offline;
+        self.skipped_backpressure += s.skipped_backpressure;
+        self.dropouts += s.dropouts;
+        self.connects += s.connects;
+        self.commands += s.commands;
+        self.replies_acked += s.replies_acked;
+    }
+}
+
 #[derive(Debug, Default)]
 struct Shared {
     stats: DeviceStats,
@@ -362,18 +378,7 @@ impl MqttFleet {
     pub fn stats(&self) -> DeviceStats {
         let mut t = DeviceStats::default();
         for d in &self.devices {
-            let s = d.stats();
-            t.sampled += s.sampled;
-            t.published += s.published;
-            t.acked += s.acked;
-            t.acked_not_recorded += s.acked_not_recorded;
-            t.unacked_lost += s.unacked_lost;
-            t.skipped_offline += s.skipped_offline;
-            t.skipped_backpressure += s.skipped_backpressure;
-            t.dropouts += s.dropouts;
-            t.connects += s.connects;
-            t.commands += s.commands;
-            t.replies_acked += s.replies_acked;
+            t += d.stats();
         }
         t
     }

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -50,6 +50,36 @@ pub enum Mode {
     Online,
     Offline,
     ShuttingDown,
+}
+
+/// Where messages from the cloud (commands, rule bundles) go.
+#[derive(Debug)]
+struct Inbound {
+    topics: Vec<String>,
+    tx: mpsc::Sender<InboundMsg>,
+}
+
+/// A message from the cloud and the handle that acknowledges it.
+#[derive(Debug)]
+pub struct InboundMsg {
+    pub publish: rumqttc::Publish,
+    pub ack: InboundAck,
+}
+
+/// Acknowledges one cloud message on the connection it arrived on. If that connection is
+/// gone, the acknowledgement is lost and the broker redelivers: handle duplicates.
+#[derive(Debug)]
+pub struct InboundAck {
+    client: AsyncClient,
+    publish: rumqttc::Publish,
+}
+
+impl InboundAck {
+    pub fn ack(self) {
+        if let Err(e) = self.client.try_ack(&self.publish) {
+            tracing::debug!(error = %e, "cloud PUBACK not queued; the broker will redeliver");
+        }
+    }
 }
 
 /// What the status message says besides online/offline.
@@ -74,6 +104,7 @@ pub struct Uplink {
     outbox: Outbox,
     metrics: Arc<Metrics>,
     status: watch::Receiver<StatusInfo>,
+    inbound: Option<Inbound>,
     health_every: Duration,
     shutdown_timeout: Duration,
     started: Instant,
@@ -129,15 +160,30 @@ impl Uplink {
             shutdown_timeout: Duration::from_millis(config.gateway.shutdown_timeout_ms),
             started: Instant::now(),
             transport,
+            inbound: None,
         })
+    }
+
+    /// Subscribes to `topics` on the cloud broker (QoS 1) on every connection and hands each
+    /// message to `tx` with the handle that acknowledges it. Full-policy **block**: the
+    /// uplink waits for the consumer (rule bundles and commands are rare and quick to check),
+    /// and a message is PUBACKed only when the consumer says so, after it persisted or
+    /// rejected it; a crash before that makes the broker redeliver it (persistent session).
+    pub fn with_inbound(mut self, topics: Vec<String>, tx: mpsc::Sender<InboundMsg>) -> Self {
+        self.inbound = Some(Inbound { topics, tx });
+        self
     }
 
     fn options(&self) -> MqttOptions {
         let c = &self.cloud;
         let mut o = MqttOptions::new(self.client_id.clone(), c.host.clone(), c.port);
         o.set_keep_alive(Duration::from_secs(c.keep_alive_secs))
-            // The outbox, not the broker's session, is the source of truth.
-            .set_clean_session(true)
+            // The outbox, not the broker's session, is the source of truth for what we send;
+            // the session is kept only so that commands and rule bundles sent while we were
+            // away, or not yet acknowledged, are delivered again. A fresh client per
+            // connection means rumqttc itself never replays stale publishes.
+            .set_clean_session(false)
+            .set_manual_acks(true)
             .set_max_packet_size(c.max_packet_bytes, c.max_packet_bytes)
             .set_inflight(c.max_inflight.saturating_add(8))
             .set_request_channel_capacity(c.max_inflight as usize * 2 + 16)
@@ -245,6 +291,13 @@ impl Uplink {
         stages_done: &CancellationToken,
     ) -> Exit {
         self.publish_status(&mut s, "online");
+        if let Some(inbound) = &self.inbound {
+            for t in &inbound.topics {
+                if let Err(e) = s.client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
+                    tracing::error!(topic = %t, error = %e, "cannot queue cloud subscription");
+                }
+            }
+        }
         let mut health = tokio::time::interval(self.health_every);
         health.reset(); // first health message one interval after connecting
         let mut watchdog = tokio::time::interval(Duration::from_secs(1));
@@ -293,6 +346,11 @@ impl Uplink {
                             }
                         }
                     }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        s.last_progress = Instant::now();
+                        self.deliver_inbound(&s, p).await;
+                    }
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {}
                     Ok(Event::Incoming(_)) => s.last_progress = Instant::now(),
                     Ok(Event::Outgoing(_)) => {}
                     Err(e) => return Exit::Lost(e.to_string()),
@@ -311,6 +369,28 @@ impl Uplink {
                     deadline = Some(Instant::now() + self.shutdown_timeout);
                 }
             }
+        }
+    }
+
+    async fn deliver_inbound(&self, s: &Session, p: rumqttc::Publish) {
+        let Some(inbound) = &self.inbound else {
+            // Not subscribed to anything: acknowledge so that the broker forgets it.
+            if let Err(e) = s.client.try_ack(&p) {
+                tracing::debug!(error = %e, "PUBACK not queued");
+            }
+            return;
+        };
+        let msg = InboundMsg {
+            ack: InboundAck {
+                client: s.client.clone(),
+                publish: p.clone(),
+            },
+            publish: p,
+        };
+        if inbound.tx.send(msg).await.is_err() {
+            tracing::warn!(
+                "inbound consumer has stopped; message left unacknowledged for redelivery"
+            );
         }
     }
 

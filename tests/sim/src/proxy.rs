@@ -12,6 +12,9 @@
 //!   partition that only keep-alive timeouts detect. Bytes read before the
 //!   blackhole are held, not dropped, and flow again after `restore`.
 //! * [`FaultProxy::restore`] forwards again.
+//! * [`FaultProxy::set_delay`] holds every chunk of bytes for a while before
+//!   forwarding it, in each direction: a slow, high-latency link (a chunk
+//!   waits for the one before it, so throughput drops too).
 //!
 //! The proxy never alters, reorders or drops bytes of a connection it keeps
 //! open; only whole connections are closed. Counters ([`ProxyStats`]) tell the
@@ -20,6 +23,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -60,6 +64,8 @@ pub struct ProxyStats {
 
 #[derive(Debug, Default)]
 struct Counters {
+    /// Delay per forwarded chunk, in microseconds.
+    delay_us: AtomicU64,
     accepted: AtomicU64,
     refused: AtomicU64,
     live: AtomicU64,
@@ -156,6 +162,13 @@ impl FaultProxy {
         }
     }
 
+    /// Delays every forwarded chunk by `delay` (zero = no delay), for new
+    /// and live connections alike.
+    pub fn set_delay(&self, delay: Duration) {
+        let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.counters.delay_us.store(us, Ordering::Relaxed);
+    }
+
     /// Connections currently open through the proxy.
     pub fn live_connections(&self) -> u64 {
         self.counters.live.load(Ordering::Relaxed)
@@ -182,7 +195,7 @@ async fn accept_loop(
             Err(e) => {
                 // Usually EMFILE: back off instead of spinning.
                 tracing::warn!(error = %e, "fault proxy accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
@@ -237,10 +250,10 @@ async fn connection(
     let (up_r, up_w) = upstream.into_split();
     let c = Arc::clone(&counters);
     tokio::join!(
-        forward(client_r, up_w, mode.clone(), move |n| {
+        forward(client_r, up_w, mode.clone(), &counters, move |n| {
             c.bytes_up.fetch_add(n, Ordering::Relaxed);
         }),
-        forward(up_r, client_w, mode, move |n| {
+        forward(up_r, client_w, mode, &counters, |n| {
             counters.bytes_down.fetch_add(n, Ordering::Relaxed);
         }),
     );
@@ -252,6 +265,7 @@ async fn forward(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     mut mode: watch::Receiver<ProxyMode>,
+    counters: &Counters,
     count: impl Fn(u64),
 ) {
     let mut buf = vec![0u8; PROXY_CHUNK];
@@ -280,6 +294,13 @@ async fn forward(
                 continue;
             }
         };
+        let delay = counters.delay_us.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_micros(delay)) => {}
+                _ = wait_cut(mode.clone()) => return,
+            }
+        }
         // Bytes already read are held through a blackhole, never dropped.
         if !wait_forward(&mut mode).await {
             return;

@@ -343,3 +343,25 @@ async fn mosquitto_restart_keeps_persistent_sessions_and_their_queues() {
     }
     assert!(session_present);
 }
+
+#[tokio::test]
+async fn proxy_delay_slows_acknowledgements() {
+    let broker = Mosquitto::start().await.expect("mosquitto");
+    let proxy = FaultProxy::start(broker.addr()).await.expect("proxy");
+    let mut cfg = device("dev-slow", 3);
+    cfg.max_inflight = 1;
+    cfg.rate = edgestream_sim::Rate::FlatOut;
+    proxy.set_delay(Duration::from_millis(100));
+    let start = std::time::Instant::now();
+    let dev = MqttDevice::spawn("127.0.0.1", proxy.port(), cfg);
+    assert!(dev.wait_finished(WAIT).await);
+    // CONNECT/CONNACK plus 3 samples' publish/ack round trips (both metrics
+    // of a sample go together), each direction delayed 100 ms: >= 800 ms.
+    assert!(
+        start.elapsed() >= Duration::from_millis(750),
+        "{:?}",
+        start.elapsed()
+    );
+    proxy.set_delay(Duration::ZERO);
+    assert_eq!(dev.stats().acked, 6);
+}

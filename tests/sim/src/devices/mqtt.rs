@@ -120,7 +120,9 @@ pub struct MqttDeviceConfig {
     pub format: PayloadFormat,
     /// How commands are answered.
     pub commands: CommandBehavior,
-    /// In-flight window for QoS 1 publishes.
+    /// In-flight window for QoS 1 publishes. Checked once per sample: all
+    /// metrics of a sample are sent together, so the window can be exceeded
+    /// by up to `metrics.len() - 1`.
     pub max_inflight: u16,
     /// MQTT keep-alive.
     pub keep_alive: Duration,

@@ -25,7 +25,11 @@ impl Stream {
                 60.0 + (s % 4000) as f64 / 100.0
             })
             .collect();
-        Stream { devices: (0..devices).map(|i| format!("boiler-{i}")).collect(), metrics: metrics.to_vec(), values }
+        Stream {
+            devices: (0..devices).map(|i| format!("boiler-{i}")).collect(),
+            metrics: metrics.to_vec(),
+            values,
+        }
     }
 
     fn run(&self, engine: &mut Engine, out: &mut Output, t0: &mut u64) -> usize {
@@ -45,7 +49,14 @@ impl Stream {
     }
 }
 
-fn bench_plan(c: &mut Criterion, group: &str, name: &str, src: &str, devices: usize, metrics: &[&'static str]) {
+fn bench_plan(
+    c: &mut Criterion,
+    group: &str,
+    name: &str,
+    src: &str,
+    devices: usize,
+    metrics: &[&'static str],
+) {
     let plan = compile(src).unwrap_or_else(|e| panic!("{name}: {e}"));
     let mut engine = Engine::new(plan);
     let mut out = Output::default();
@@ -73,11 +84,21 @@ fn thresholds(c: &mut Criterion) {
         &["temperature"],
     );
     let mut src = String::new();
-    for (i, m) in ["temperature", "pressure", "flow", "level"].iter().enumerate() {
+    for (i, m) in ["temperature", "pressure", "flow", "level"]
+        .iter()
+        .enumerate()
+    {
         src += &format!("rule hi_{m}\n on device \"boiler-*\"\n when {m} > 95 for 10s\n clear when {m} < 90\n alert warning \"{m} high\"\n");
         src += &format!("rule lo_{m}\n on device \"boiler-*\"\n when {m} < {} and {m} > 0\n alert info \"{m} low\"\n", 61 + i);
     }
-    bench_plan(c, "threshold", "8_rules_4_metrics", &src, 16, &["temperature", "pressure", "flow", "level"]);
+    bench_plan(
+        c,
+        "threshold",
+        "8_rules_4_metrics",
+        &src,
+        16,
+        &["temperature", "pressure", "flow", "level"],
+    );
 }
 
 fn windows(c: &mut Criterion) {
@@ -117,8 +138,22 @@ fn change(c: &mut Criterion) {
 }
 
 fn actions(c: &mut Criterion) {
-    bench_plan(c, "action", "forward_downsample_1m", "rule d\n forward avg, min, max of humidity every 1m", 16, &["humidity"]);
-    bench_plan(c, "action", "drop_and_tag", "rule d\n on metric \"hum*\"\n drop\nrule t\n tag site = \"p3\"", 16, &["humidity", "temperature"]);
+    bench_plan(
+        c,
+        "action",
+        "forward_downsample_1m",
+        "rule d\n forward avg, min, max of humidity every 1m",
+        16,
+        &["humidity"],
+    );
+    bench_plan(
+        c,
+        "action",
+        "drop_and_tag",
+        "rule d\n on metric \"hum*\"\n drop\nrule t\n tag site = \"p3\"",
+        16,
+        &["humidity", "temperature"],
+    );
 }
 
 fn compiler(c: &mut Criterion) {
@@ -128,7 +163,9 @@ fn compiler(c: &mut Criterion) {
     }
     let mut g = c.benchmark_group("compile");
     g.throughput(Throughput::Bytes(src.len() as u64));
-    g.bench_function("100_rules", |b| b.iter(|| black_box(compile(black_box(&src)).is_ok())));
+    g.bench_function("100_rules", |b| {
+        b.iter(|| black_box(compile(black_box(&src)).is_ok()))
+    });
     g.finish();
 }
 

@@ -29,6 +29,28 @@ pub(crate) enum Node {
     Not(Box<Node>),
     Abs(Box<Node>),
     Bin(BinOp, Box<Node>, Box<Node>),
+    /// `metric OP constant`, the shape of most thresholds, fused to skip two node visits.
+    CmpLatest(BinOp, u8, f64),
+}
+
+impl Node {
+    /// Fuses `metric OP constant` comparisons, everywhere in the tree.
+    fn fuse(self) -> Node {
+        match self {
+            Node::Bin(op, a, b) => match (op, *a, *b) {
+                (
+                    BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge | BinOp::Eq | BinOp::Ne,
+                    Node::Latest(i),
+                    Node::Const(c),
+                ) => Node::CmpLatest(op, i, c),
+                (op, a, b) => Node::Bin(op, Box::new(a.fuse()), Box::new(b.fuse())),
+            },
+            Node::Neg(a) => Node::Neg(Box::new(a.fuse())),
+            Node::Not(a) => Node::Not(Box::new(a.fuse())),
+            Node::Abs(a) => Node::Abs(Box::new(a.fuse())),
+            other => other,
+        }
+    }
 }
 
 /// Which statistic a window aggregate computes.
@@ -619,7 +641,7 @@ impl<'l, 'e, 'a> RuleCompiler<'l, 'e, 'a> {
             );
             return None;
         }
-        Some(node)
+        Some(node.fuse())
     }
 
     fn input(&mut self, metric: &'a str, pos: Pos) -> u8 {
@@ -896,7 +918,9 @@ impl<'l, 'e, 'a> RuleCompiler<'l, 'e, 'a> {
             let input = self.metric_arg(name, args, pos);
             let w = self.window_arg(name, &args[1]);
             let (input, w) = (input?, w?);
-            let window = self.window_spec(w, matches!(f, AggFn::Quantile(_)));
+            // Order statistics (min, max, quantiles) read a sorted copy: O(1) instead of a scan.
+            let sorted = matches!(f, AggFn::Quantile(_) | AggFn::Min | AggFn::Max);
+            let window = self.window_spec(w, sorted);
             let node = self.detector(
                 DetSpec {
                     kind: DetKind::Agg(f),

@@ -81,26 +81,45 @@ pub struct EngineStats {
     pub uncached_metric_readings: u64,
 }
 
-/// FNV-1a as a `Hasher`: device names are short, and SipHash's DoS resistance buys nothing
-/// here because the table is bounded by `max_engine_devices`.
+/// A word-at-a-time multiplicative hash (the FxHash recipe) for the device table: device
+/// names are short and hashed on every reading, and SipHash's flooding resistance buys
+/// nothing here because the table is bounded by `max_engine_devices`.
 #[derive(Default)]
-struct Fnv(u64);
+struct WordHash(u64);
 
-impl Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        let h = if self.0 == 0 {
-            crate::compile::FNV_OFFSET
-        } else {
-            self.0
-        };
-        self.0 = crate::compile::fnv1a(h, bytes);
+impl WordHash {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
 }
 
-type FnvMap<K, V> = HashMap<K, V, BuildHasherDefault<Fnv>>;
+impl Hasher for WordHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 56));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+}
+
+type DeviceMap<K, V> = HashMap<K, V, BuildHasherDefault<WordHash>>;
 
 const NO_INPUT: u8 = u8::MAX;
 
@@ -455,7 +474,7 @@ struct RuleState {
 pub struct Engine {
     plan: Plan,
     states: Vec<RuleState>,
-    index: FnvMap<Box<str>, u32>,
+    index: DeviceMap<Box<str>, u32>,
     devices: Vec<DeviceEntry>,
     scratch: Vec<Route>,
     stats: EngineStats,
@@ -472,7 +491,7 @@ impl Engine {
         Engine {
             plan,
             states,
-            index: FnvMap::default(),
+            index: DeviceMap::default(),
             devices: Vec::new(),
             scratch: Vec::new(),
             stats: EngineStats::default(),
@@ -640,7 +659,7 @@ impl Engine {
             .collect();
         drop(old_states);
         // Carried rules: find each device's slot by name.
-        let slot_maps: Vec<FnvMap<DeviceName, u32>> = self
+        let slot_maps: Vec<DeviceMap<DeviceName, u32>> = self
             .states
             .iter()
             .zip(&carried)
@@ -652,7 +671,7 @@ impl Engine {
                         .map(|(i, sl)| (sl.device.clone(), i as u32))
                         .collect()
                 } else {
-                    FnvMap::default()
+                    DeviceMap::default()
                 }
             })
             .collect();
@@ -836,6 +855,20 @@ fn eval(n: &Node, latest: &[f64], dets: &mut [Det], now: u64) -> f64 {
             }
         }
         Node::Abs(a) => eval(a, latest, dets, now).abs(),
+        Node::CmpLatest(op, i, c) => {
+            let x = latest[*i as usize];
+            if x.is_nan() {
+                return f64::NAN;
+            }
+            bool_f(match op {
+                BinOp::Lt => x < *c,
+                BinOp::Le => x <= *c,
+                BinOp::Gt => x > *c,
+                BinOp::Ge => x >= *c,
+                BinOp::Eq => x == *c,
+                _ => x != *c,
+            })
+        }
         Node::Bin(op, a, b) => {
             let x = eval(a, latest, dets, now);
             let y = eval(b, latest, dets, now);

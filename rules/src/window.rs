@@ -72,7 +72,22 @@ impl Ring {
         let cap = self.vals.len();
         let evicted = self.len == cap;
         if evicted {
-            self.pop_oldest();
+            // Replacing the oldest sample in the sorted copy moves only the values between
+            // its position and the new one's: one short memmove instead of two long ones.
+            let old = self.vals[self.head];
+            if !self.sorted.is_empty() {
+                replace_sorted(&mut self.sorted[..self.len], old, x);
+            }
+            self.head = (self.head + 1) % cap;
+            self.len -= 1;
+            if self.len == 0 {
+                self.mean = 0.0;
+                self.m2 = 0.0;
+            } else {
+                let d = old - self.mean;
+                self.mean -= d / self.len as f64;
+                self.m2 -= d * (old - self.mean);
+            }
         }
         let idx = (self.head + self.len) % cap;
         let newest = (self.head + self.len + cap - 1) % cap;
@@ -86,7 +101,7 @@ impl Ring {
             self.ts[idx] = ts;
         }
         self.len += 1;
-        if !self.sorted.is_empty() {
+        if !self.sorted.is_empty() && !evicted {
             let n = self.len - 1;
             let at = self.sorted[..n].partition_point(|v| *v < x);
             self.sorted.copy_within(at..n, at + 1);
@@ -221,9 +236,10 @@ impl Ring {
 
     /// Median absolute deviation (unscaled) and median. Needs a sorted ring.
     ///
-    /// The distances to the median, walked outwards from it on both sides, form two
-    /// ascending runs; merging them up to the middle rank finds the MAD in O(n/2) with no
-    /// scratch buffer.
+    /// The distances to the median, read outwards from it on both sides of the sorted copy,
+    /// form two ascending sequences; the MAD is the middle element of their union, found by
+    /// the classic k-th-of-two-sorted-arrays binary search in O(log n), with no scratch
+    /// buffer.
     pub(crate) fn mad(&self) -> (f64, f64) {
         let s = &self.sorted[..self.len];
         let n = s.len();
@@ -232,28 +248,59 @@ impl Ring {
         }
         let m = quantile_sorted(s, 0.5);
         let k = s.partition_point(|v| *v < m);
-        let (mut i, mut j) = (k, k); // next left candidate is s[i-1], next right is s[j]
-        let (lo_rank, hi_rank) = ((n - 1) / 2, n / 2);
-        let mut lo = 0.0;
-        let mut rank = 0;
-        loop {
-            let left = if i > 0 { m - s[i - 1] } else { f64::INFINITY };
-            let right = if j < n { s[j] - m } else { f64::INFINITY };
-            let d = if left <= right {
-                i -= 1;
-                left
-            } else {
-                j += 1;
-                right
-            };
-            if rank == lo_rank {
-                lo = d;
-            }
-            if rank == hi_rank {
-                return ((lo + d) / 2.0, m);
-            }
-            rank += 1;
+        let left = |t: usize| m - s[k - 1 - t]; // k values below m, nearest first
+        let right = |t: usize| s[k + t] - m; // n - k values from m up, nearest first
+        let lo = kth_of_two(&left, k, &right, n - k, (n - 1) / 2);
+        let hi = if n % 2 == 0 {
+            kth_of_two(&left, k, &right, n - k, n / 2)
+        } else {
+            lo
+        };
+        ((lo + hi) / 2.0, m)
+    }
+}
+
+/// The `r`-th smallest (0-based) element of the union of two ascending sequences given by
+/// accessors, in O(log) steps. Requires `r < na + nb`.
+fn kth_of_two(
+    a: &dyn Fn(usize) -> f64,
+    na: usize,
+    b: &dyn Fn(usize) -> f64,
+    nb: usize,
+    r: usize,
+) -> f64 {
+    // Find how many of the r + 1 smallest come from `a`: the least i with a[i] >= b[j - 1].
+    let (mut lo, mut hi) = ((r + 1).saturating_sub(nb), (r + 1).min(na));
+    while lo < hi {
+        let i = (lo + hi) / 2;
+        let j = r + 1 - i;
+        if j > 0 && a(i) < b(j - 1) {
+            lo = i + 1;
+        } else {
+            hi = i;
         }
+    }
+    let i = lo;
+    let j = r + 1 - i;
+    let x = if i > 0 { a(i - 1) } else { f64::NEG_INFINITY };
+    let y = if j > 0 { b(j - 1) } else { f64::NEG_INFINITY };
+    x.max(y)
+}
+
+/// Replaces one occurrence of `old` with `new` in the ascending slice `s`, keeping it sorted.
+fn replace_sorted(s: &mut [f64], old: f64, new: f64) {
+    let n = s.len();
+    let at = s.partition_point(|v| *v < old).min(n - 1);
+    if new >= old {
+        // Everything after `at` that is smaller than `new` moves one step left.
+        let end = at + s[at + 1..].partition_point(|v| *v < new);
+        s.copy_within(at + 1..=end, at);
+        s[end] = new;
+    } else {
+        // Everything before `at` that is larger than `new` moves one step right.
+        let start = s[..at].partition_point(|v| *v <= new);
+        s.copy_within(start..at, start + 1);
+        s[start] = new;
     }
 }
 

@@ -68,10 +68,32 @@ fn feed(engine: &mut Engine, out: &mut Output, from: u64, to: u64, events: &mut 
         let d = devices[(i % 3) as usize];
         // Temperatures swing across the thresholds so alerts, commands and clears happen.
         let phase = (i / 200) % 2;
-        let t = if phase == 0 { 70.0 + (i % 7) as f64 } else { 85.0 + (i % 5) as f64 };
-        let v = if i % 97 == 0 { 50.0 } else { (i % 13) as f64 * 0.1 };
-        for (m, x) in [("temperature", t), ("vibration", v), ("pressure", (i % 11) as f64), ("humidity", 40.0), ("debug_x", 1.0)] {
-            engine.on_reading(&Reading { device: d, metric: m, value: x, ts_ms: ts }, out);
+        let t = if phase == 0 {
+            70.0 + (i % 7) as f64
+        } else {
+            85.0 + (i % 5) as f64
+        };
+        let v = if i % 97 == 0 {
+            50.0
+        } else {
+            (i % 13) as f64 * 0.1
+        };
+        for (m, x) in [
+            ("temperature", t),
+            ("vibration", v),
+            ("pressure", (i % 11) as f64),
+            ("humidity", 40.0),
+            ("debug_x", 1.0),
+        ] {
+            engine.on_reading(
+                &Reading {
+                    device: d,
+                    metric: m,
+                    value: x,
+                    ts_ms: ts,
+                },
+                out,
+            );
             *events += (out.alerts.len() + out.commands.len() + out.aggregates.len()) as u64;
         }
         if i % 20 == 0 {
@@ -95,11 +117,25 @@ fn no_allocation_per_reading_once_warm() {
     let mut events = 0;
     feed(&mut engine, &mut out, 2_000, 12_000, &mut events);
     let allocs = ALLOCS.load(Ordering::Relaxed) - before;
-    assert!(events > 50, "the measured stretch must include transitions, got {events}");
-    assert_eq!(allocs, 0, "{allocs} heap allocations during 50,000 warm readings");
+    assert!(
+        events > 50,
+        "the measured stretch must include transitions, got {events}"
+    );
+    assert_eq!(
+        allocs, 0,
+        "{allocs} heap allocations during 50,000 warm readings"
+    );
 
     // The counter works: a new device allocates its state.
     let before = ALLOCS.load(Ordering::Relaxed);
-    engine.on_reading(&Reading { device: "boiler-new", metric: "temperature", value: 1.0, ts_ms: 10_000_000 }, &mut out);
+    engine.on_reading(
+        &Reading {
+            device: "boiler-new",
+            metric: "temperature",
+            value: 1.0,
+            ts_ms: 10_000_000,
+        },
+        &mut out,
+    );
     assert!(ALLOCS.load(Ordering::Relaxed) > before);
 }

@@ -104,10 +104,17 @@ fn tick_completes_a_duration_without_new_readings() {
 fn state_budget_is_computed_per_rule_and_device() {
     let plan = compile(OVERHEAT).unwrap();
     let per_device = plan.state_bytes() / Limits::default().default_max_devices;
-    assert!(per_device > 0 && per_device < 512, "canonical rule: {per_device} bytes per device");
-    let z = compile("rule z\n when zscore(vibration, 256) > 4\n alert info \"z\"\n max_devices 10").unwrap();
+    assert!(
+        per_device > 0 && per_device < 512,
+        "canonical rule: {per_device} bytes per device"
+    );
+    let z = compile("rule z\n when zscore(vibration, 256) > 4\n alert info \"z\"\n max_devices 10")
+        .unwrap();
     let per_device_z = z.state_bytes() / 10;
     // 256 samples of 8 bytes dominate.
-    assert!((2048..3072).contains(&per_device_z), "zscore(256): {per_device_z} bytes per device");
+    assert!(
+        (2048..3072).contains(&per_device_z),
+        "zscore(256): {per_device_z} bytes per device"
+    );
     eprintln!("per device: canonical {per_device} B, zscore(256) {per_device_z} B");
 }

@@ -365,3 +365,22 @@ async fn proxy_delay_slows_acknowledgements() {
     proxy.set_delay(Duration::ZERO);
     assert_eq!(dev.stats().acked, 6);
 }
+
+#[tokio::test]
+async fn devices_drop_a_blackholed_link_after_the_keep_alive() {
+    let broker = Mosquitto::start().await.expect("mosquitto");
+    let proxy = FaultProxy::start(broker.addr()).await.expect("proxy");
+    let mut cfg = device("dev-ka", u64::MAX);
+    cfg.keep_alive = Duration::from_secs(1);
+    cfg.rate = edgestream_sim::Rate::PerSecond(20.0);
+    let dev = MqttDevice::spawn("127.0.0.1", proxy.port(), cfg);
+    assert!(dev.wait_acked(5, WAIT).await);
+    proxy.blackhole();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while dev.is_connected() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!dev.is_connected(), "a dead link was never noticed");
+    proxy.restore();
+    assert!(dev.wait_connected(WAIT).await);
+}

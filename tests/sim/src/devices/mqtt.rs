@@ -19,7 +19,9 @@
 //!   demo can run its sensors' clocks faster than wall time. `seq` counts
 //!   samples per metric from 0 (a dropout skips a number, like a sensor whose
 //!   reading never left it).
-//! * The device reconnects with a short backoff after any connection error.
+//! * The device reconnects with a short backoff after any connection error,
+//!   and treats a broker silent for 1.5x the keep-alive as a dead link (it
+//!   pings every half keep-alive), as real MQTT clients do.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -433,6 +435,9 @@ struct Conn {
     writer: OwnedWriteHalf,
     inflight: HashMap<u16, InFlight>,
     next_pkid: u16,
+    /// When the broker last sent anything; a silent broker past 1.5x the
+    /// keep-alive is a dead link (what a blackholed network looks like).
+    last_rx: Instant,
 }
 
 impl Conn {
@@ -538,6 +543,9 @@ async fn run(
                 }
             }
             packet = next_packet(&mut conn) => {
+                if let Some(c) = conn.as_mut() {
+                    c.last_rx = Instant::now();
+                }
                 let result = match packet {
                     Ok(p) => handle_packet(p, conn.as_mut(), &device, &command_topic,
                         &reply_topic, &shared).await,
@@ -549,7 +557,11 @@ async fn run(
             }
             _ = ping.tick(), if conn.is_some() => {
                 if let Some(c) = conn.as_mut() {
-                    if let Err(e) = c.writer.write_all(&wire::pingreq()).await {
+                    let silent = c.last_rx.elapsed();
+                    if silent > config.keep_alive * 3 / 2 {
+                        let e = WireError::Timeout("any packet within 1.5x keep-alive");
+                        drop_conn(&mut conn, &shared, &device, &e, &mut reconnect_at);
+                    } else if let Err(e) = c.writer.write_all(&wire::pingreq()).await {
                         drop_conn(&mut conn, &shared, &device, &e.into(), &mut reconnect_at);
                     }
                 }
@@ -625,6 +637,7 @@ async fn connect(
         inflight: HashMap::new(),
         // pkid 1 is the SUBSCRIBE; publishes start after it.
         next_pkid: 1,
+        last_rx: Instant::now(),
     })
 }
 

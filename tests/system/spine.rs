@@ -70,9 +70,7 @@ async fn delivers_every_reading_in_order_and_raises_only_the_expected_alerts() {
     let samples = scenario();
     publish_samples(local.port(), &samples).await;
     assert!(
-        collector
-            .wait_for_readings(samples.len(), Duration::from_secs(30))
-            .await,
+        wait_unique_readings(&collector, samples.len(), Duration::from_secs(30)).await,
         "only {} of {} readings reached the cloud\n{}",
         collector.telemetry_readings().len(),
         samples.len(),
@@ -169,9 +167,7 @@ async fn delivers_everything_after_the_cloud_was_unreachable() {
         .collect();
     publish_samples(local.port(), &first).await;
     assert!(
-        collector
-            .wait_for_readings(first.len(), Duration::from_secs(30))
-            .await,
+        wait_unique_readings(&collector, first.len(), Duration::from_secs(30)).await,
         "before the outage\n{}",
         agent.logs()
     );
@@ -200,9 +196,7 @@ async fn delivers_everything_after_the_cloud_was_unreachable() {
     proxy.restore();
     let all: Vec<Sample> = first.iter().chain(during.iter()).cloned().collect();
     assert!(
-        collector
-            .wait_for_readings(all.len(), Duration::from_secs(30))
-            .await,
+        wait_unique_readings(&collector, all.len(), Duration::from_secs(30)).await,
         "only {} of {} readings after the outage\n{}",
         collector.telemetry_readings().len(),
         all.len(),
@@ -264,9 +258,7 @@ async fn malformed_payloads_are_counted_sampled_and_never_stop_good_readings() {
     }
     publish_raw(local.port(), &items).await;
     assert!(
-        collector
-            .wait_for_readings(good.len(), Duration::from_secs(30))
-            .await,
+        wait_unique_readings(&collector, good.len(), Duration::from_secs(30)).await,
         "{}",
         agent.logs()
     );

@@ -280,6 +280,30 @@ pub fn cloud_readings(values: &[serde_json::Value]) -> Vec<(String, String, f64,
         .collect()
 }
 
+/// Waits until `n` distinct readings (by `seq`) reached the cloud; duplicates from resent
+/// in-flight batches do not count.
+pub async fn wait_unique_readings(
+    collector: &edgestream_sim::CloudCollector,
+    n: usize,
+    timeout: Duration,
+) -> bool {
+    let suffix = "/telemetry";
+    collector
+        .wait_for(
+            |msgs| {
+                let mut seqs = std::collections::HashSet::new();
+                for m in msgs.iter().filter(|m| m.topic.ends_with(suffix)) {
+                    if let Some(rs) = m.payload["readings"].as_array() {
+                        seqs.extend(rs.iter().filter_map(|r| r["seq"].as_u64()));
+                    }
+                }
+                seqs.len() >= n
+            },
+            timeout,
+        )
+        .await
+}
+
 /// Asserts that every sample arrived, exactly once per `seq`, and in order per device.
 pub fn assert_all_delivered_in_order(
     samples: &[Sample],

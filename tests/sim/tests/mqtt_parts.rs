@@ -384,3 +384,20 @@ async fn devices_drop_a_blackholed_link_after_the_keep_alive() {
     proxy.restore();
     assert!(dev.wait_connected(WAIT).await);
 }
+
+#[tokio::test]
+async fn stop_waits_for_the_acks_of_readings_in_flight() {
+    let broker = Mosquitto::start().await.expect("mosquitto");
+    let proxy = FaultProxy::start(broker.addr()).await.expect("proxy");
+    let mut cfg = device("dev-stop", u64::MAX);
+    cfg.rate = edgestream_sim::Rate::PerSecond(100.0);
+    let mut dev = MqttDevice::spawn("127.0.0.1", proxy.port(), cfg);
+    assert!(dev.wait_acked(10, WAIT).await);
+    // Acks now take 300 ms to come back, so some are in flight at stop.
+    proxy.set_delay(Duration::from_millis(150));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    dev.stop().await;
+    let s = dev.stats();
+    assert_eq!(s.unacked_lost, 0, "{s:?}");
+    assert_eq!(s.acked, s.published, "{s:?}");
+}

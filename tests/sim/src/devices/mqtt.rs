@@ -47,6 +47,9 @@ pub const MAX_RECORDED_READINGS: usize = 1_000_000;
 pub const MAX_RECORDED_COMMANDS: usize = 10_000;
 /// Time for TCP connect + CONNACK.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a clean stop waits for the acknowledgements of readings in
+/// flight before it disconnects anyway.
+const STOP_DRAIN: Duration = Duration::from_secs(2);
 /// Delay between reconnection attempts; short because tests measure
 /// recovery time, and the broker is local.
 const RECONNECT_BACKOFF: Duration = Duration::from_millis(200);
@@ -219,7 +222,9 @@ struct Shared {
 }
 
 /// A running simulated device. Dropping it aborts its task without a
-/// DISCONNECT (like pulling power); [`MqttDevice::stop`] disconnects cleanly.
+/// DISCONNECT (like pulling power); [`MqttDevice::stop`] stops sampling,
+/// waits (up to 2 s) for the PUBACKs of readings in flight, then disconnects
+/// cleanly; readings still unacknowledged then count as `unacked_lost`.
 #[derive(Debug)]
 pub struct MqttDevice {
     name: String,
@@ -327,7 +332,8 @@ impl MqttDevice {
         }
     }
 
-    /// Sends DISCONNECT and ends the task.
+    /// Stops sampling, waits up to 2 s for PUBACKs of readings in flight,
+    /// sends DISCONNECT and ends the task.
     pub async fn stop(&mut self) {
         self.shutdown.send_replace(true);
         if let Some(task) = self.task.take() {
@@ -516,10 +522,14 @@ async fn run(
         tokio::select! {
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow() {
-                    if let Some(c) = conn.as_mut() {
+                    if let Some(mut c) = conn.take() {
+                        drain_acks(&mut c, &device, (&command_topic, &reply_topic), &shared).await;
                         if let Err(e) = c.writer.write_all(&wire::disconnect()).await {
                             tracing::debug!(%device, error = %e, "disconnect failed");
                         }
+                        let mut c = Some(c);
+                        let e = WireError::Timeout("PUBACKs before stopping");
+                        drop_conn(&mut c, &shared, &device, &e, &mut reconnect_at);
                     }
                     lock(&shared).connected = false;
                     return;
@@ -585,6 +595,29 @@ async fn run(
                     }
                 }
             }
+        }
+    }
+}
+
+/// On a clean stop, waits up to [`STOP_DRAIN`] for the PUBACKs of readings
+/// in flight, so `acked()` is not missing readings the broker did take.
+async fn drain_acks(c: &mut Conn, device: &str, topics: (&str, &str), shared: &Mutex<Shared>) {
+    let deadline = Instant::now() + STOP_DRAIN;
+    while !c.inflight.is_empty() {
+        match tokio::time::timeout_at(deadline, c.reader.next()).await {
+            Ok(Ok(p)) => {
+                if let Err(e) =
+                    handle_packet(p, Some(&mut *c), device, topics.0, topics.1, shared).await
+                {
+                    tracing::debug!(%device, error = %e, "connection lost while stopping");
+                    return;
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%device, error = %e, "connection lost while stopping");
+                return;
+            }
+            Err(_) => return,
         }
     }
 }

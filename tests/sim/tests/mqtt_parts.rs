@@ -94,9 +94,28 @@ async fn devices_answer_commands_as_configured() {
             )
             .await
     );
+    dev.set_command_behavior(CommandBehavior::SucceedAfter(Duration::from_millis(500)));
+    let asked = std::time::Instant::now();
+    cloud
+        .publish("commands", &cmd("c-slow"), false)
+        .await
+        .unwrap();
+    assert!(
+        cloud
+            .wait_for(
+                |m| m.iter().filter(|m| m.topic.ends_with("/replies")).count() >= 3,
+                WAIT
+            )
+            .await
+    );
+    assert!(
+        asked.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        asked.elapsed()
+    );
     dev.set_command_behavior(CommandBehavior::Ignore);
     cloud.publish("commands", &cmd("c-3"), false).await.unwrap();
-    assert!(dev.wait_commands(3, WAIT).await);
+    assert!(dev.wait_commands(4, WAIT).await);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let replies = cloud.payloads_on("replies");
     assert_eq!(replies[0]["id"], "c-1");
@@ -105,8 +124,10 @@ async fn devices_answer_commands_as_configured() {
     assert_eq!(replies[1]["id"], "c-2");
     assert_eq!(replies[1]["state"], "failed");
     assert_eq!(replies[1]["detail"], "jammed");
-    assert_eq!(replies.len(), 2, "an ignored command got a reply");
-    assert_eq!(dev.commands()[2]["id"], "c-3");
+    assert_eq!(replies[2]["id"], "c-slow");
+    assert_eq!(replies[2]["state"], "succeeded");
+    assert_eq!(replies.len(), 3, "an ignored command got a reply");
+    assert_eq!(dev.commands()[3]["id"], "c-3");
 }
 
 #[tokio::test]

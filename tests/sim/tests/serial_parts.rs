@@ -109,6 +109,24 @@ fn commands_get_json_replies() {
     assert_eq!(v["id"], "c-9");
     assert_eq!(v["state"], "succeeded");
     assert_eq!(dev.commands().len(), 1);
+
+    dev.set_command_behavior(edgestream_sim::CommandBehavior::SucceedAfter(
+        Duration::from_millis(400),
+    ));
+    let asked = Instant::now();
+    port.write_all(b"{\"v\":1,\"id\":\"c-10\",\"device\":\"probe-1\",\"name\":\"calibrate\"}\n")
+        .unwrap();
+    let mut reader = BufReader::new(&mut port);
+    loop {
+        assert!(asked.elapsed() < Duration::from_secs(5), "no delayed reply");
+        let mut line = Vec::new();
+        if reader.read_until(b'\n', &mut line).is_ok() && line.starts_with(b"{") {
+            let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(v["id"], "c-10");
+            break;
+        }
+    }
+    assert!(asked.elapsed() >= Duration::from_millis(400));
 }
 
 #[test]

@@ -84,7 +84,26 @@ pub enum CommandBehavior {
     Fail(String),
     /// Never reply (the agent's timeout path).
     Ignore,
+    /// Reply `succeeded`, but only after this long (a slow actuator; with a
+    /// delay past the command's expiry, the late-reply path). A reply still
+    /// pending when the connection drops is lost.
+    SucceedAfter(Duration),
 }
+
+impl CommandBehavior {
+    /// How long the device waits before replying.
+    pub fn delay(&self) -> Duration {
+        match self {
+            CommandBehavior::SucceedAfter(d) => *d,
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// Replies a device holds back for [`CommandBehavior::SucceedAfter`]; past
+/// this, further delayed replies are dropped and counted
+/// (`DeviceStats::replies_dropped`).
+pub const MAX_DELAYED_REPLIES: usize = 1000;
 
 /// One metric of a device and its signal.
 #[derive(Debug, Clone)]
@@ -193,6 +212,8 @@ pub struct DeviceStats {
     pub commands: u64,
     /// Replies acknowledged by the broker.
     pub replies_acked: u64,
+    /// Delayed replies dropped: [`MAX_DELAYED_REPLIES`] were already waiting.
+    pub replies_dropped: u64,
 }
 
 impl std::ops::AddAssign for DeviceStats {
@@ -208,6 +229,7 @@ impl std::ops::AddAssign for DeviceStats {
         self.connects += s.connects;
         self.commands += s.commands;
         self.replies_acked += s.replies_acked;
+        self.replies_dropped += s.replies_dropped;
     }
 }
 
@@ -441,6 +463,9 @@ struct Conn {
     writer: OwnedWriteHalf,
     inflight: HashMap<u16, InFlight>,
     next_pkid: u16,
+    /// Replies waiting for their time (`SucceedAfter`); each is sent when
+    /// due, whatever order they were queued in.
+    delayed: Vec<(Instant, Value)>,
     /// When the broker last sent anything; a silent broker past 1.5x the
     /// keep-alive is a dead link (what a blackholed network looks like).
     last_rx: Instant,
@@ -519,6 +544,7 @@ async fn run(
         let window_open = conn
             .as_ref()
             .is_some_and(|c| c.inflight.len() < usize::from(config.max_inflight));
+        let (reply_due, replies_waiting) = (next_due(&conn), has_delayed(&conn));
         tokio::select! {
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow() {
@@ -563,6 +589,13 @@ async fn run(
                 };
                 if let Err(e) = result {
                     drop_conn(&mut conn, &shared, &device, &e, &mut reconnect_at);
+                }
+            }
+            _ = tokio::time::sleep_until(reply_due), if replies_waiting => {
+                if let Some(c) = conn.as_mut() {
+                    if let Err(e) = send_due_replies(c, &reply_topic).await {
+                        drop_conn(&mut conn, &shared, &device, &e, &mut reconnect_at);
+                    }
                 }
             }
             _ = ping.tick(), if conn.is_some() => {
@@ -622,6 +655,38 @@ async fn drain_acks(c: &mut Conn, device: &str, topics: (&str, &str), shared: &M
     }
 }
 
+fn has_delayed(conn: &Option<Conn>) -> bool {
+    conn.as_ref().is_some_and(|c| !c.delayed.is_empty())
+}
+
+fn next_due(conn: &Option<Conn>) -> Instant {
+    conn.as_ref()
+        .and_then(|c| c.delayed.iter().map(|(due, _)| *due).min())
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+}
+
+/// Publishes every delayed reply whose time has come, stamped now.
+async fn send_due_replies(c: &mut Conn, reply_topic: &str) -> Result<(), WireError> {
+    let now = Instant::now();
+    let (due, waiting): (Vec<_>, Vec<_>) = c.delayed.drain(..).partition(|(t, _)| *t <= now);
+    c.delayed = waiting;
+    for (_, mut reply) in due {
+        reply["ts"] = Value::from(now_ms());
+        let pkid = c.alloc_pkid();
+        c.inflight.insert(pkid, InFlight::Reply);
+        c.writer
+            .write_all(&wire::publish(
+                reply_topic,
+                reply.to_string().as_bytes(),
+                1,
+                pkid,
+                false,
+            ))
+            .await?;
+    }
+    Ok(())
+}
+
 async fn next_packet(conn: &mut Option<Conn>) -> Result<Incoming, WireError> {
     match conn {
         Some(c) => c.reader.next().await,
@@ -671,6 +736,7 @@ async fn connect(
         // pkid 1 is the SUBSCRIBE; publishes start after it.
         next_pkid: 1,
         last_rx: Instant::now(),
+        delayed: Vec::new(),
     })
 }
 
@@ -790,7 +856,15 @@ async fn handle_packet(
                 }
                 s.behavior.clone().unwrap_or(CommandBehavior::Succeed)
             };
-            if let Some(reply) = reply_for(device, &command, &behavior) {
+            let delay = behavior.delay();
+            if let (Some(reply), false) = (reply_for(device, &command, &behavior), delay.is_zero())
+            {
+                if c.delayed.len() < MAX_DELAYED_REPLIES {
+                    c.delayed.push((Instant::now() + delay, reply));
+                } else {
+                    lock(shared).stats.replies_dropped += 1;
+                }
+            } else if let Some(reply) = reply_for(device, &command, &behavior) {
                 let pkid = c.alloc_pkid();
                 c.inflight.insert(pkid, InFlight::Reply);
                 c.writer
@@ -820,7 +894,9 @@ pub fn reply_for(device: &str, command: &Value, behavior: &CommandBehavior) -> O
     let (state, detail) = match behavior {
         CommandBehavior::Ignore => return None,
         CommandBehavior::Fail(detail) => ("failed", detail.clone()),
-        CommandBehavior::Succeed => ("succeeded", success_detail(command)),
+        CommandBehavior::Succeed | CommandBehavior::SucceedAfter(_) => {
+            ("succeeded", success_detail(command))
+        }
     };
     Some(json!({
         "v": 1,

@@ -46,7 +46,7 @@ use edgestream_protocol::frame::{encode_frame, DefaultFrameAccumulator, FeedResu
 use edgestream_protocol::limits::{MAX_BATCH_READINGS, MAX_ENCODED_FRAME_LEN};
 use edgestream_protocol::types as proto;
 
-use crate::devices::mqtt::{reply_for, CommandBehavior, MetricSpec, Reading};
+use crate::devices::mqtt::{reply_for, CommandBehavior, MetricSpec, Reading, MAX_DELAYED_REPLIES};
 
 /// Longest command line the device accepts from the agent; longer input is
 /// discarded up to its newline.
@@ -172,6 +172,8 @@ pub struct SerialStats {
     pub unplugs: u64,
     /// Binary frames from the agent that the device refused.
     pub bad_frames: u64,
+    /// Replies dropped: [`MAX_DELAYED_REPLIES`] were already waiting.
+    pub replies_dropped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -612,6 +614,8 @@ fn run(
     let mut inbuf: Vec<u8> = Vec::new();
     let mut discarding = false;
     let mut frames = Box::new(DefaultFrameAccumulator::new());
+    // Replies waiting for their time (immediate ones are due at once).
+    let mut replies: Vec<(Instant, Value)> = Vec::new();
     loop {
         // Control requests first: a test's unplug must take effect before
         // the next line.
@@ -676,6 +680,12 @@ fn run(
             index += 1;
         }
 
+        if let Some(m) = master.as_mut() {
+            if !replies.is_empty() {
+                send_due_replies(&cfg.name, cfg.format, &mut replies, m, &shared);
+            }
+        }
+
         // Read commands; the read's timeout is also this loop's sleep.
         match master.as_mut() {
             Some(m) => {
@@ -687,7 +697,9 @@ fn run(
                             match frames.feed(input) {
                                 FeedResult::Consumed => break,
                                 FeedResult::Frame { message, remaining } => {
-                                    handle_command_frame(&cfg.name, message, m, &shared);
+                                    if let Some(c) = command_from_frame(&cfg.name, message) {
+                                        queue_reply(&cfg.name, c, &mut replies, &shared);
+                                    }
                                     input = remaining;
                                 }
                                 FeedResult::Error { error, remaining } => {
@@ -703,7 +715,9 @@ fn run(
                             if b == b'\n' {
                                 if !discarding {
                                     let line = std::mem::take(&mut inbuf);
-                                    handle_command_line(&cfg.name, &line, m, &shared);
+                                    if let Some(c) = command_from_line(&line) {
+                                        queue_reply(&cfg.name, c, &mut replies, &shared);
+                                    }
                                 }
                                 inbuf.clear();
                                 discarding = false;
@@ -822,17 +836,9 @@ fn garbage(rng: &mut StdRng, len: usize, terminator: u8) -> Vec<u8> {
         .collect()
 }
 
-fn handle_command_frame(
-    device: &str,
-    message: proto::DeviceMessage,
-    master: &mut TTYPort,
-    shared: &Mutex<Shared>,
-) {
-    let proto::DeviceMessage::Command(cmd) = message else {
-        tracing::debug!(%device, "device ignores a non-command frame");
-        return;
-    };
-    let command = serde_json::to_value(&cmd).unwrap_or(Value::Null);
+/// Records a command and decides the reply: `(delay, reply JSON)`, or `None`
+/// to stay silent.
+fn take_command(device: &str, command: Value, shared: &Mutex<Shared>) -> Option<(Duration, Value)> {
     let behavior = {
         let mut s = lock(shared);
         s.stats.commands += 1;
@@ -841,9 +847,38 @@ fn handle_command_frame(
         }
         s.behavior.clone().unwrap_or(CommandBehavior::Succeed)
     };
-    let Some(reply) = reply_for(device, &command, &behavior) else {
-        return;
+    reply_for(device, &command, &behavior).map(|r| (behavior.delay(), r))
+}
+
+/// The command in a frame from the agent, as JSON; `None` for frames that
+/// are not commands (a device ignores those).
+fn command_from_frame(device: &str, message: proto::DeviceMessage) -> Option<Value> {
+    let proto::DeviceMessage::Command(cmd) = message else {
+        tracing::debug!(%device, "device ignores a non-command frame");
+        return None;
     };
+    Some(serde_json::to_value(&cmd).unwrap_or(Value::Null))
+}
+
+/// The command on a text line, as JSON (a line that is not JSON is recorded
+/// as a string and gets no reply: it has no id).
+fn command_from_line(line: &[u8]) -> Option<Value> {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    Some(serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string())))
+}
+
+/// Encodes a reply, stamped now, as a JSON line or an `Outcome` frame.
+fn encode_reply(device: &str, mut reply: Value, format: LineFormat) -> Option<Vec<u8>> {
+    reply["ts"] = Value::from(now_ms());
+    if format != LineFormat::Binary {
+        let mut bytes = reply.to_string().into_bytes();
+        bytes.push(b'\n');
+        return Some(bytes);
+    }
     let state = match reply["state"].as_str() {
         Some("succeeded") => proto::OutcomeState::Succeeded,
         _ => proto::OutcomeState::Failed,
@@ -856,45 +891,50 @@ fn handle_command_frame(
         }
     }
     let outcome = proto::DeviceMessage::Outcome(proto::CommandOutcome {
-        id: cmd.id,
-        device: heapless::String::try_from(device).unwrap_or_default(),
+        id: heapless::String::try_from(reply["id"].as_str().unwrap_or_default()).ok()?,
+        device: heapless::String::try_from(device).ok()?,
         state,
         detail,
         ts: u64::try_from(now_ms()).ok(),
     });
-    let Some(frame) = encode_message(&outcome) else {
+    encode_message(&outcome)
+}
+
+fn queue_reply(
+    device: &str,
+    command: Value,
+    replies: &mut Vec<(Instant, Value)>,
+    shared: &Mutex<Shared>,
+) {
+    let Some((delay, reply)) = take_command(device, command, shared) else {
         return;
     };
-    match write_all(master, &frame) {
-        Ok(()) => lock(shared).stats.replies += 1,
-        Err(e) => tracing::debug!(%device, error = %e, "reply frame dropped"),
+    if replies.len() < MAX_DELAYED_REPLIES {
+        replies.push((Instant::now() + delay, reply));
+    } else {
+        lock(shared).stats.replies_dropped += 1;
     }
 }
 
-fn handle_command_line(device: &str, line: &[u8], master: &mut TTYPort, shared: &Mutex<Shared>) {
-    let text = String::from_utf8_lossy(line);
-    let text = text.trim();
-    if text.is_empty() {
-        return;
-    }
-    let command: Value =
-        serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()));
-    let behavior = {
-        let mut s = lock(shared);
-        s.stats.commands += 1;
-        if s.commands.len() < MAX_RECORDED_LINES {
-            s.commands.push(command.clone());
+/// Writes the replies whose time has come.
+fn send_due_replies(
+    device: &str,
+    format: LineFormat,
+    pending: &mut Vec<(Instant, Value)>,
+    master: &mut TTYPort,
+    shared: &Mutex<Shared>,
+) {
+    let now = Instant::now();
+    let (due, waiting): (Vec<_>, Vec<_>) = pending.drain(..).partition(|(t, _)| *t <= now);
+    *pending = waiting;
+    for (_, reply) in due {
+        let Some(bytes) = encode_reply(device, reply, format) else {
+            continue;
+        };
+        match write_all(master, &bytes) {
+            Ok(()) => lock(shared).stats.replies += 1,
+            Err(e) => tracing::debug!(%device, error = %e, "reply dropped"),
         }
-        s.behavior.clone().unwrap_or(CommandBehavior::Succeed)
-    };
-    let Some(reply) = reply_for(device, &command, &behavior) else {
-        return;
-    };
-    let mut bytes = reply.to_string().into_bytes();
-    bytes.push(b'\n');
-    match write_all(master, &bytes) {
-        Ok(()) => lock(shared).stats.replies += 1,
-        Err(e) => tracing::debug!(%device, error = %e, "reply line dropped"),
     }
 }
 

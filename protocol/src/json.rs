@@ -116,16 +116,45 @@ fn check_len(payload: &[u8], max: usize) -> Result<(), JsonError> {
     }
 }
 
+/// The `"v"` field of a JSON object, read without building the rest of it.
+///
+/// Only an object is accepted (a derived struct would also take an array
+/// and read its first element as `v`), and a repeated `v` is refused rather
+/// than letting the last one win.
+struct VersionProbe(Option<serde_json::Value>);
+
+impl<'de> Deserialize<'de> for VersionProbe {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = VersionProbe;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<VersionProbe, A::Error> {
+                let mut v = None;
+                while let Some(key) = m.next_key::<alloc::borrow::Cow<'de, str>>()? {
+                    if key == "v" {
+                        if v.is_some() {
+                            return Err(de::Error::duplicate_field("v"));
+                        }
+                        v = Some(m.next_value::<serde_json::Value>()?);
+                    } else {
+                        m.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(VersionProbe(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Checks the length and `"v": 1` before the shape is looked at.
 fn check_envelope(payload: &[u8], max: usize) -> Result<(), JsonError> {
-    #[derive(Deserialize)]
-    struct Probe {
-        #[serde(default)]
-        v: Option<serde_json::Value>,
-    }
     check_len(payload, max)?;
-    let probe: Probe = serde_json::from_slice(payload).map_err(syntax_or_schema)?;
-    match probe.v {
+    let probe: VersionProbe = serde_json::from_slice(payload).map_err(syntax_or_schema)?;
+    match probe.0 {
         None => Err(JsonError::MissingVersion),
         Some(v) if v.as_u64() == Some(JSON_SCHEMA_VERSION) => Ok(()),
         Some(v) => Err(JsonError::UnsupportedVersion {

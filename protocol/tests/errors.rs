@@ -486,6 +486,10 @@ fn json_versions_are_checked_before_the_shape() {
     );
     assert!(matches!(d("{\"v\":1"), Err(JsonError::Syntax { .. })));
     assert!(matches!(d("[1]"), Err(JsonError::Schema(_))));
+    assert!(matches!(d("[2]"), Err(JsonError::Schema(_))));
+    assert!(
+        matches!(d(r#"{"v":2,"v":1}"#), Err(JsonError::Schema(m)) if m.contains("duplicate field"))
+    );
     // Every other decoder checks the version too.
     assert_eq!(
         json::decode_outcome(br#"{"v":3}"#),

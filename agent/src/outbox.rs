@@ -98,6 +98,61 @@ impl From<&OutboxConfig> for OutboxSettings {
     }
 }
 
+/// What the rules stage and the uplink need from the durable queue. [`Outbox`] implements it
+/// on sled; the tests hold it against an in-memory model that states the intended semantics
+/// (order, priorities, the byte cap and its full-policies, sequence numbers across reopens).
+/// Durability ([`Outbox::flush`]) is not part of it: a model has nothing to flush.
+pub trait OutboxStore {
+    /// Stores `records` atomically with fresh sequence numbers, by the full-policy.
+    fn append(&self, records: &[Record]) -> Result<AppendOutcome, OutboxError>;
+    /// Up to `max` records of `priority` after sequence `after`, oldest first.
+    fn read_after(
+        &self,
+        priority: Priority,
+        after: Option<u64>,
+        max: usize,
+        out: &mut Vec<Stored>,
+    ) -> Result<(), OutboxError>;
+    /// Removes acknowledged records; keys already gone are ignored.
+    fn remove(&self, keys: &[Key]) -> Result<usize, OutboxError>;
+    /// Records stored.
+    fn depth(&self) -> u64;
+    /// Bytes stored, as counted against the cap (keys + encoded values).
+    fn bytes(&self) -> u64;
+}
+
+impl OutboxStore for Outbox {
+    fn append(&self, records: &[Record]) -> Result<AppendOutcome, OutboxError> {
+        Outbox::append(self, records)
+    }
+    fn read_after(
+        &self,
+        priority: Priority,
+        after: Option<u64>,
+        max: usize,
+        out: &mut Vec<Stored>,
+    ) -> Result<(), OutboxError> {
+        Outbox::read_after(self, priority, after, max, out)
+    }
+    fn remove(&self, keys: &[Key]) -> Result<usize, OutboxError> {
+        Outbox::remove(self, keys)
+    }
+    fn depth(&self) -> u64 {
+        Outbox::depth(self)
+    }
+    fn bytes(&self) -> u64 {
+        Outbox::bytes(self)
+    }
+}
+
+/// What [`Outbox::plan_room`] decided to drop.
+#[derive(Debug, Default)]
+struct RoomPlan {
+    stored: Vec<Key>,
+    freed: u64,
+    from_batch: usize,
+}
+
 /// A cheap handle on the shared outbox: the rules stage appends, the uplink reads and removes.
 #[derive(Debug, Clone)]
 pub struct Outbox {
@@ -115,6 +170,7 @@ struct Inner {
     depth: AtomicU64,
     metrics: Arc<Metrics>,
     appended: Notify,
+    open_report: OpenReport,
 }
 
 pub fn key(priority: Priority, seq: u64) -> Key {
@@ -138,8 +194,16 @@ impl Outbox {
         metrics: Arc<Metrics>,
     ) -> Result<(Outbox, OpenReport), OutboxError> {
         let mut report = OpenReport::default();
-        let db = match open_db(dir, &settings) {
+        let db = match open_db_waiting(dir, &settings) {
             Ok(db) => db,
+            // Another process (or a closing handle) holds the store: it is not broken, and
+            // moving it aside would strand its backlog. Fail instead.
+            Err(e) if is_lock_error(&e) => {
+                return Err(OutboxError::Open {
+                    path: dir.to_path_buf(),
+                    source: e,
+                })
+            }
             Err(first) => {
                 let aside = aside_path(dir);
                 std::fs::rename(dir, &aside).map_err(OutboxError::MoveAside)?;
@@ -184,6 +248,7 @@ impl Outbox {
             depth: AtomicU64::new(depth),
             metrics,
             appended: Notify::new(),
+            open_report: report.clone(),
         };
         Ok((
             Outbox {
@@ -213,10 +278,20 @@ impl Outbox {
             fits
         });
         let need: u64 = encoded.iter().map(|(_, v)| (v.len() + 9) as u64).sum();
+        let mut batch = sled::Batch::default();
+        let mut freed = 0u64;
+        let mut dropped_keys = 0u64;
         if inner.bytes.load(Ordering::Acquire) + need > max {
             match inner.settings.full_policy {
                 FullPolicy::DropOldestTelemetry => {
-                    outcome.dropped_old = self.make_room(need)?;
+                    let excess = inner.bytes.load(Ordering::Acquire) + need - max;
+                    let plan = self.plan_room(excess, &mut encoded)?;
+                    for k in &plan.stored {
+                        batch.remove(&k[..]);
+                    }
+                    freed = plan.freed;
+                    dropped_keys = plan.stored.len() as u64;
+                    outcome.dropped_old = plan.stored.len() + plan.from_batch;
                 }
                 FullPolicy::RefuseNew => {
                     // Keep the prefix that fits: the batch's order is preserved.
@@ -236,7 +311,6 @@ impl Outbox {
                 }
             }
         }
-        let mut batch = sled::Batch::default();
         let mut added = 0u64;
         for (prio, v) in &encoded {
             let k = key(*prio, *next_seq);
@@ -247,11 +321,25 @@ impl Outbox {
         batch.insert(META_NEXT_SEQ, &next_seq.to_be_bytes()[..]);
         inner.tree.apply_batch(batch)?;
         outcome.stored = encoded.len();
-        let bytes = inner.bytes.fetch_add(added, Ordering::AcqRel) + added;
-        let depth = inner
-            .depth
-            .fetch_add(encoded.len() as u64, Ordering::AcqRel)
-            + encoded.len() as u64;
+        // Appends are serialised by `append_lock`; removals by the uplink may run concurrently,
+        // hence read-modify-write on the atomics rather than a store.
+        let bytes = if added >= freed {
+            inner.bytes.fetch_add(added - freed, Ordering::AcqRel) + (added - freed)
+        } else {
+            inner.bytes.fetch_sub(freed - added, Ordering::AcqRel) - (freed - added)
+        };
+        let new_records = encoded.len() as u64;
+        let depth = if new_records >= dropped_keys {
+            inner
+                .depth
+                .fetch_add(new_records - dropped_keys, Ordering::AcqRel)
+                + (new_records - dropped_keys)
+        } else {
+            inner
+                .depth
+                .fetch_sub(dropped_keys - new_records, Ordering::AcqRel)
+                - (dropped_keys - new_records)
+        };
         drop(next_seq);
         let m = &inner.metrics;
         Metrics::add(&m.outbox_appended, outcome.stored as u64);
@@ -274,28 +362,44 @@ impl Outbox {
         Ok(outcome)
     }
 
-    /// Drops oldest low-priority records, then oldest high-priority ones, until `need` more
-    /// bytes fit. Returns how many were dropped.
-    fn make_room(&self, need: u64) -> Result<usize, OutboxError> {
+    /// Chooses what to drop so that `excess` more bytes fit, oldest first within a priority
+    /// and all telemetry before any alert: stored telemetry, then the batch's own telemetry
+    /// (older than the rest of the batch), then stored alerts, then the batch's alerts. Stored
+    /// keys are returned for removal in the same atomic batch as the insert; dropped batch
+    /// records are taken out of `encoded`.
+    fn plan_room(
+        &self,
+        mut excess: u64,
+        encoded: &mut Vec<(Priority, Vec<u8>)>,
+    ) -> Result<RoomPlan, OutboxError> {
         let inner = &*self.inner;
-        let max = inner.settings.max_bytes;
-        let mut dropped = 0;
+        let mut plan = RoomPlan::default();
         for prio in [Priority::Low, Priority::High] {
-            while inner.bytes.load(Ordering::Acquire) + need > max {
-                let Some(item) = inner.tree.scan_prefix([prio as u8]).next() else {
+            for item in inner.tree.scan_prefix([prio as u8]) {
+                if excess == 0 {
                     break;
+                }
+                let (k, v) = item?;
+                let Ok(k) = <Key>::try_from(k.as_ref()) else {
+                    continue;
                 };
-                let (k, _) = item?;
-                if let Some(old) = inner.tree.remove(&k)? {
-                    inner
-                        .bytes
-                        .fetch_sub((k.len() + old.len()) as u64, Ordering::AcqRel);
-                    inner.depth.fetch_sub(1, Ordering::AcqRel);
-                    dropped += 1;
+                let n = (k.len() + v.len()) as u64;
+                plan.stored.push(k);
+                plan.freed += n;
+                excess = excess.saturating_sub(n);
+            }
+            let mut i = 0;
+            while excess > 0 && i < encoded.len() {
+                if encoded[i].0 == prio {
+                    let (_, v) = encoded.remove(i);
+                    excess = excess.saturating_sub((v.len() + 9) as u64);
+                    plan.from_batch += 1;
+                } else {
+                    i += 1;
                 }
             }
         }
-        Ok(dropped)
+        Ok(plan)
     }
 
     /// Makes everything appended so far durable.
@@ -303,6 +407,19 @@ impl Outbox {
         self.inner.db.flush_async().await?;
         Metrics::inc(&self.inner.metrics.outbox_flushes);
         Ok(())
+    }
+
+    /// [`Outbox::flush`] for callers outside an async context (tests, benches, tools).
+    pub fn flush_blocking(&self) -> Result<(), OutboxError> {
+        self.inner.db.flush()?;
+        Metrics::inc(&self.inner.metrics.outbox_flushes);
+        Ok(())
+    }
+
+    /// What happened when this store was opened (e.g. a broken store moved aside), for the
+    /// status message.
+    pub fn open_report(&self) -> &OpenReport {
+        &self.inner.open_report
     }
 
     /// Whether producers must await [`Outbox::flush`] before acknowledging their inputs.
@@ -380,6 +497,8 @@ impl Outbox {
     /// flight) are ignored. Returns how many were removed.
     pub fn remove(&self, keys: &[Key]) -> Result<usize, OutboxError> {
         let inner = &*self.inner;
+        // Held so that a concurrent append cannot drop (and count) the same keys for room.
+        let _appends = inner.append_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut removed = 0;
         let mut freed = 0u64;
         for k in keys {
@@ -434,6 +553,26 @@ fn open_db(dir: &Path, s: &OutboxSettings) -> Result<sled::Db, sled::Error> {
         .open()
 }
 
+/// How long opening waits for another holder of the store's lock (a previous instance still
+/// exiting, or sled's background threads of a handle just dropped) before giving up.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+fn open_db_waiting(dir: &Path, s: &OutboxSettings) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match open_db(dir, s) {
+            Err(e) if is_lock_error(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn aside_path(dir: &Path) -> PathBuf {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -442,4 +581,334 @@ fn aside_path(dir: &Path) -> PathBuf {
     let mut name = dir.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".broken-{stamp}"));
     dir.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The sled outbox against an in-memory model of the same contract.
+
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::record::{AlertRecord, ReadingRecord};
+
+    /// The contract in its plainest form: a sorted map, a counter and the cap arithmetic.
+    struct Model {
+        max: u64,
+        policy: FullPolicy,
+        state: RefCell<(u64, BTreeMap<Key, Record>)>,
+    }
+
+    fn size(r: &Record) -> u64 {
+        r.encode().unwrap().len() as u64 + 9
+    }
+
+    impl OutboxStore for Model {
+        fn append(&self, records: &[Record]) -> Result<AppendOutcome, OutboxError> {
+            let mut st = self.state.borrow_mut();
+            let (next, map) = &mut *st;
+            let mut out = AppendOutcome::default();
+            let mut new: Vec<&Record> = Vec::new();
+            for r in records {
+                if size(r) > self.max {
+                    out.refused += 1;
+                } else {
+                    new.push(r);
+                }
+            }
+            let stored: u64 = map.values().map(size).sum();
+            let mut total = stored + new.iter().map(|r| size(r)).sum::<u64>();
+            match self.policy {
+                FullPolicy::RefuseNew => {
+                    let mut keep = 0;
+                    let mut t = stored;
+                    for r in &new {
+                        if t + size(r) > self.max {
+                            break;
+                        }
+                        t += size(r);
+                        keep += 1;
+                    }
+                    out.refused += new.len() - keep;
+                    new.truncate(keep);
+                }
+                FullPolicy::DropOldestTelemetry => {
+                    for prio in [Priority::Low, Priority::High] {
+                        let old: Vec<Key> = map
+                            .iter()
+                            .filter(|(_, r)| r.priority() == prio)
+                            .map(|(k, _)| *k)
+                            .collect();
+                        for k in old {
+                            if total <= self.max {
+                                break;
+                            }
+                            total -= size(&map.remove(&k).unwrap());
+                            out.dropped_old += 1;
+                        }
+                        let mut i = 0;
+                        while total > self.max && i < new.len() {
+                            if new[i].priority() == prio {
+                                total -= size(new.remove(i));
+                                out.dropped_old += 1;
+                            } else {
+                                i += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            for r in new {
+                map.insert(key(r.priority(), *next), r.clone());
+                *next += 1;
+                out.stored += 1;
+            }
+            Ok(out)
+        }
+
+        fn read_after(
+            &self,
+            priority: Priority,
+            after: Option<u64>,
+            max: usize,
+            out: &mut Vec<Stored>,
+        ) -> Result<(), OutboxError> {
+            let st = self.state.borrow();
+            for (k, r) in st.1.iter() {
+                let seq = seq_of(k).unwrap();
+                if out.len() < max && r.priority() == priority && after.is_none_or(|a| seq > a) {
+                    out.push(Stored {
+                        key: *k,
+                        seq,
+                        record: r.clone(),
+                        size: size(r) as usize,
+                    });
+                }
+            }
+            Ok(())
+        }
+
+        fn remove(&self, keys: &[Key]) -> Result<usize, OutboxError> {
+            let mut st = self.state.borrow_mut();
+            Ok(keys.iter().filter(|k| st.1.remove(*k).is_some()).count())
+        }
+
+        fn depth(&self) -> u64 {
+            self.state.borrow().1.len() as u64
+        }
+
+        fn bytes(&self) -> u64 {
+            self.state.borrow().1.values().map(size).sum()
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// (alert?, payload length) per record.
+        Append(Vec<(bool, usize)>),
+        /// Acknowledge the records at these positions of a full read of one priority.
+        Ack(bool, Vec<prop::sample::Index>),
+        /// Read a page after some position and compare it.
+        Page(bool, prop::sample::Index, usize),
+        /// Flush, close and open the store again.
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => prop::collection::vec((prop::bool::weighted(0.2), 0usize..300), 0..12)
+                .prop_map(Op::Append),
+            2 => (any::<bool>(), prop::collection::vec(any::<prop::sample::Index>(), 0..6))
+                .prop_map(|(h, i)| Op::Ack(h, i)),
+            1 => (any::<bool>(), any::<prop::sample::Index>(), 1usize..8)
+                .prop_map(|(h, i, n)| Op::Page(h, i, n)),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    fn record(i: usize, alert: bool, len: usize) -> Record {
+        let pad = "x".repeat(len);
+        if alert {
+            Record::Alert(AlertRecord {
+                rule: "r".into(),
+                device: format!("d{i}"),
+                severity: "critical".into(),
+                raised: i % 2 == 0,
+                value: i as f64,
+                ts_ms: i as u64,
+                message: pad,
+            })
+        } else {
+            Record::Reading(ReadingRecord {
+                device: format!("d{i}{pad}"),
+                metric: "t".into(),
+                value: i as f64,
+                ts_ms: i as u64,
+                tags: vec![],
+            })
+        }
+    }
+
+    fn settings(max: u64, policy: FullPolicy) -> OutboxSettings {
+        OutboxSettings {
+            max_bytes: max,
+            cache_bytes: 1 << 20,
+            durability: Durability::Batch,
+            flush_interval_ms: 500,
+            full_policy: policy,
+        }
+    }
+
+    fn all(s: &dyn OutboxStore, p: Priority) -> Vec<(u64, Record)> {
+        let mut v = Vec::new();
+        s.read_after(p, None, usize::MAX, &mut v).unwrap();
+        v.into_iter().map(|st| (st.seq, st.record)).collect()
+    }
+
+    fn prio(high: bool) -> Priority {
+        if high {
+            Priority::High
+        } else {
+            Priority::Low
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn sled_outbox_matches_the_model(
+            ops in prop::collection::vec(op(), 1..40),
+            max in 400u64..4000,
+            refuse in any::<bool>(),
+        ) {
+            let policy = if refuse { FullPolicy::RefuseNew } else { FullPolicy::DropOldestTelemetry };
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("outbox");
+            let metrics = Arc::new(Metrics::default());
+            let open = || Outbox::open(&path, settings(max, policy), metrics.clone()).unwrap().0;
+            let mut real = open();
+            let model = Model { max, policy, state: RefCell::new((0, BTreeMap::new())) };
+            let mut n = 0;
+            for op in ops {
+                match op {
+                    Op::Append(spec) => {
+                        let recs: Vec<Record> = spec.iter().map(|(a, l)| { n += 1; record(n, *a, *l) }).collect();
+                        let got = real.append(&recs).unwrap();
+                        let want = OutboxStore::append(&model, &recs).unwrap();
+                        prop_assert_eq!(got, want);
+                    }
+                    Op::Ack(high, idx) => {
+                        let p = prio(high);
+                        let mut v = Vec::new();
+                        model.read_after(p, None, usize::MAX, &mut v).unwrap();
+                        if !v.is_empty() {
+                            let keys: Vec<Key> = idx.iter().map(|i| v[i.index(v.len())].key).collect();
+                            let got = real.remove(&keys).unwrap();
+                            prop_assert_eq!(got, model.remove(&keys).unwrap());
+                        }
+                    }
+                    Op::Page(high, at, count) => {
+                        let p = prio(high);
+                        let full = all(&model, p);
+                        let after = (!full.is_empty()).then(|| full[at.index(full.len())].0);
+                        let (mut a, mut b) = (Vec::new(), Vec::new());
+                        real.read_after(p, after, count, &mut a).unwrap();
+                        model.read_after(p, after, count, &mut b).unwrap();
+                        let a: Vec<_> = a.into_iter().map(|s| (s.key, s.record, s.size)).collect();
+                        let b: Vec<_> = b.into_iter().map(|s| (s.key, s.record, s.size)).collect();
+                        prop_assert_eq!(a, b);
+                    }
+                    Op::Reopen => {
+                        real.flush_blocking().unwrap();
+                        drop(real);
+                        real = open();
+                    }
+                }
+                for p in [Priority::High, Priority::Low] {
+                    prop_assert_eq!(all(&real, p), all(&model, p));
+                }
+                prop_assert_eq!(real.depth(), model.depth());
+                prop_assert_eq!(real.bytes(), model.bytes());
+                prop_assert!(real.bytes() <= max, "{} bytes stored over a cap of {}", real.bytes(), max);
+            }
+        }
+    }
+
+    #[test]
+    fn a_record_damaged_on_disk_is_skipped_counted_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let (ob, _) = Outbox::open(
+            dir.path(),
+            settings(1 << 20, FullPolicy::RefuseNew),
+            metrics.clone(),
+        )
+        .unwrap();
+        let recs: Vec<Record> = (0..5).map(|i| record(i, false, 10)).collect();
+        ob.append(&recs).unwrap();
+        // Flip one bit of the third record's value behind the outbox's back.
+        let k = key(Priority::Low, 2);
+        let mut v = ob.inner.tree.get(k).unwrap().unwrap().to_vec();
+        let last = v.len() - 1;
+        v[last] ^= 0x10;
+        ob.inner.tree.insert(k, v).unwrap();
+        let mut out = Vec::new();
+        ob.read_after(Priority::Low, None, 10, &mut out).unwrap();
+        let seqs: Vec<u64> = out.iter().map(|s| s.seq).collect();
+        assert_eq!(seqs, vec![0, 1, 3, 4]);
+        assert_eq!(metrics.snapshot().outbox_corrupt, 1);
+        assert_eq!(ob.depth(), 4);
+    }
+
+    #[test]
+    fn a_store_held_by_another_handle_is_not_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::default());
+        let s = settings(1 << 20, FullPolicy::RefuseNew);
+        let (held, _) = Outbox::open(dir.path(), s.clone(), m.clone()).unwrap();
+        held.append(&[record(0, false, 1)]).unwrap();
+        let t = std::time::Instant::now();
+        let err = Outbox::open(dir.path(), s, m).unwrap_err();
+        assert!(matches!(err, OutboxError::Open { .. }), "{err}");
+        assert!(t.elapsed() >= LOCK_WAIT, "gave up after {:?}", t.elapsed());
+        assert_eq!(held.depth(), 1);
+        let name = dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        let aside = std::fs::read_dir(dir.path().parent().unwrap())
+            .unwrap()
+            .flatten()
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{name}.broken"))
+            });
+        assert!(!aside, "a store in use was moved aside");
+    }
+
+    #[test]
+    fn a_store_that_cannot_be_opened_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox");
+        // A file where the store's directory should be: sled cannot open it.
+        std::fs::write(&path, b"not a sled database").unwrap();
+        let (ob, report) = Outbox::open(
+            &path,
+            settings(1 << 20, FullPolicy::RefuseNew),
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        let (aside, why) = report.moved_aside.clone().expect("moved aside");
+        assert!(aside.exists() && !why.is_empty(), "{aside:?} {why}");
+        assert_eq!(ob.open_report().moved_aside, report.moved_aside);
+        ob.append(&[record(0, false, 1)]).unwrap();
+        assert_eq!(ob.depth(), 1);
+    }
 }

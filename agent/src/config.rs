@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// Largest number of readings the uplink packs into one telemetry publish.
-pub const MAX_BATCH_SIZE: usize = 5_000;
+/// Largest number of readings the uplink packs into one telemetry publish (the protocol's
+/// limit for a telemetry batch).
+pub const MAX_BATCH_SIZE: usize = edgestream_protocol::limits::MAX_TELEMETRY_BATCH;
 /// Longest linger the uplink accepts before it publishes a partial batch.
 pub const MAX_LINGER_MS: u64 = 60_000;
 /// Smallest outbox byte cap that still holds a useful backlog.
@@ -69,6 +70,8 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -221,6 +224,38 @@ pub struct LogConfig {
     /// `tracing` filter, e.g. `info` or `edgestream=debug`; `RUST_LOG` wins when set.
     #[serde(default = "default_log_level")]
     pub level: String,
+}
+
+/// The Prometheus endpoint (`src/prometheus.rs`), always bound to 127.0.0.1.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `http://127.0.0.1:{port}/metrics`. Off by default.
+    #[serde(default)]
+    pub prometheus: bool,
+    /// 0 lets the operating system choose a free port (logged at start).
+    #[serde(default = "default_metrics_port")]
+    pub port: u16,
+}
+
+fn default_metrics_port() -> u16 {
+    9464
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            prometheus: false,
+            port: default_metrics_port(),
+        }
+    }
+}
+
+impl MetricsConfig {
+    fn validate(&self, _p: &mut [Problem]) {
+        // Every u16 is a valid port (0 = chosen by the OS) and the address is fixed to
+        // 127.0.0.1, so there is nothing to refuse; kept for the section contract.
+    }
 }
 
 fn default_shutdown_timeout_ms() -> u64 {
@@ -408,8 +443,8 @@ impl Config {
             }])
         })?;
         let mut problems = Vec::new();
-        const SECTIONS: [&str; 7] = [
-            "gateway", "local", "cloud", "outbox", "rules", "health", "log",
+        const SECTIONS: [&str; 8] = [
+            "gateway", "local", "cloud", "outbox", "rules", "health", "log", "metrics",
         ];
         for key in table.keys() {
             if !SECTIONS.contains(&key.as_str()) {
@@ -436,7 +471,13 @@ impl Config {
             Some(HealthConfig::default()),
         );
         let log = section(&table, "log", &mut problems, Some(LogConfig::default()));
-        match (gateway, local, cloud, outbox, rules, health, log) {
+        let metrics = section(
+            &table,
+            "metrics",
+            &mut problems,
+            Some(MetricsConfig::default()),
+        );
+        match (gateway, local, cloud, outbox, rules, health, log, metrics) {
             (
                 Some(gateway),
                 Some(local),
@@ -445,6 +486,7 @@ impl Config {
                 Some(rules),
                 Some(health),
                 Some(log),
+                Some(metrics),
             ) => Ok((
                 Some(Config {
                     gateway,
@@ -454,10 +496,11 @@ impl Config {
                     rules,
                     health,
                     log,
+                    metrics,
                 }),
                 problems,
             )),
-            (gateway, local, cloud, outbox, rules, health, log) => {
+            (gateway, local, cloud, outbox, rules, health, log, metrics) => {
                 if let Some(g) = &gateway {
                     g.validate(&mut problems);
                 }
@@ -479,6 +522,9 @@ impl Config {
                 if let Some(l) = &log {
                     l.validate(&mut problems);
                 }
+                if let Some(m) = &metrics {
+                    m.validate(&mut problems);
+                }
                 Ok((None, problems))
             }
         }
@@ -494,6 +540,7 @@ impl Config {
         self.rules.validate(base, &mut p);
         self.health.validate(&mut p);
         self.log.validate(&mut p);
+        self.metrics.validate(&mut p);
         p
     }
 

@@ -24,8 +24,6 @@ use crate::deadletter::RejectSampler;
 use crate::metrics::Metrics;
 use crate::topics::device_metric;
 
-/// Largest reading payload accepted; anything longer is rejected (and sampled) unread.
-pub const MAX_PAYLOAD_LEN: usize = 4096;
 /// Largest packet rumqttc will read from the local broker. Larger ones make rumqttc drop the
 /// connection, and a persistent session would redeliver them forever: cap the broker's
 /// `message_size_limit` below this (mosquitto) to keep such payloads out entirely.
@@ -41,47 +39,16 @@ pub struct LocalMqttSource {
     qos: QoS,
 }
 
-/// Why a local payload was rejected.
+/// Why a local publish was rejected.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum PayloadError {
+pub enum RejectReason {
     #[error("topic does not end in /{{device}}/{{metric}}")]
     Topic,
     #[error("device or metric name is empty, longer than {MAX_NAME} bytes, or has characters other than letters, digits, '-', '_', '.'")]
     Name,
-    #[error("payload is {0} bytes, more than the limit of {MAX_PAYLOAD_LEN}")]
-    TooLarge(usize),
-    #[error("payload is neither a number nor a JSON object with a numeric \"value\": {0}")]
-    Malformed(String),
-    #[error("value is not a finite number")]
-    NotFinite,
-}
-
-#[derive(serde::Deserialize)]
-struct JsonReading {
-    value: f64,
-    #[serde(default)]
-    ts: Option<u64>,
-}
-
-/// Decodes a local reading payload: `{"value": 23.5, "ts": 1700000000123}` or `23.5`.
-pub fn parse_payload(payload: &[u8]) -> Result<(f64, Option<u64>), PayloadError> {
-    if payload.len() > MAX_PAYLOAD_LEN {
-        return Err(PayloadError::TooLarge(payload.len()));
-    }
-    let trimmed = payload.trim_ascii();
-    let (value, ts) = if trimmed.first() == Some(&b'{') {
-        let r: JsonReading =
-            serde_json::from_slice(trimmed).map_err(|e| PayloadError::Malformed(e.to_string()))?;
-        (r.value, r.ts)
-    } else {
-        let v: f64 =
-            serde_json::from_slice(trimmed).map_err(|e| PayloadError::Malformed(e.to_string()))?;
-        (v, None)
-    };
-    if !value.is_finite() {
-        return Err(PayloadError::NotFinite);
-    }
-    Ok((value, ts))
+    /// The payload broke the protocol's reading contract (protocol/README.md, section 3).
+    #[error("{0}")]
+    Payload(edgestream_protocol::json::PayloadError),
 }
 
 fn valid_name(s: &str) -> bool {
@@ -92,17 +59,18 @@ fn valid_name(s: &str) -> bool {
 }
 
 /// Turns one publish into a reading or a rejection reason.
-pub fn decode(topic: &str, payload: &[u8]) -> Result<Reading, PayloadError> {
-    let (device, metric) = device_metric(topic).ok_or(PayloadError::Topic)?;
+pub fn decode(topic: &str, payload: &[u8]) -> Result<Reading, RejectReason> {
+    let (device, metric) = device_metric(topic).ok_or(RejectReason::Topic)?;
     if !valid_name(device) || !valid_name(metric) {
-        return Err(PayloadError::Name);
+        return Err(RejectReason::Name);
     }
-    let (value, ts) = parse_payload(payload)?;
+    let r =
+        edgestream_protocol::json::decode_local_reading(payload).map_err(RejectReason::Payload)?;
     Ok(Reading {
         device: device.to_string(),
         metric: metric.to_string(),
-        value,
-        ts_ms: ts.unwrap_or_else(now_ms),
+        value: r.value,
+        ts_ms: r.ts.unwrap_or_else(now_ms),
     })
 }
 
@@ -259,39 +227,32 @@ impl LocalMqttSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edgestream_protocol::json::PayloadError;
 
     #[test]
     fn accepts_objects_and_bare_numbers() {
+        let r = decode("sensors/b-1/temp", br#"{"value": 23.5, "ts": 17}"#).unwrap();
         assert_eq!(
-            parse_payload(br#"{"value": 23.5, "ts": 17}"#),
-            Ok((23.5, Some(17)))
+            (r.device.as_str(), r.metric.as_str(), r.value, r.ts_ms),
+            ("b-1", "temp", 23.5, 17)
         );
-        assert_eq!(
-            parse_payload(br#"{"value": 1, "unit": "C"}"#),
-            Ok((1.0, None))
-        );
-        assert_eq!(parse_payload(b" 42 "), Ok((42.0, None)));
+        assert_eq!(decode("sensors/b-1/temp", b"42").unwrap().value, 42.0);
     }
 
     #[test]
     fn rejects_with_a_reason() {
         assert!(matches!(
-            parse_payload(b"hot"),
-            Err(PayloadError::Malformed(_))
+            decode("s/d/m", b"hot"),
+            Err(RejectReason::Payload(PayloadError::NotJson { .. }))
         ));
         assert!(matches!(
-            parse_payload(br#"{"value":"hot"}"#),
-            Err(PayloadError::Malformed(_))
+            decode("s/d/m", &[b'1'; 5000]),
+            Err(RejectReason::Payload(PayloadError::TooLarge { len: 5000 }))
         ));
-        assert!(matches!(
-            parse_payload(br#"{"ts": 1}"#),
-            Err(PayloadError::Malformed(_))
-        ));
-        assert!(matches!(
-            parse_payload(&[b'1'; 5000]),
-            Err(PayloadError::TooLarge(5000))
-        ));
-        assert_eq!(decode("sensors/a b/t", b"1"), Err(PayloadError::Name));
-        assert_eq!(decode("t", b"1"), Err(PayloadError::Topic));
+        assert_eq!(
+            decode("sensors/a b/t", b"1").unwrap_err(),
+            RejectReason::Name
+        );
+        assert_eq!(decode("t", b"1").unwrap_err(), RejectReason::Topic);
     }
 }

@@ -30,5 +30,8 @@ fn demo_runs_end_to_end_without_errors() {
     assert_eq!(figure("errors logged"), 0, "{stdout}\n{stderr}");
     assert!(!stderr.contains("ERROR"), "{stderr}");
     // One status line per second.
-    assert!(stdout.lines().filter(|l| l.starts_with('[')).count() >= 8, "{stdout}");
+    assert!(
+        stdout.lines().filter(|l| l.starts_with('[')).count() >= 8,
+        "{stdout}"
+    );
 }

@@ -187,9 +187,11 @@ fn demo_config(data: &std::path::Path, local_port: u16, cloud_port: u16) -> Conf
         rules: RulesConfig {
             file: None,
             text: Some(DEMO_RULES.into()),
+            group: None,
         },
         health: HealthConfig { interval_secs: 5 },
         log: LogConfig::default(),
+        metrics: Default::default(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! and every guarantee with the test that proves it.
 
 pub mod backoff;
+pub mod bench;
 pub mod config;
 pub mod deadletter;
 pub mod demo;
@@ -11,7 +12,9 @@ pub mod metrics;
 pub mod outbox;
 pub mod pipeline;
 pub mod processor;
+pub mod prometheus;
 pub mod record;
+pub mod remote_rules;
 pub mod rules_cli;
 pub mod source;
 pub mod topics;

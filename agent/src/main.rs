@@ -41,6 +41,9 @@ enum Command {
         #[arg(long)]
         duration: Option<u64>,
     },
+    /// End-to-end load benchmark: brokers, simulated devices, the agent (as a child process)
+    /// and a cloud subscriber; prints throughput, latency, CPU, memory and disk figures.
+    Bench(edgestream_agent::bench::BenchOptions),
     /// Compile rule files or replay recorded readings through them.
     Rules {
         #[command(subcommand)]
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => report(run(config)),
         Command::Demo { duration } => report(edgestream_agent::demo::main(duration)),
+        Command::Bench(opts) => report(edgestream_agent::bench::main(opts)),
         Command::Rules { command } => match command {
             RulesCommand::Check { file } => report(edgestream_agent::rules_cli::check(&file)),
             RulesCommand::Test { file, input } => {

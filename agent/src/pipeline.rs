@@ -47,6 +47,9 @@ pub enum StartError {
     RulesSource(String),
     #[error(transparent)]
     Uplink(#[from] UplinkError),
+    /// The Prometheus endpoint cannot listen; pick another `[metrics] port` or turn it off.
+    #[error("metrics endpoint on 127.0.0.1:{port}: {source}")]
+    MetricsEndpoint { port: u16, source: std::io::Error },
 }
 
 /// What stopping left behind.
@@ -127,6 +130,17 @@ impl Agent {
             rules_hash: format!("{:016x}", plan.hash()),
         });
         let uplink = Uplink::new(&config, outbox.clone(), metrics.clone(), status_rx)?;
+        let _metrics_endpoint = crate::prometheus::start(
+            &config.metrics,
+            metrics.clone(),
+            Some(outbox.clone()),
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|source| StartError::MetricsEndpoint {
+            port: config.metrics.port,
+            source,
+        })?;
 
         let stop_intake = CancellationToken::new();
         let release_sources = CancellationToken::new();

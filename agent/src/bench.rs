@@ -1,0 +1,998 @@
+//! `edgestream bench`: an end-to-end load benchmark that needs nothing installed.
+//!
+//! ```text
+//!  load generator --QoS 1--> local broker --> bare subscriber            (phase 1: the limit)
+//!  load generator --QoS 1--> local broker --> agent --QoS 1--> cloud broker --> cloud counter
+//!                                             (phases 2 and 3: fixed rate, then flat out)
+//! ```
+//!
+//! The brokers (two in-process rumqttd, or two spawned mosquitto), the load generator and the
+//! subscribers run in this process; the agent runs as a **child process** (this same binary,
+//! `edgestream run`), so that its CPU time, resident memory and disk writes are read from its
+//! own `/proc/PID/{stat,status,io}` and not mixed with the load it is measured under.
+//!
+//! - Phase 1 (**limit**): the load, flat out, straight to a bare subscriber on the local broker
+//!   at the same QoS. That is what the broker and this machine can deliver to one consumer;
+//!   the agent's throughput is read as a ratio to it.
+//! - Phase 2 (**latency**): the agent at a fixed rate (`--rate`, default 10,000 readings/s).
+//!   Latency is cloud arrival time minus the reading's `ts`, stamped by the load generator when
+//!   it writes the reading (millisecond timestamps: figures may read up to 1 ms high).
+//! - Phase 3 (**flat out**): the agent with the load as fast as the local broker takes it;
+//!   sustained readings/s delivered to the cloud (first distinct arrival of each `seq`).
+//!
+//! The first second of each phase is warm-up and not counted. Load devices publish QoS 1
+//! readings `{"value":..,"ts":..}` on `sensors/dev-NNN/{temperature|vibration}`; the agent runs
+//! [`BENCH_RULES`] (20 rules over every device) with the durable outbox (`durability =
+//! "batch"`: every group is flushed before its PUBACKs).
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::{Pid, ProcessStats};
+
+/// Twenty rules over every bench device: thresholds with hysteresis, window aggregates and
+/// anomaly detectors on both metrics. None drops or tags readings, so every reading is
+/// delivered and the count at the cloud is the count sent.
+pub const BENCH_RULES: &str = r#"
+rule hot_1
+  on device "dev-*"
+  when temperature > 85 for 2s
+  clear when temperature < 80
+  alert warning "hot"
+rule hot_2
+  on device "dev-*"
+  when temperature > 88
+  alert critical "very hot"
+rule hot_3
+  on device "dev-0*"
+  when temperature > 86 for 1s
+  alert info "warm zone 0"
+rule hot_4
+  on device "dev-1*"
+  when temperature > 87 for 500ms
+  alert info "warm zone 1"
+rule cold
+  on device "dev-*"
+  when temperature < 51
+  clear when temperature > 55
+  alert info "cold"
+rule avg_high
+  on device "dev-*"
+  when avg(temperature, 64) > 90
+  alert warning "average high"
+rule avg_time
+  on device "dev-*"
+  when avg(temperature, 10s) > 95
+  alert warning "average high over 10 s"
+rule spread
+  on device "dev-*"
+  when max(temperature, 100) - min(temperature, 100) > 60
+  alert warning "wide spread"
+rule stddev_high
+  on device "dev-*"
+  when stddev(temperature, 100) > 30
+  alert warning "unstable"
+rule zscore_vib
+  on device "dev-*"
+  when zscore(vibration, 128) > 6
+  alert warning "vibration z-score"
+rule mad_vib
+  on device "dev-*"
+  when mad_outlier(vibration, 64, 6)
+  alert warning "vibration spike"
+rule ewma_dev_vib
+  on device "dev-*"
+  when ewma_dev(vibration, 0.1) > 5
+  alert info "vibration drift"
+rule p95_vib
+  on device "dev-*"
+  when percentile(vibration, 95, 256) > 100
+  alert warning "vibration p95"
+rule median_vib
+  on device "dev-*"
+  when median(vibration, 64) > 50
+  alert warning "vibration median"
+rule ewma_temp
+  on device "dev-*"
+  when ewma(temperature, 0.2) > 95
+  alert warning "smoothed temperature high"
+rule rate_temp
+  on device "dev-*"
+  when rate(temperature) > 100000
+  alert warning "temperature jump"
+rule vib_missing
+  on device "dev-*"
+  when missing(vibration, 30s)
+  alert warning "vibration silent"
+rule temp_flat
+  on device "dev-*"
+  when flatline(temperature, 1m)
+  alert warning "temperature stuck"
+rule combined
+  on device "dev-*"
+  when temperature > 85 and vibration > 20
+  alert critical "hot and shaking"
+rule count_flood
+  on device "dev-*"
+  when count(temperature, 10s) > 100000
+  alert warning "flood"
+"#;
+
+const GATEWAY: &str = "bench-gw";
+/// Warm-up at the start of each phase, not counted.
+const WARMUP: Duration = Duration::from_secs(1);
+/// Unacknowledged QoS 1 publishes per load connection.
+const LOAD_WINDOW: usize = 200;
+/// Publishes written per socket write in flat-out mode.
+const LOAD_BURST: usize = 64;
+/// Longest wait for the agent to subscribe, and for a phase's backlog to drain.
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// Latency samples kept (one per reading in the latency phase, up to this).
+const MAX_LATENCY_SAMPLES: usize = 2_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BrokerKind {
+    /// Two rumqttd brokers inside this process (nothing installed).
+    InProcess,
+    /// Two mosquitto processes (`/usr/sbin/mosquitto` or `$MOSQUITTO_BIN`).
+    Mosquitto,
+}
+
+/// What to run; see `edgestream bench --help`.
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct BenchOptions {
+    /// Seconds of the flat-out phase; the limit and latency phases take half as long each.
+    #[arg(long, default_value_t = 20)]
+    pub duration: u64,
+    #[arg(long, value_enum, default_value_t = BrokerKind::InProcess)]
+    pub broker: BrokerKind,
+    /// Simulated devices (each publishes `temperature` and `vibration` alternately).
+    #[arg(long, default_value_t = 100)]
+    pub devices: usize,
+    /// TCP connections the devices share (the load generator's cost, not the agent's).
+    #[arg(long, default_value_t = 10)]
+    pub connections: usize,
+    /// Readings/s of the latency phase.
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
+    /// QoS of the local subscriptions (agent and bare subscriber): 0 or 1.
+    #[arg(long, default_value_t = 1)]
+    pub qos: u8,
+    /// mosquitto only: `max_inflight_messages` of the local broker (0 = unlimited; Debian's
+    /// default is 20).
+    #[arg(long, default_value_t = 0)]
+    pub local_max_inflight: u32,
+    /// Agent `cloud.batch_size`.
+    #[arg(long, default_value_t = 200)]
+    pub batch_size: usize,
+    /// Agent `cloud.max_inflight`.
+    #[arg(long, default_value_t = 16)]
+    pub cloud_inflight: u16,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Figures of one phase.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PhaseResult {
+    pub name: String,
+    /// Readings/s the load generator had acknowledged by the local broker.
+    pub offered_per_s: f64,
+    /// Readings/s delivered to the bare subscriber or to the cloud.
+    pub delivered_per_s: f64,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub latency_max_ms: Option<f64>,
+    /// Agent CPU seconds per million delivered readings (= microseconds per reading).
+    pub agent_cpu_us_per_reading: Option<f64>,
+    /// Agent CPU use over the phase, in cores.
+    pub agent_cpu_cores: Option<f64>,
+    /// Bytes the agent wrote to storage per delivered reading.
+    pub agent_disk_bytes_per_reading: Option<f64>,
+    /// Highest agent RSS sampled after warm-up.
+    pub agent_peak_rss_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub options: BenchOptions,
+    pub cores: usize,
+    pub rules: usize,
+    pub phases: Vec<PhaseResult>,
+    /// Agent flat-out throughput over the bare subscriber's.
+    pub agent_to_limit_ratio: f64,
+    /// `VmHWM` of the agent over the whole run.
+    pub agent_vm_hwm_bytes: u64,
+    pub agent_rss_at_end_bytes: u64,
+}
+
+pub fn main(opts: BenchOptions) -> anyhow::Result<()> {
+    // The brokers log every disconnect; the bench's output is its report.
+    crate::logging::init("error,rumqttd=off");
+    if opts.qos > 1 {
+        anyhow::bail!("--qos must be 0 or 1");
+    }
+    if opts.devices == 0 || opts.connections == 0 || opts.connections > opts.devices {
+        anyhow::bail!("need 1 <= --connections <= --devices");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(run(opts.clone()))?;
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+/// Holds whichever brokers were started; they stop when dropped (mosquitto) or with the
+/// process (rumqttd).
+enum Brokers {
+    InProcess(
+        edgestream_sim::InProcessBroker,
+        edgestream_sim::InProcessBroker,
+    ),
+    Mosquitto(Box<(edgestream_sim::Mosquitto, edgestream_sim::Mosquitto)>),
+}
+
+impl Brokers {
+    fn ports(&self) -> (u16, u16) {
+        match self {
+            Brokers::InProcess(l, c) => (l.port(), c.port()),
+            Brokers::Mosquitto(b) => (b.0.port(), b.1.port()),
+        }
+    }
+}
+
+async fn start_brokers(opts: &BenchOptions) -> anyhow::Result<Brokers> {
+    Ok(match opts.broker {
+        BrokerKind::InProcess => Brokers::InProcess(
+            edgestream_sim::InProcessBroker::start().await?,
+            edgestream_sim::InProcessBroker::start().await?,
+        ),
+        BrokerKind::Mosquitto => {
+            let local = edgestream_sim::Mosquitto::start_with(edgestream_sim::MosquittoOptions {
+                tls: None,
+                extra_config: vec![format!("max_inflight_messages {}", opts.local_max_inflight)],
+            })
+            .await?;
+            let cloud = edgestream_sim::Mosquitto::start().await?;
+            Brokers::Mosquitto(Box::new((local, cloud)))
+        }
+    })
+}
+
+async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
+    let brokers = start_brokers(&opts).await.context("starting brokers")?;
+    let (local_port, cloud_port) = brokers.ports();
+    let half = Duration::from_secs((opts.duration / 2).max(3));
+    let full = Duration::from_secs(opts.duration.max(3));
+    let mut phases = Vec::new();
+
+    // Phase 1: the broker's own limit.
+    let bare = Counter::default();
+    let bare_task = tokio::spawn(bare_subscriber(
+        local_port,
+        opts.qos,
+        bare.clone(),
+        CancellationToken::new(),
+    ));
+    bare.wait_ready().await?;
+    let load = Load::start(&opts, local_port, None).await?;
+    let limit = measure(half, &load, &bare, None, None).await;
+    load.stop().await;
+    bare_task.abort();
+    phases.push(PhaseResult {
+        name: "broker limit (bare subscriber)".into(),
+        ..limit
+    });
+
+    // The agent, as a child process.
+    let dir = tempfile::Builder::new()
+        .prefix("edgestream-bench-")
+        .tempdir()
+        .context("temp dir")?;
+    let mut agent = AgentChild::start(dir.path(), &opts, local_port, cloud_port)?;
+    let cloud = Counter::default();
+    let cloud_stop = CancellationToken::new();
+    let cloud_task = tokio::spawn(cloud_counter(cloud_port, cloud.clone(), cloud_stop.clone()));
+    cloud.wait_ready().await?;
+    agent.wait_ready().await?;
+
+    // Phase 2: fixed rate, latency.
+    let load = Load::start(&opts, local_port, Some(opts.rate)).await?;
+    cloud.record_latency(true);
+    let lat = measure(half, &load, &cloud, Some(&agent), Some(&cloud)).await;
+    cloud.record_latency(false);
+    load.stop().await;
+    cloud.wait_quiet(DRAIN_TIMEOUT).await;
+    phases.push(PhaseResult {
+        name: format!("agent at {} readings/s", opts.rate),
+        ..lat
+    });
+
+    // Phase 3: flat out.
+    let load = Load::start(&opts, local_port, None).await?;
+    let flat = measure(full, &load, &cloud, Some(&agent), None).await;
+    load.stop().await;
+    phases.push(PhaseResult {
+        name: "agent flat out".into(),
+        ..flat
+    });
+    let end = ProcessStats::read(Pid::Other(agent.pid()));
+    agent.stop();
+    cloud_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), cloud_task).await;
+    drop(brokers);
+
+    let ratio = phases[2].delivered_per_s / phases[0].delivered_per_s.max(1.0);
+    Ok(BenchReport {
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        rules: edgestream_rules::compile(BENCH_RULES)
+            .map(|p| p.rule_count())
+            .unwrap_or(0),
+        options: opts,
+        phases,
+        agent_to_limit_ratio: ratio,
+        agent_vm_hwm_bytes: end.peak_rss_bytes,
+        agent_rss_at_end_bytes: end.rss_bytes,
+    })
+}
+
+/// Runs a phase for `length` and measures it after the warm-up.
+async fn measure(
+    length: Duration,
+    load: &Load,
+    delivered: &Counter,
+    agent: Option<&AgentChild>,
+    latency: Option<&Counter>,
+) -> PhaseResult {
+    tokio::time::sleep(WARMUP).await;
+    let t0 = Instant::now();
+    let (o0, d0) = (load.acked(), delivered.count());
+    let p0 = agent.map(|a| ProcessStats::read(Pid::Other(a.pid())));
+    if let Some(l) = latency {
+        l.clear_latencies();
+    }
+    let mut peak_rss = 0;
+    let end = t0 + length.saturating_sub(WARMUP);
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some(a) = agent {
+            peak_rss = peak_rss.max(ProcessStats::read(Pid::Other(a.pid())).rss_bytes);
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let (o1, d1) = (load.acked(), delivered.count());
+    let n = (d1 - d0) as f64;
+    let mut r = PhaseResult {
+        offered_per_s: (o1 - o0) as f64 / secs,
+        delivered_per_s: n / secs,
+        ..PhaseResult::default()
+    };
+    if let (Some(a), Some(p0)) = (agent, p0) {
+        let p1 = ProcessStats::read(Pid::Other(a.pid()));
+        let cpu = p1.cpu_seconds - p0.cpu_seconds;
+        r.agent_cpu_us_per_reading = Some(cpu * 1e6 / n.max(1.0));
+        r.agent_cpu_cores = Some(cpu / secs);
+        r.agent_disk_bytes_per_reading =
+            Some(p1.disk_write_bytes.saturating_sub(p0.disk_write_bytes) as f64 / n.max(1.0));
+        r.agent_peak_rss_bytes = Some(peak_rss);
+    }
+    if let Some(l) = latency {
+        let mut v = l.take_latencies();
+        if !v.is_empty() {
+            v.sort_unstable();
+            let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
+            r.latency_p50_ms = Some(q(0.50));
+            r.latency_p99_ms = Some(q(0.99));
+            r.latency_max_ms = Some(q(1.0));
+        }
+    }
+    r
+}
+
+/// Deliveries counted by a subscriber, and (cloud only) their latencies in microseconds.
+#[derive(Debug, Clone, Default)]
+struct Counter {
+    inner: Arc<CounterInner>,
+}
+
+#[derive(Debug, Default)]
+struct CounterInner {
+    count: AtomicU64,
+    ready: AtomicU64,
+    last_change_ms: AtomicU64,
+    recording: std::sync::atomic::AtomicBool,
+    latencies_us: Mutex<Vec<u32>>,
+}
+
+impl Counter {
+    fn count(&self) -> u64 {
+        self.inner.count.load(Ordering::Relaxed)
+    }
+    fn add(&self, n: u64) {
+        self.inner.count.fetch_add(n, Ordering::Relaxed);
+        self.inner
+            .last_change_ms
+            .store(crate::source::now_ms(), Ordering::Relaxed);
+    }
+    fn set_ready(&self) {
+        self.inner.ready.store(1, Ordering::Relaxed);
+    }
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.inner.ready.load(Ordering::Relaxed) == 0 {
+            if Instant::now() > deadline {
+                anyhow::bail!("subscriber did not get its SUBACK within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+    /// Waits until nothing has arrived for a second (a phase's backlog drained).
+    async fn wait_quiet(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let last = self.inner.last_change_ms.load(Ordering::Relaxed);
+            if crate::source::now_ms().saturating_sub(last) > 1000 {
+                return;
+            }
+        }
+    }
+    fn record_latency(&self, on: bool) {
+        self.inner.recording.store(on, Ordering::Relaxed);
+    }
+    fn clear_latencies(&self) {
+        self.latencies().clear();
+    }
+    fn take_latencies(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.latencies())
+    }
+    fn latencies(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        // A poisoned lock only means a panicking writer; the samples are still usable.
+        self.inner
+            .latencies_us
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn unique_client_id(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        crate::source::now_ms() % 1_000_000
+    )
+}
+
+/// Counts readings delivered by the local broker to a plain subscriber (automatic acks).
+async fn bare_subscriber(port: u16, qos: u8, counter: Counter, stop: CancellationToken) {
+    let mut o = MqttOptions::new(unique_client_id("bench-bare"), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(60))
+        .set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = AsyncClient::new(o, 64);
+    let qos = if qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    loop {
+        let ev = tokio::select! {
+            _ = stop.cancelled() => break,
+            ev = events.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                if let Err(e) = client.try_subscribe("sensors/+/+", qos) {
+                    tracing::error!(error = %e, "bare subscriber cannot subscribe");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => counter.set_ready(),
+            Ok(Event::Incoming(Packet::Publish(_))) => counter.add(1),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "bare subscriber lost its broker");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TelemetryBatch {
+    readings: Vec<TelemetryItem>,
+}
+
+#[derive(serde::Deserialize)]
+struct TelemetryItem {
+    ts: u64,
+    seq: u64,
+}
+
+/// Counts distinct readings (by `seq`) the agent delivered to the cloud broker, as a cloud
+/// consumer would (QoS 1), and their latency while recording.
+async fn cloud_counter(port: u16, counter: Counter, stop: CancellationToken) {
+    let mut o = MqttOptions::new(unique_client_id("bench-cloud"), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(60))
+        .set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut events) = AsyncClient::new(o, 64);
+    let topic = format!("edgestream/{GATEWAY}/telemetry");
+    let mut max_seq: Option<u64> = None;
+    loop {
+        let ev = tokio::select! {
+            _ = stop.cancelled() => break,
+            ev = events.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                if let Err(e) = client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
+                    tracing::error!(error = %e, "cloud counter cannot subscribe");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => counter.set_ready(),
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let now_us = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_micros() as u64)
+                    .unwrap_or(0);
+                let Ok(batch) = serde_json::from_slice::<TelemetryBatch>(&p.payload) else {
+                    tracing::error!("cloud counter: telemetry batch does not parse");
+                    continue;
+                };
+                let recording = counter.inner.recording.load(Ordering::Relaxed);
+                let mut new = 0;
+                let mut lat = recording.then(|| counter.latencies());
+                for r in &batch.readings {
+                    if max_seq.is_some_and(|m| r.seq <= m) {
+                        continue; // a resend after a reconnect
+                    }
+                    max_seq = Some(r.seq);
+                    new += 1;
+                    if let Some(l) = lat.as_mut() {
+                        if l.len() < MAX_LATENCY_SAMPLES {
+                            let us = now_us.saturating_sub(r.ts * 1000);
+                            l.push(us.min(u32::MAX as u64) as u32);
+                        }
+                    }
+                }
+                drop(lat);
+                counter.add(new);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cloud counter lost its broker");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// The load generator: `connections` raw MQTT 3.1.1 clients (a few hundred lines of rumqttc
+/// would cost the bench process more CPU than the brokers), each publishing QoS 1 readings for
+/// its share of the devices, with a window of [`LOAD_WINDOW`] unacknowledged publishes.
+struct Load {
+    stop: CancellationToken,
+    acked: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// `rate`: total readings/s across all devices, or flat out.
+    async fn start(opts: &BenchOptions, port: u16, rate: Option<u64>) -> anyhow::Result<Load> {
+        let stop = CancellationToken::new();
+        let acked = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for c in 0..opts.connections {
+            let devices: Vec<String> = (0..opts.devices)
+                .filter(|d| d % opts.connections == c)
+                .map(|d| format!("dev-{d:03}"))
+                .collect();
+            let per_conn = rate.map(|r| r as f64 * devices.len() as f64 / opts.devices as f64);
+            let stream = TcpStream::connect(("127.0.0.1", port))
+                .await
+                .context("load generator cannot connect")?;
+            tasks.push(tokio::spawn(load_connection(
+                stream,
+                format!("bench-load-{c}-{}", std::process::id()),
+                devices,
+                per_conn,
+                acked.clone(),
+                stop.clone(),
+            )));
+        }
+        Ok(Load { stop, acked, tasks })
+    }
+
+    fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
+        }
+    }
+}
+
+fn put_str(buf: &mut Vec<u8>, s: &[u8]) {
+    buf.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    buf.extend_from_slice(s);
+}
+
+fn put_remaining_len(buf: &mut Vec<u8>, mut len: usize) {
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        buf.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+}
+
+/// Appends one QoS 1 PUBLISH.
+fn put_publish(buf: &mut Vec<u8>, topic: &str, pkid: u16, payload: &[u8]) {
+    buf.push(0x32);
+    put_remaining_len(buf, 2 + topic.len() + 2 + payload.len());
+    put_str(buf, topic.as_bytes());
+    buf.extend_from_slice(&pkid.to_be_bytes());
+    buf.extend_from_slice(payload);
+}
+
+async fn load_connection(
+    stream: TcpStream,
+    client_id: String,
+    devices: Vec<String>,
+    rate: Option<f64>,
+    acked: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    // CONNECT, clean session, keep-alive 600 s (no phase is that long).
+    let mut body = Vec::new();
+    put_str(&mut body, b"MQTT");
+    body.extend_from_slice(&[4, 0x02, 0x02, 0x58]);
+    put_str(&mut body, client_id.as_bytes());
+    let mut connect = vec![0x10];
+    put_remaining_len(&mut connect, body.len());
+    connect.extend_from_slice(&body);
+    let mut connack = [0u8; 4];
+    if wr.write_all(&connect).await.is_err() || rd.read_exact(&mut connack).await.is_err() {
+        tracing::error!("load generator: no CONNACK");
+        return;
+    }
+    let window = Arc::new(Semaphore::new(LOAD_WINDOW));
+    let reader = {
+        let window = window.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut have = 0;
+            loop {
+                let n = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    r = rd.read(&mut buf[have..]) => match r { Ok(0) | Err(_) => break, Ok(n) => n },
+                };
+                have += n;
+                // Only PUBACKs (4 bytes) and the odd PINGRESP (2 bytes) come back.
+                let mut i = 0;
+                let mut acks = 0;
+                while i + 2 <= have {
+                    let len = 2 + buf[i + 1] as usize;
+                    if i + len > have {
+                        break;
+                    }
+                    if buf[i] == 0x40 {
+                        acks += 1;
+                    }
+                    i += len;
+                }
+                buf.copy_within(i..have, 0);
+                have -= i;
+                if acks > 0 {
+                    acked.fetch_add(acks, Ordering::Relaxed);
+                    window.add_permits(acks as usize);
+                }
+            }
+        })
+    };
+    let topics: Vec<[String; 2]> = devices
+        .iter()
+        .map(|d| {
+            [
+                format!("sensors/{d}/temperature"),
+                format!("sensors/{d}/vibration"),
+            ]
+        })
+        .collect();
+    let started = Instant::now();
+    let mut sent: u64 = 0;
+    let mut pkid: u16 = 0;
+    let mut out = Vec::with_capacity(LOAD_BURST * 80);
+    let mut payload = Vec::with_capacity(64);
+    let mut tick = tokio::time::interval(Duration::from_millis(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while !stop.is_cancelled() {
+        let due = match rate {
+            Some(r) => {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                ((started.elapsed().as_secs_f64() * r) as u64).saturating_sub(sent)
+            }
+            None => LOAD_BURST as u64,
+        };
+        let mut n = 0;
+        while (n as u64) < due && n < LOAD_WINDOW {
+            let got = if n == 0 && rate.is_none() {
+                tokio::select! {
+                    _ = stop.cancelled() => false,
+                    p = window.acquire() => p.map(|p| p.forget()).is_ok(),
+                }
+            } else {
+                window.try_acquire().map(|p| p.forget()).is_ok()
+            };
+            if !got {
+                break;
+            }
+            let i = sent as usize;
+            let device = (i / 2) % topics.len();
+            let metric = i % 2;
+            // Temperature saw-tooths 50..90 over 40 samples per device (alerts raise and
+            // clear); vibration is low with a spike every 500 samples.
+            let k = (i / 2 / topics.len()) as u64;
+            let value = if metric == 0 {
+                50.0 + (k % 40) as f64
+            } else if k % 500 == 499 {
+                90.0
+            } else {
+                5.0 + (k % 7) as f64 * 0.5
+            };
+            payload.clear();
+            let _ = write!(
+                payload,
+                r#"{{"value":{value},"ts":{}}}"#,
+                crate::source::now_ms()
+            );
+            pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
+            put_publish(&mut out, &topics[device][metric], pkid, &payload);
+            sent += 1;
+            n += 1;
+        }
+        if !out.is_empty() {
+            if wr.write_all(&out).await.is_err() {
+                tracing::error!("load generator lost the local broker");
+                break;
+            }
+            out.clear();
+        }
+    }
+    let _ = wr.write_all(&[0xE0, 0x00]).await; // DISCONNECT
+    reader.abort();
+}
+
+/// The agent under test: this binary's `run` command as a child process.
+struct AgentChild {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl AgentChild {
+    fn start(
+        dir: &Path,
+        opts: &BenchOptions,
+        local_port: u16,
+        cloud_port: u16,
+    ) -> anyhow::Result<AgentChild> {
+        let config = format!(
+            r#"
+[gateway]
+id = "{GATEWAY}"
+data_dir = "{data}"
+
+[local]
+host = "127.0.0.1"
+port = {local_port}
+topics = ["sensors/+/+"]
+qos = {qos}
+
+[cloud]
+host = "127.0.0.1"
+port = {cloud_port}
+tls = false
+batch_size = {batch}
+max_inflight = {inflight}
+
+[outbox]
+durability = "batch"
+
+[rules]
+text = """{BENCH_RULES}"""
+
+[health]
+interval_secs = 5
+
+[log]
+level = "warn,edgestream_agent::source=info"
+"#,
+            data = dir.join("data").display(),
+            qos = opts.qos,
+            batch = opts.batch_size,
+            inflight = opts.cloud_inflight,
+        );
+        let path = dir.join("edgestream.toml");
+        std::fs::write(&path, config).context("writing the agent config")?;
+        let log = dir.join("agent.log");
+        let exe = std::env::current_exe().context("cannot find this executable")?;
+        let child = Command::new(exe)
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).context("agent log")?)
+            .spawn()
+            .context("cannot start the agent")?;
+        Ok(AgentChild {
+            child: Some(child),
+            log,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+        while !self.logs().contains("subscribed to local topics") {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                anyhow::bail!("the agent exited ({status}):\n{}", self.logs());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("the agent did not subscribe in time:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, a bounded wait, then SIGKILL.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for AgentChild {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn opt(v: Option<f64>, prec: usize) -> String {
+    v.map(|v| format!("{v:.prec$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn print_table(r: &BenchReport) {
+    let o = &r.options;
+    println!(
+        "edgestream bench: {} devices on {} connections, {} rules, durable outbox (batch), local QoS {}, {} brokers{}, {} cores",
+        o.devices,
+        o.connections,
+        r.rules,
+        o.qos,
+        match o.broker {
+            BrokerKind::InProcess => "in-process rumqttd",
+            BrokerKind::Mosquitto => "mosquitto",
+        },
+        if o.broker == BrokerKind::Mosquitto {
+            format!(" (local max_inflight_messages {})", o.local_max_inflight)
+        } else {
+            String::new()
+        },
+        r.cores,
+    );
+    println!();
+    println!(
+        "{:<32} {:>10} {:>11} {:>7} {:>7} {:>7} {:>10} {:>6} {:>9} {:>9}",
+        "phase",
+        "offered/s",
+        "delivered/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "CPU us/rdg",
+        "cores",
+        "disk B/rdg",
+        "peak RSS"
+    );
+    for p in &r.phases {
+        println!(
+            "{:<32} {:>10.0} {:>11.0} {:>7} {:>7} {:>7} {:>10} {:>6} {:>9} {:>9}",
+            p.name,
+            p.offered_per_s,
+            p.delivered_per_s,
+            opt(p.latency_p50_ms, 1),
+            opt(p.latency_p99_ms, 1),
+            opt(p.latency_max_ms, 1),
+            opt(p.agent_cpu_us_per_reading, 2),
+            opt(p.agent_cpu_cores, 2),
+            opt(p.agent_disk_bytes_per_reading, 0),
+            p.agent_peak_rss_bytes
+                .map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    println!();
+    println!(
+        "agent flat out / broker limit: {:.0}%   agent VmHWM {:.1} MiB, RSS at end {:.1} MiB",
+        r.agent_to_limit_ratio * 100.0,
+        r.agent_vm_hwm_bytes as f64 / 1048576.0,
+        r.agent_rss_at_end_bytes as f64 / 1048576.0
+    );
+    println!("CPU us/rdg = agent CPU seconds per million readings delivered; latency = cloud arrival - reading ts (ms timestamps, may read up to 1 ms high)");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bench_rules_are_twenty_and_compile() {
+        match edgestream_rules::compile(super::BENCH_RULES) {
+            Ok(plan) => assert_eq!(plan.rule_count(), 20),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! The Prometheus endpoint: every counter of [`Metrics`] plus the process figures, in the text
+//! exposition format (version 0.0.4), on `http://127.0.0.1:{port}/metrics`.
+//!
+//! Guarantees:
+//! - **Localhost only.** The listener binds 127.0.0.1; exposing it further is a job for a
+//!   reverse proxy that adds authentication.
+//! - **Bounded.** One connection is served at a time, its request may be at most
+//!   [`MAX_REQUEST_BYTES`] and must arrive within [`REQUEST_TIMEOUT`]; a scraper cannot make
+//!   the agent hold more than one small buffer, nor stall the pipeline (it runs on its own
+//!   task and only reads atomics and `/proc`).
+//! - **Off by default** (`[metrics] prometheus = true` turns it on). With `port = 0` the
+//!   operating system picks a free port, which is logged (`metrics endpoint listening`).
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::health::{Pid, ProcessStats};
+use crate::metrics::{Metrics, Snapshot};
+use crate::outbox::Outbox;
+
+/// Longest request head read; anything longer is answered 431 and closed.
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// How long a client may take to send its request (and read the answer).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Kind of a metric in the exposition format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// One family: name, kind, help, and its samples as (labels, value).
+struct Family {
+    name: &'static str,
+    kind: Kind,
+    help: &'static str,
+    samples: Vec<(&'static str, f64)>,
+}
+
+fn families(m: &Snapshot, p: &ProcessStats, outbox_disk_bytes: Option<u64>) -> Vec<Family> {
+    use Kind::{Counter, Gauge};
+    let f = |name, kind, help, samples: &[(&'static str, u64)]| Family {
+        name,
+        kind,
+        help,
+        samples: samples.iter().map(|&(l, v)| (l, v as f64)).collect(),
+    };
+    let mut v =
+        vec![
+        f(
+            "edgestream_readings_in_total",
+            Counter,
+            "Readings accepted, by source.",
+            &[(r#"source="mqtt""#, m.readings_in_mqtt)],
+        ),
+        f(
+            "edgestream_parse_errors_total",
+            Counter,
+            "Inputs rejected as malformed, by source.",
+            &[(r#"source="mqtt""#, m.rejected_mqtt)],
+        ),
+        f(
+            "edgestream_rule_evaluations_total",
+            Counter,
+            "Readings evaluated by the rules stage.",
+            &[("", m.rules_evaluated)],
+        ),
+        f(
+            "edgestream_alerts_total",
+            Counter,
+            "Alert transitions produced by rules.",
+            &[
+                (r#"transition="raised""#, m.alerts_raised),
+                (r#"transition="cleared""#, m.alerts_cleared),
+            ],
+        ),
+        f(
+            "edgestream_aggregates_total",
+            Counter,
+            "Aggregates produced by downsampling rules.",
+            &[("", m.aggregates)],
+        ),
+        f(
+            "edgestream_commands_total",
+            Counter,
+            "Device commands, by outcome (rules produce them; routing is counted once it exists).",
+            &[(r#"outcome="produced""#, m.rule_commands)],
+        ),
+        f(
+            "edgestream_records_dropped_total",
+            Counter,
+            "Records and readings dropped, by reason.",
+            &[
+                (r#"reason="rule""#, m.readings_dropped_by_rule),
+                (r#"reason="outbox_full""#, m.outbox_dropped_full),
+                (r#"reason="corrupt""#, m.outbox_corrupt),
+                (r#"reason="deadletter_rate_limit""#, m.deadletters_suppressed),
+            ],
+        ),
+        f(
+            "edgestream_deadletters_total",
+            Counter,
+            "Samples of rejected input queued for the cloud dead-letter topic.",
+            &[("", m.deadletters_sent)],
+        ),
+        f(
+            "edgestream_outbox_appended_total",
+            Counter,
+            "Records appended to the outbox.",
+            &[("", m.outbox_appended)],
+        ),
+        f(
+            "edgestream_outbox_flushes_total",
+            Counter,
+            "Outbox group commits (flushes to disk).",
+            &[("", m.outbox_flushes)],
+        ),
+        f(
+            "edgestream_outbox_acked_total",
+            Counter,
+            "Records removed from the outbox on their cloud PUBACK.",
+            &[("", m.outbox_acked)],
+        ),
+        f(
+            "edgestream_outbox_records",
+            Gauge,
+            "Records waiting in the outbox.",
+            &[("", m.outbox_depth)],
+        ),
+        f(
+            "edgestream_outbox_bytes",
+            Gauge,
+            "Record bytes held in the outbox (what the cap counts).",
+            &[("", m.outbox_bytes)],
+        ),
+        f(
+            "edgestream_uplink_online",
+            Gauge,
+            "1 while connected to the cloud broker.",
+            &[("", m.uplink_online)],
+        ),
+        f(
+            "edgestream_uplink_connects_total",
+            Counter,
+            "Connections established to the cloud broker (reconnects = this - 1).",
+            &[("", m.uplink_connects)],
+        ),
+        f(
+            "edgestream_uplink_connect_failures_total",
+            Counter,
+            "Failed attempts to connect to the cloud broker.",
+            &[("", m.uplink_connect_failures)],
+        ),
+        f(
+            "edgestream_uplink_publishes_total",
+            Counter,
+            "Publishes sent to the cloud broker.",
+            &[("", m.uplink_publishes)],
+        ),
+        f(
+            "edgestream_uplink_records_sent_total",
+            Counter,
+            "Records carried by publishes to the cloud (resends included).",
+            &[("", m.uplink_records_sent)],
+        ),
+        f(
+            "edgestream_uplink_bytes_sent_total",
+            Counter,
+            "Payload bytes sent to the cloud broker.",
+            &[("", m.uplink_bytes)],
+        ),
+        f(
+            "process_resident_memory_bytes",
+            Gauge,
+            "Resident memory size in bytes.",
+            &[("", p.rss_bytes)],
+        ),
+        f(
+            "edgestream_process_peak_resident_memory_bytes",
+            Gauge,
+            "Highest resident memory size since start, in bytes.",
+            &[("", p.peak_rss_bytes)],
+        ),
+        f(
+            "edgestream_process_disk_write_bytes_total",
+            Counter,
+            "Bytes this process caused to be written to storage.",
+            &[("", p.disk_write_bytes)],
+        ),
+    ];
+    v.push(Family {
+        name: "process_cpu_seconds_total",
+        kind: Counter,
+        help: "Total user and system CPU time spent in seconds.",
+        samples: vec![("", p.cpu_seconds)],
+    });
+    if let Some(disk) = outbox_disk_bytes {
+        v.push(f(
+            "edgestream_outbox_disk_bytes",
+            Gauge,
+            "Size of the outbox directory on disk.",
+            &[("", disk)],
+        ));
+    }
+    v
+}
+
+/// Renders the exposition text.
+pub fn render(m: &Snapshot, p: &ProcessStats, outbox_disk_bytes: Option<u64>) -> String {
+    let mut out = String::with_capacity(4096);
+    for fam in families(m, p, outbox_disk_bytes) {
+        let kind = match fam.kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        };
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "# HELP {} {}", fam.name, fam.help);
+        let _ = writeln!(out, "# TYPE {} {kind}", fam.name);
+        for (labels, value) in fam.samples {
+            if labels.is_empty() {
+                let _ = writeln!(out, "{} {value}", fam.name);
+            } else {
+                let _ = writeln!(out, "{}{{{labels}}} {value}", fam.name);
+            }
+        }
+    }
+    out
+}
+
+/// Parses exposition text into `name{labels}` -> value, for tests and the bench.
+pub fn parse(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A bound, not yet serving endpoint.
+#[derive(Debug)]
+pub struct PrometheusEndpoint {
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    outbox: Option<Outbox>,
+}
+
+impl PrometheusEndpoint {
+    /// Binds `127.0.0.1:port` (0 = any free port).
+    pub async fn bind(
+        port: u16,
+        metrics: Arc<Metrics>,
+        outbox: Option<Outbox>,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
+        Ok(Self {
+            listener,
+            metrics,
+            outbox,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves scrapes until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            // Cancellation safety: `accept` loses nothing when dropped; a connection being
+            // served is bounded by REQUEST_TIMEOUT.
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics endpoint accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, self.serve(stream)).await {
+                tracing::debug!(error = %e, "metrics scrape timed out");
+            }
+        }
+    }
+
+    async fn serve(&self, mut stream: TcpStream) {
+        let mut buf = [0u8; MAX_REQUEST_BYTES];
+        let mut len = 0;
+        let head_complete = loop {
+            match stream.read(&mut buf[len..]).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => len += n,
+            }
+            if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                break true;
+            }
+            if len == buf.len() {
+                break false;
+            }
+        };
+        let request_line = std::str::from_utf8(&buf[..len])
+            .ok()
+            .and_then(|s| s.lines().next())
+            .unwrap_or("");
+        let mut parts = request_line.split(' ');
+        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let (status, body) = if !head_complete {
+            ("431 Request Header Fields Too Large", String::new())
+        } else if method != "GET" {
+            ("405 Method Not Allowed", String::new())
+        } else if path == "/metrics" || path.starts_with("/metrics?") {
+            let snapshot = self.metrics.snapshot();
+            let process = ProcessStats::read(Pid::Current);
+            let disk = self.outbox.as_ref().map(Outbox::size_on_disk);
+            ("200 OK", render(&snapshot, &process, disk))
+        } else {
+            ("404 Not Found", "try /metrics\n".to_string())
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        if stream.write_all(head.as_bytes()).await.is_ok() {
+            let _ = stream.write_all(body.as_bytes()).await;
+        }
+        let _ = stream.shutdown().await;
+    }
+}
+
+/// Starts the endpoint if `[metrics] prometheus = true`; it stops when `shutdown` is cancelled.
+pub async fn start(
+    config: &crate::config::MetricsConfig,
+    metrics: Arc<Metrics>,
+    outbox: Option<Outbox>,
+    shutdown: CancellationToken,
+) -> std::io::Result<Option<tokio::task::JoinHandle<()>>> {
+    if !config.prometheus {
+        return Ok(None);
+    }
+    let endpoint = PrometheusEndpoint::bind(config.port, metrics, outbox).await?;
+    let addr = endpoint.local_addr()?;
+    tracing::info!(%addr, "metrics endpoint listening");
+    Ok(Some(tokio::spawn(endpoint.run(shutdown))))
+}
+
+/// Fetches `/metrics` from `127.0.0.1:port` (tests, the bench).
+pub async fn scrape(port: u16) -> std::io::Result<String> {
+    let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no HTTP head"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!(
+            "scrape failed: {}",
+            head.lines().next().unwrap_or("")
+        )));
+    }
+    Ok(body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_type_and_labels() {
+        let m = Snapshot {
+            readings_in_mqtt: 12,
+            alerts_raised: 2,
+            outbox_depth: 5,
+            ..Snapshot::default()
+        };
+        let text = render(&m, &ProcessStats::default(), Some(4096));
+        assert!(text.contains("# TYPE edgestream_readings_in_total counter"));
+        assert!(text.contains("# TYPE edgestream_outbox_records gauge"));
+        let v = parse(&text);
+        assert_eq!(v[r#"edgestream_readings_in_total{source="mqtt"}"#], 12.0);
+        assert_eq!(v[r#"edgestream_alerts_total{transition="raised"}"#], 2.0);
+        assert_eq!(v["edgestream_outbox_records"], 5.0);
+        assert_eq!(v["edgestream_outbox_disk_bytes"], 4096.0);
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_and_refuses_the_rest() {
+        let metrics = Arc::new(Metrics::default());
+        Metrics::add(&metrics.readings_in_mqtt, 3);
+        let ep = PrometheusEndpoint::bind(0, metrics, None).await.unwrap();
+        let port = ep.local_addr().unwrap().port();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(ep.run(shutdown.clone()));
+        let body = scrape(port).await.unwrap();
+        assert_eq!(
+            parse(&body)[r#"edgestream_readings_in_total{source="mqtt"}"#],
+            3.0
+        );
+        assert!(parse(&body)["process_resident_memory_bytes"] > 0.0);
+        // Wrong path, and a request head that never ends within the limit.
+        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).await.unwrap();
+        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .unwrap();
+        let _ = s.write_all(&[b'a'; MAX_REQUEST_BYTES + 10]).await;
+        let mut r = String::new();
+        let _ = s.read_to_string(&mut r).await;
+        assert!(r.starts_with("HTTP/1.1 431"), "{r}");
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+}

@@ -208,6 +208,10 @@ pub struct RulesConfig {
     /// Inline rules, for small setups.
     #[serde(default)]
     pub text: Option<String>,
+    /// Also take rule bundles for this group of gateways, on
+    /// `{prefix}/groups/{group}/rules/set`.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -762,6 +766,11 @@ impl RulesConfig {
     fn validate(&self, base: Option<&Path>, p: &mut Vec<Problem>) {
         if self.file.is_some() && self.text.is_some() {
             bad(p, "rules", "give either `file` or `text`, not both");
+        }
+        if let Some(g) = &self.group {
+            if g.is_empty() || !g.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                bad(p, "rules.group", format!("{g:?} may contain only letters, digits, '-' and '_'"));
+            }
         }
         match self.source(base) {
             Ok(Some((origin, text))) => {

@@ -72,6 +72,9 @@ counters! {
     /// Dead-letter samples queued upstream, and rejected inputs not sampled (rate limit).
     deadletters_sent,
     deadletters_suppressed,
+    /// Rule bundles applied and rejected.
+    bundles_applied,
+    bundles_rejected,
 }
 
 impl Metrics {

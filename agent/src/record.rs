@@ -28,6 +28,15 @@ pub enum Record {
     Alert(AlertRecord),
     Aggregate(AggregateRecord),
     DeadLetter(DeadLetterRecord),
+    /// A control-plane message published as-is (rule bundle status; later command outcomes).
+    Control(ControlRecord),
+}
+
+/// A ready-made JSON payload for `{prefix}/{gateway}/{topic_suffix}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlRecord {
+    pub topic_suffix: String,
+    pub payload: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,7 +107,7 @@ pub enum DecodeError {
 impl Record {
     pub fn priority(&self) -> Priority {
         match self {
-            Record::Alert(_) => Priority::High,
+            Record::Alert(_) | Record::Control(_) => Priority::High,
             Record::Reading(_) | Record::Aggregate(_) | Record::DeadLetter(_) => Priority::Low,
         }
     }

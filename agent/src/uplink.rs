@@ -39,6 +39,9 @@ use crate::record::{Priority, Record};
 use crate::topics::CloudTopics;
 use crate::wire;
 
+/// Largest packet read from the cloud broker (rule bundles are limited to 256 KiB by the
+/// protocol; anything up to this size is read and refused with a reason).
+pub const MAX_INBOUND_PACKET: usize = 4 << 20;
 /// How long a connection attempt may take before it counts as failed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with publishes in flight and no packet from the broker for this long is wedged.
@@ -184,7 +187,10 @@ impl Uplink {
             // connection means rumqttc itself never replays stale publishes.
             .set_clean_session(false)
             .set_manual_acks(true)
-            .set_max_packet_size(c.max_packet_bytes, c.max_packet_bytes)
+            // Inbound messages larger than our own limits must still be read (and refused by
+            // their consumer): a packet over rumqttc's limit drops the connection, and the
+            // persistent session would redeliver it forever.
+            .set_max_packet_size(c.max_packet_bytes.max(MAX_INBOUND_PACKET), c.max_packet_bytes)
             .set_inflight(c.max_inflight.saturating_add(8))
             .set_request_channel_capacity(c.max_inflight as usize * 2 + 16)
             .set_last_will(LastWill::new(
@@ -463,11 +469,16 @@ impl Uplink {
     }
 
     fn publish_single(&self, s: &mut Session, st: &Stored, payload: &mut Vec<u8>) {
-        let topic = match st.record {
+        let control_topic;
+        let topic = match &st.record {
             Record::Alert(_) => &self.topics.alerts,
             Record::Aggregate(_) => &self.topics.aggregates,
             Record::DeadLetter(_) => &self.topics.deadletter,
             Record::Reading(_) => &self.topics.telemetry,
+            Record::Control(c) => {
+                control_topic = self.topics.under(&c.topic_suffix);
+                &control_topic
+            }
         };
         if wire::single(&self.gateway, st, payload).is_err() {
             tracing::error!(seq = st.seq, "record could not be encoded");
@@ -506,12 +517,12 @@ impl Uplink {
     }
 
     fn publish_health(&self, s: &mut Session) {
-        let m = self.metrics.snapshot();
-        let payload = serde_json::json!({
-            "v": 1, "gateway": self.gateway, "uptime_s": self.started.elapsed().as_secs(),
-            "rss_bytes": crate::health::rss_bytes(), "outbox_disk_bytes": self.outbox.size_on_disk(),
-            "counters": m,
-        });
+        let payload = crate::health::message(
+            &self.gateway,
+            self.started.elapsed().as_secs(),
+            &self.metrics.snapshot(),
+            self.outbox.size_on_disk(),
+        );
         if let Ok(bytes) = serde_json::to_vec(&payload) {
             if s.client
                 .try_publish(&self.topics.health, QoS::AtMostOnce, false, bytes)

@@ -250,9 +250,9 @@ impl Ring {
         let k = s.partition_point(|v| *v < m);
         let left = |t: usize| m - s[k - 1 - t]; // k values below m, nearest first
         let right = |t: usize| s[k + t] - m; // n - k values from m up, nearest first
-        let lo = kth_of_two(&left, k, &right, n - k, (n - 1) / 2);
+        let lo = kth_of_two(left, k, right, n - k, (n - 1) / 2);
         let hi = if n % 2 == 0 {
-            kth_of_two(&left, k, &right, n - k, n / 2)
+            kth_of_two(left, k, right, n - k, n / 2)
         } else {
             lo
         };
@@ -262,10 +262,10 @@ impl Ring {
 
 /// The `r`-th smallest (0-based) element of the union of two ascending sequences given by
 /// accessors, in O(log) steps. Requires `r < na + nb`.
-fn kth_of_two(
-    a: &dyn Fn(usize) -> f64,
+fn kth_of_two<A: Fn(usize) -> f64, B: Fn(usize) -> f64>(
+    a: A,
     na: usize,
-    b: &dyn Fn(usize) -> f64,
+    b: B,
     nb: usize,
     r: usize,
 ) -> f64 {

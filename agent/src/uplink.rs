@@ -3,7 +3,9 @@
 //! An explicit mode machine, driven by one task that owns the MQTT event loop:
 //!
 //! ```text
-//!   Connecting --ConnAck--> Online --error / wedged--> Offline --backoff--> Connecting
+//!   Connecting --ConnAck--> Draining --outbox empty--> Online
+//!                              |                          |
+//!                              +---- error / wedged ------+--> Offline --backoff--> Connecting
 //!        \                    |                                     
 //!         \---shutdown-->  ShuttingDown (drain until empty or deadline, then offline status)
 //! ```
@@ -39,17 +41,21 @@ use crate::record::{Priority, Record};
 use crate::topics::CloudTopics;
 use crate::wire;
 
-/// Largest packet read from the cloud broker (rule bundles are limited to 256 KiB by the
-/// protocol; anything up to this size is read and refused with a reason).
-pub const MAX_INBOUND_PACKET: usize = 4 << 20;
 /// How long a connection attempt may take before it counts as failed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with publishes in flight and no packet from the broker for this long is wedged.
 pub const WEDGED_AFTER: Duration = Duration::from_secs(45);
+/// A connection that lasted this long resets the reconnect backoff; one the broker drops
+/// sooner (bad credentials accepted then kicked, a proxy that closes at once) keeps backing off
+/// instead of reconnecting at the minimum delay forever.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Connecting,
+    /// Connected with a backlog older than this connection: sending it, oldest first, while
+    /// new records queue behind it.
+    Draining,
     Online,
     Offline,
     ShuttingDown,
@@ -139,7 +145,10 @@ struct Session {
     high_after: Option<u64>,
     low_after: Option<u64>,
     partial_since: Option<Instant>,
+    /// Last packet from the broker, or when the window last went from idle to busy.
     last_progress: Instant,
+    /// Set while a backlog found at connect time is being sent: (since, records then).
+    draining: Option<(Instant, u64)>,
 }
 
 impl Uplink {
@@ -187,10 +196,7 @@ impl Uplink {
             // connection means rumqttc itself never replays stale publishes.
             .set_clean_session(false)
             .set_manual_acks(true)
-            // Inbound messages larger than our own limits must still be read (and refused by
-            // their consumer): a packet over rumqttc's limit drops the connection, and the
-            // persistent session would redeliver it forever.
-            .set_max_packet_size(c.max_packet_bytes.max(MAX_INBOUND_PACKET), c.max_packet_bytes)
+            .set_max_packet_size(c.max_packet_bytes, c.max_packet_bytes)
             .set_inflight(c.max_inflight.saturating_add(8))
             .set_request_channel_capacity(c.max_inflight as usize * 2 + 16)
             .set_last_will(LastWill::new(
@@ -208,12 +214,19 @@ impl Uplink {
 
     fn status_payload(&self, state: &str) -> Vec<u8> {
         let s = self.status.borrow();
-        serde_json::to_vec(&serde_json::json!({
+        let mut v = serde_json::json!({
             "v": 1, "gateway": self.gateway, "state": state,
             "rules_version": s.rules_version, "rules_hash": s.rules_hash,
             "agent_version": env!("CARGO_PKG_VERSION"),
-        }))
-        .unwrap_or_default()
+        });
+        // Part of every (retained) status for the life of this process: whoever looks at the
+        // gateway later still sees that its old backlog was set aside at start, and where.
+        if let Some((path, error)) = &self.outbox.open_report().moved_aside {
+            v["outbox_recovered"] = serde_json::json!({
+                "moved_to": path.display().to_string(), "error": error,
+            });
+        }
+        serde_json::to_vec(&v).unwrap_or_default()
     }
 
     /// Runs until `shutdown` is cancelled and either the outbox is drained (after `stages_done`
@@ -245,10 +258,12 @@ impl Uplink {
             };
             match connected {
                 Ok(()) => {
-                    backoff.reset();
+                    let connected_at = Instant::now();
                     Metrics::inc(&self.metrics.uplink_connects);
                     Metrics::set(&self.metrics.uplink_online, 1);
-                    tracing::info!(mode = ?Mode::Online, backlog = self.outbox.depth(), "connected to cloud broker");
+                    let backlog = self.outbox.depth();
+                    let mode = if backlog > 0 { Mode::Draining } else { Mode::Online };
+                    tracing::info!(?mode, backlog, "connected to cloud broker");
                     was_online = true;
                     let session = Session {
                         client,
@@ -258,10 +273,14 @@ impl Uplink {
                         low_after: None,
                         partial_since: None,
                         last_progress: Instant::now(),
+                        draining: (backlog > 0).then(|| (Instant::now(), backlog)),
                     };
                     let exit = self
                         .online(session, &mut events, &shutdown, &stages_done)
                         .await;
+                    if connected_at.elapsed() >= STABLE_AFTER {
+                        backoff.reset();
+                    }
                     Metrics::set(&self.metrics.uplink_online, 0);
                     match exit {
                         Exit::Done => break,
@@ -339,6 +358,11 @@ impl Uplink {
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         if let Some(keys) = s.queued.pop_front() {
                             if pkid != 0 {
+                                if s.inflight.is_empty() {
+                                    // The watchdog measures silence while waiting, not idle
+                                    // time before: start its clock now.
+                                    s.last_progress = Instant::now();
+                                }
                                 s.inflight.insert(pkid, keys);
                             }
                         }
@@ -349,6 +373,17 @@ impl Uplink {
                             match self.outbox.remove(&keys) {
                                 Ok(n) => Metrics::add(&self.metrics.outbox_acked, n as u64),
                                 Err(e) => tracing::error!(error = %e, "cannot remove acknowledged records; they will be sent again"),
+                            }
+                        }
+                        if let Some((since, records)) = s.draining {
+                            if self.outbox.depth() == 0 {
+                                let secs = since.elapsed().as_secs_f64();
+                                tracing::info!(
+                                    mode = ?Mode::Online, records, secs,
+                                    per_sec = (records as f64 / secs.max(1e-3)) as u64,
+                                    "backlog drained"
+                                );
+                                s.draining = None;
                             }
                         }
                     }
@@ -469,16 +504,11 @@ impl Uplink {
     }
 
     fn publish_single(&self, s: &mut Session, st: &Stored, payload: &mut Vec<u8>) {
-        let control_topic;
-        let topic = match &st.record {
+        let topic = match st.record {
             Record::Alert(_) => &self.topics.alerts,
             Record::Aggregate(_) => &self.topics.aggregates,
             Record::DeadLetter(_) => &self.topics.deadletter,
             Record::Reading(_) => &self.topics.telemetry,
-            Record::Control(c) => {
-                control_topic = self.topics.under(&c.topic_suffix);
-                &control_topic
-            }
         };
         if wire::single(&self.gateway, st, payload).is_err() {
             tracing::error!(seq = st.seq, "record could not be encoded");
@@ -517,12 +547,12 @@ impl Uplink {
     }
 
     fn publish_health(&self, s: &mut Session) {
-        let payload = crate::health::message(
-            &self.gateway,
-            self.started.elapsed().as_secs(),
-            &self.metrics.snapshot(),
-            self.outbox.size_on_disk(),
-        );
+        let m = self.metrics.snapshot();
+        let payload = serde_json::json!({
+            "v": 1, "gateway": self.gateway, "uptime_s": self.started.elapsed().as_secs(),
+            "rss_bytes": crate::health::rss_bytes(), "outbox_disk_bytes": self.outbox.size_on_disk(),
+            "counters": m,
+        });
         if let Ok(bytes) = serde_json::to_vec(&payload) {
             if s.client
                 .try_publish(&self.topics.health, QoS::AtMostOnce, false, bytes)

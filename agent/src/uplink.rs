@@ -547,12 +547,12 @@ impl Uplink {
     }
 
     fn publish_health(&self, s: &mut Session) {
-        let m = self.metrics.snapshot();
-        let payload = serde_json::json!({
-            "v": 1, "gateway": self.gateway, "uptime_s": self.started.elapsed().as_secs(),
-            "rss_bytes": crate::health::rss_bytes(), "outbox_disk_bytes": self.outbox.size_on_disk(),
-            "counters": m,
-        });
+        let payload = crate::health::message(
+            &self.gateway,
+            self.started.elapsed().as_secs(),
+            &self.metrics.snapshot(),
+            self.outbox.size_on_disk(),
+        );
         if let Ok(bytes) = serde_json::to_vec(&payload) {
             if s.client
                 .try_publish(&self.topics.health, QoS::AtMostOnce, false, bytes)

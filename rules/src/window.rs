@@ -247,28 +247,26 @@ impl Ring {
             return (f64::NAN, f64::NAN);
         }
         let m = quantile_sorted(s, 0.5);
-        let k = s.partition_point(|v| *v < m);
-        let left = |t: usize| m - s[k - 1 - t]; // k values below m, nearest first
+        // Any split with s[..k] <= m <= s[k..] works, and the middle one always is.
+        let k = n / 2;
+        let left = |t: usize| m - s[k - 1 - t]; // k values up to m, nearest first
         let right = |t: usize| s[k + t] - m; // n - k values from m up, nearest first
-        let lo = kth_of_two(left, k, right, n - k, (n - 1) / 2);
-        let hi = if n % 2 == 0 {
-            kth_of_two(left, k, right, n - k, n / 2)
-        } else {
-            lo
-        };
+        let (lo, next) = kth_of_two(left, k, right, n - k, (n - 1) / 2);
+        let hi = if n % 2 == 0 { next } else { lo };
         ((lo + hi) / 2.0, m)
     }
 }
 
-/// The `r`-th smallest (0-based) element of the union of two ascending sequences given by
-/// accessors, in O(log) steps. Requires `r < na + nb`.
+/// The `r`-th and `r + 1`-th smallest (0-based) elements of the union of two ascending
+/// sequences given by accessors, in O(log) steps. Requires `r < na + nb`; the second is
+/// infinite when `r` is the last rank.
 fn kth_of_two<A: Fn(usize) -> f64, B: Fn(usize) -> f64>(
     a: A,
     na: usize,
     b: B,
     nb: usize,
     r: usize,
-) -> f64 {
+) -> (f64, f64) {
     // Find how many of the r + 1 smallest come from `a`: the least i with a[i] >= b[j - 1].
     let (mut lo, mut hi) = ((r + 1).saturating_sub(nb), (r + 1).min(na));
     while lo < hi {
@@ -284,7 +282,9 @@ fn kth_of_two<A: Fn(usize) -> f64, B: Fn(usize) -> f64>(
     let j = r + 1 - i;
     let x = if i > 0 { a(i - 1) } else { f64::NEG_INFINITY };
     let y = if j > 0 { b(j - 1) } else { f64::NEG_INFINITY };
-    x.max(y)
+    let nx = if i < na { a(i) } else { f64::INFINITY };
+    let ny = if j < nb { b(j) } else { f64::INFINITY };
+    (x.max(y), nx.min(ny))
 }
 
 /// Replaces one occurrence of `old` with `new` in the ascending slice `s`, keeping it sorted.

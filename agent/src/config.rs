@@ -768,8 +768,16 @@ impl RulesConfig {
             bad(p, "rules", "give either `file` or `text`, not both");
         }
         if let Some(g) = &self.group {
-            if g.is_empty() || !g.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                bad(p, "rules.group", format!("{g:?} may contain only letters, digits, '-' and '_'"));
+            if g.is_empty()
+                || !g
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                bad(
+                    p,
+                    "rules.group",
+                    format!("{g:?} may contain only letters, digits, '-' and '_'"),
+                );
             }
         }
         match self.source(base) {

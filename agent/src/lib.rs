@@ -14,6 +14,7 @@ pub mod pipeline;
 pub mod processor;
 pub mod prometheus;
 pub mod record;
+pub mod remote_rules;
 pub mod rules_cli;
 pub mod source;
 pub mod topics;

@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outbox::{OpenReport, Outbox, OutboxError, OutboxSettings};
 use crate::processor::RulesStage;
+use crate::remote_rules::{RemoteRules, RuleStore, StoredState};
 use crate::source::mqtt::LocalMqttSource;
 use crate::source::SOURCE_CHANNEL_CAPACITY;
 use crate::uplink::{StatusInfo, Uplink, UplinkError};
@@ -67,6 +68,8 @@ pub struct Agent {
     metrics: Arc<Metrics>,
     outbox: Outbox,
     plan: Plan,
+    rule_store: RuleStore,
+    rule_state: StoredState,
     pub open_report: OpenReport,
 }
 
@@ -88,14 +91,36 @@ impl Agent {
             OutboxSettings::from(&config.outbox),
             metrics.clone(),
         )?;
-        let text = config
-            .rules_source(config_dir)
-            .map_err(|p| StartError::RulesSource(p.to_string()))?
-            .map(|(_, t)| t)
-            .unwrap_or_default();
-        let plan =
-            edgestream_rules::compile(&text).map_err(|e| StartError::Rules(e.to_string()))?;
+        // A persisted remote bundle wins over the config file (remote_rules.rs module doc).
+        let rule_store = RuleStore::new(dir);
+        let rule_state = rule_store.load().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "persisted rule bundle unreadable; starting on the config file's rules");
+            StoredState::default()
+        });
+        let remote = rule_state
+            .current
+            .as_ref()
+            .and_then(|b| match edgestream_rules::compile(&b.rules) {
+                Ok(plan) => Some(plan),
+                Err(e) => {
+                    tracing::error!(version = b.version, errors = %e, "persisted rule bundle no longer compiles; starting on the config file's rules");
+                    None
+                }
+            });
+        let plan = match remote {
+            Some(plan) => plan,
+            None => {
+                let text = config
+                    .rules_source(config_dir)
+                    .map_err(|p| StartError::RulesSource(p.to_string()))?
+                    .map(|(_, t)| t)
+                    .unwrap_or_default();
+                edgestream_rules::compile(&text).map_err(|e| StartError::Rules(e.to_string()))?
+            }
+        };
+        let rules_version = rule_state.current.as_ref().map_or(0, |b| b.version);
         tracing::info!(
+            rules_version,
             gateway = %config.gateway.id,
             rules = plan.rule_count(),
             rule_state_bytes = plan.state_bytes(),
@@ -107,6 +132,8 @@ impl Agent {
             metrics,
             outbox,
             plan,
+            rule_store,
+            rule_state,
             open_report,
         })
     }
@@ -122,14 +149,43 @@ impl Agent {
             metrics,
             outbox,
             plan,
+            rule_store,
+            rule_state,
             ..
         } = self;
         let deadline = Duration::from_millis(config.gateway.shutdown_timeout_ms);
-        let (_status_tx, status_rx) = watch::channel(StatusInfo {
-            rules_version: 0,
-            rules_hash: format!("{:016x}", plan.hash()),
+        let (status_tx, status_rx) = watch::channel(StatusInfo {
+            rules_version: rule_state.current.as_ref().map_or(0, |b| b.version),
+            rules_hash: crate::remote_rules::hash_hex(&plan),
         });
-        let uplink = Uplink::new(&config, outbox.clone(), metrics.clone(), status_rx)?;
+        let (bundles_tx, bundles_rx) = mpsc::channel(crate::remote_rules::INBOUND_CAPACITY);
+        let mut rule_topics = vec![format!(
+            "{}/{}/rules/set",
+            config.cloud.topic_prefix, config.gateway.id
+        )];
+        if let Some(group) = &config.rules.group {
+            rule_topics.push(format!(
+                "{}/groups/{group}/rules/set",
+                config.cloud.topic_prefix
+            ));
+        }
+        let uplink = Uplink::new(&config, outbox.clone(), metrics.clone(), status_rx)?
+            .with_inbound(rule_topics, bundles_tx);
+        // Capacity 1, full-policy block: a second bundle waits until the first is swapped in.
+        let (plans_tx, plans_rx) = mpsc::channel(1);
+        let remote_rules = RemoteRules::new(
+            rule_store,
+            rule_state,
+            plans_tx,
+            status_tx,
+            outbox.clone(),
+            metrics.clone(),
+        );
+        let remote_rules_task = tokio::spawn(
+            remote_rules
+                .run(bundles_rx)
+                .instrument(tracing::info_span!("remote_rules")),
+        );
         let _metrics_endpoint = crate::prometheus::start(
             &config.metrics,
             metrics.clone(),
@@ -168,7 +224,8 @@ impl Agent {
             outbox.clone(),
             Some(local_client),
             metrics.clone(),
-        );
+        )
+        .with_plan_updates(plans_rx);
         let mut stage_task =
             tokio::spawn(stage.run(rx).instrument(tracing::info_span!("rules_stage")));
         let mut uplink_task = tokio::spawn(
@@ -207,6 +264,13 @@ impl Agent {
         }
         if let Err(e) = outbox.flush().await {
             tracing::error!(error = %e, "final outbox flush failed");
+        }
+        // The uplink held the bundle sender; with it gone the consumer finishes.
+        if tokio::time::timeout(Duration::from_secs(1), remote_rules_task)
+            .await
+            .is_err()
+        {
+            report.stuck.push("remote rules");
         }
         report.outbox_remaining = outbox.depth();
         tracing::info!(outbox_remaining = report.outbox_remaining, stuck = ?report.stuck, "stopped");

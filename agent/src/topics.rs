@@ -3,6 +3,8 @@
 /// Every cloud topic of one gateway: `{prefix}/{gateway}/...`.
 #[derive(Debug, Clone)]
 pub struct CloudTopics {
+    /// `{prefix}/{gateway}`.
+    pub base: String,
     pub telemetry: String,
     pub alerts: String,
     pub aggregates: String,
@@ -19,6 +21,7 @@ impl CloudTopics {
     pub fn new(prefix: &str, gateway: &str) -> Self {
         let t = |s: &str| format!("{prefix}/{gateway}/{s}");
         Self {
+            base: format!("{prefix}/{gateway}"),
             telemetry: t("telemetry"),
             alerts: t("alerts"),
             aggregates: t("aggregates"),
@@ -30,6 +33,13 @@ impl CloudTopics {
             rules_status: t("rules/status"),
             deadletter: t("deadletter"),
         }
+    }
+}
+
+impl CloudTopics {
+    /// `{prefix}/{gateway}/{suffix}`.
+    pub fn under(&self, suffix: &str) -> String {
+        format!("{}/{suffix}", self.base)
     }
 }
 

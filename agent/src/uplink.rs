@@ -41,6 +41,9 @@ use crate::record::{Priority, Record};
 use crate::topics::CloudTopics;
 use crate::wire;
 
+/// Largest packet read from the cloud broker (rule bundles are limited to 256 KiB by the
+/// protocol; anything up to this size is read and refused with a reason).
+pub const MAX_INBOUND_PACKET: usize = 4 << 20;
 /// How long a connection attempt may take before it counts as failed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with publishes in flight and no packet from the broker for this long is wedged.
@@ -196,7 +199,13 @@ impl Uplink {
             // connection means rumqttc itself never replays stale publishes.
             .set_clean_session(false)
             .set_manual_acks(true)
-            .set_max_packet_size(c.max_packet_bytes, c.max_packet_bytes)
+            // Inbound messages larger than our own limits must still be read (and refused by
+            // their consumer): a packet over rumqttc's limit drops the connection, and the
+            // persistent session would redeliver it forever.
+            .set_max_packet_size(
+                c.max_packet_bytes.max(MAX_INBOUND_PACKET),
+                c.max_packet_bytes,
+            )
             .set_inflight(c.max_inflight.saturating_add(8))
             .set_request_channel_capacity(c.max_inflight as usize * 2 + 16)
             .set_last_will(LastWill::new(
@@ -262,7 +271,11 @@ impl Uplink {
                     Metrics::inc(&self.metrics.uplink_connects);
                     Metrics::set(&self.metrics.uplink_online, 1);
                     let backlog = self.outbox.depth();
-                    let mode = if backlog > 0 { Mode::Draining } else { Mode::Online };
+                    let mode = if backlog > 0 {
+                        Mode::Draining
+                    } else {
+                        Mode::Online
+                    };
                     tracing::info!(?mode, backlog, "connected to cloud broker");
                     was_online = true;
                     let session = Session {
@@ -504,11 +517,16 @@ impl Uplink {
     }
 
     fn publish_single(&self, s: &mut Session, st: &Stored, payload: &mut Vec<u8>) {
-        let topic = match st.record {
+        let control_topic;
+        let topic = match &st.record {
             Record::Alert(_) => &self.topics.alerts,
             Record::Aggregate(_) => &self.topics.aggregates,
             Record::DeadLetter(_) => &self.topics.deadletter,
             Record::Reading(_) => &self.topics.telemetry,
+            Record::Control(c) => {
+                control_topic = self.topics.under(&c.topic_suffix);
+                &control_topic
+            }
         };
         if wire::single(&self.gateway, st, payload).is_err() {
             tracing::error!(seq = st.seq, "record could not be encoded");

@@ -62,10 +62,14 @@ pub fn telemetry_batch(
     )
 }
 
-/// Encodes a single non-reading record (alert, aggregate, dead letter).
+/// Encodes a single non-reading record (alert, aggregate, dead letter, control message).
 pub fn single(gateway: &str, s: &Stored, out: &mut Vec<u8>) -> serde_json::Result<()> {
     out.clear();
     let v = match &s.record {
+        Record::Control(c) => {
+            out.extend_from_slice(&c.payload);
+            return Ok(());
+        }
         Record::Alert(a) => serde_json::json!({
             "v": 1, "gateway": gateway, "seq": s.seq, "rule": a.rule, "device": a.device,
             "severity": a.severity, "state": if a.raised { "raised" } else { "cleared" },

@@ -342,3 +342,41 @@ rule silent
         201
     );
 }
+
+#[test]
+fn degraded_paths_are_counted() {
+    // A time window fuller than its ring: early evictions.
+    let limits = Limits {
+        time_window_samples: 4,
+        ..Limits::default()
+    };
+    let mut e = Engine::new(
+        compile_with(
+            "rule w\n  when avg(x, 1m) > 1000\n  alert info \"w\"",
+            &limits,
+        )
+        .unwrap(),
+    );
+    let mut out = Output::default();
+    for i in 0..10 {
+        e.on_reading(&r("a", "x", 1.0, i * 1000), &mut out);
+    }
+    assert_eq!(e.stats().window_early_evictions, 6);
+
+    // More distinct metrics than the routing cache holds: still evaluated, counted.
+    let mut e = engine("rule t\n  tag k = \"v\"");
+    let names: Vec<String> = (0..MAX_CACHED_METRICS_PER_DEVICE + 3)
+        .map(|i| format!("m{i}"))
+        .collect();
+    for n in &names {
+        e.on_reading(&r("a", n, 1.0, 1), &mut out);
+        assert_eq!(out.tags.len(), 1);
+    }
+    assert_eq!(e.stats().uncached_metric_readings, 3);
+
+    // A device name longer than the protocol allows: untouched, counted.
+    let long = "d".repeat(49);
+    e.on_reading(&r(&long, "x", 1.0, 1), &mut out);
+    assert!(out.is_empty());
+    assert_eq!(e.stats().device_name_too_long, 1);
+}

@@ -172,9 +172,12 @@ impl RulesStage {
                     metric: r.metric,
                     value: r.value,
                     ts_ms: r.ts_ms,
+                    // Each rule is capped by the compiler, but several rules together can
+                    // tag one reading; the wire format carries at most MAX_TAGS.
                     tags: out
                         .tags
                         .iter()
+                        .take(edgestream_protocol::limits::MAX_TAGS)
                         .map(|(k, v)| (k.to_string(), v.to_string()))
                         .collect(),
                 }));

@@ -379,3 +379,30 @@ fn largest_messages_fit_their_limits() {
     .expect("largest record must fit");
     assert!(bytes.len() <= MAX_OUTBOX_RECORD_LEN);
 }
+
+proptest! {
+    /// Lines of any length, some over the limit, in any chunking: each short
+    /// line comes out as it went in, each long one is one `TooLong` with its
+    /// exact discarded length, and nothing else is produced.
+    #[test]
+    fn over_long_lines_never_disturb_their_neighbours(
+        lines in vec("[a-z0-9=. ]{0,40}", 1..40),
+        chunks in vec(1usize..100, 1..8),
+    ) {
+        use edgestream_protocol::text::LineError;
+        const N: usize = 16;
+        let mut wire = String::new();
+        let mut want = Vec::new();
+        for l in &lines {
+            wire.push_str(l);
+            wire.push('\n');
+            if l.len() > N {
+                want.push(Err(LineError::TooLong { len: l.len() + 1 }));
+            } else if !l.trim().is_empty() {
+                want.push(Ok(l.clone()));
+            }
+        }
+        let mut acc = LineAccumulator::<N>::new();
+        prop_assert_eq!(feed_lines(&mut acc, wire.as_bytes(), &chunks), want);
+    }
+}

@@ -35,6 +35,11 @@ pub struct RulesStage {
     local_acker: Option<AsyncClient>,
     metrics: Arc<Metrics>,
     plan_updates: Option<mpsc::Receiver<Plan>>,
+    /// Acknowledgements not yet taken by the local client's request channel, oldest first.
+    /// Never awaited: the local source stops polling its event loop (which drains that channel)
+    /// while our input channel is full, so an awaited ack would deadlock the two under a
+    /// burst. Bounded by the messages the broker has in flight to us.
+    unacked: std::collections::VecDeque<Ack>,
 }
 
 impl RulesStage {
@@ -50,6 +55,7 @@ impl RulesStage {
             local_acker,
             metrics,
             plan_updates: None,
+            unacked: std::collections::VecDeque::new(),
         }
     }
 
@@ -77,6 +83,10 @@ impl RulesStage {
                 _ = tick.tick() => {
                     self.engine.on_tick(now_ms(), &mut out);
                     self.collect(&out, None, &mut records);
+                }
+                _ = tokio::time::sleep(ACK_RETRY), if !self.unacked.is_empty() => {
+                    self.send_acks();
+                    continue;
                 }
                 Some(plan) = recv_plan(&mut self.plan_updates) => {
                     tracing::info!(rules = plan.rule_count(), "swapping rule plan");
@@ -111,10 +121,20 @@ impl RulesStage {
                 continue;
             }
             self.commit(&mut records).await;
-            self.acknowledge(&mut acks).await;
+            self.unacked.extend(acks.drain(..));
+            self.send_acks();
         }
         if !records.is_empty() {
             self.commit(&mut records).await;
+        }
+        // The source keeps polling until we are done: give the last acknowledgements a bounded
+        // chance; any left over are redelivered by the broker (duplicates, not losses).
+        for _ in 0..200 {
+            self.send_acks();
+            if self.unacked.is_empty() {
+                break;
+            }
+            tokio::time::sleep(ACK_RETRY).await;
         }
         tracing::info!("rules stage drained");
     }
@@ -201,21 +221,32 @@ impl RulesStage {
         }
     }
 
-    async fn acknowledge(&self, acks: &mut Vec<Ack>) {
-        for ack in acks.drain(..) {
-            match (&ack, &self.local_acker) {
-                (Ack::Mqtt(p), Some(client)) => {
-                    if let Err(e) = client.ack(p).await {
-                        // The local connection is gone; the broker will redeliver (duplicate
-                        // in the outbox, never a loss).
-                        tracing::debug!(error = %e, "PUBACK not queued");
-                    }
+    /// Hands queued acknowledgements to the local client, in order, until its request channel
+    /// is full; the rest wait for the next group or [`ACK_RETRY`].
+    fn send_acks(&mut self) {
+        let Some(client) = &self.local_acker else {
+            self.unacked.clear();
+            return;
+        };
+        while let Some(ack) = self.unacked.front() {
+            let Ack::Mqtt(p) = ack;
+            match client.try_ack(p) {
+                Ok(()) => {}
+                // Full (or, at the very end, closed): offer it again later.
+                Err(rumqttc::ClientError::TryRequest(_)) => return,
+                Err(e) => {
+                    // The local connection is gone; the broker will redeliver (a duplicate
+                    // in the outbox, never a loss).
+                    tracing::debug!(error = %e, "PUBACK not queued");
                 }
-                (Ack::Mqtt(_), None) => {}
             }
+            self.unacked.pop_front();
         }
     }
 }
+
+/// How soon acknowledgements refused by a full request channel are offered again.
+const ACK_RETRY: Duration = Duration::from_millis(5);
 
 async fn recv_plan(rx: &mut Option<mpsc::Receiver<Plan>>) -> Option<Plan> {
     match rx {

@@ -1,0 +1,284 @@
+//! Outages (issue 5): the cloud broker unreachable for longer than the linger while devices
+//! keep publishing; and a long outage against a small byte cap.
+
+#[path = "common/mod.rs"]
+mod common;
+#[path = "outbox_support.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use edgestream_sim::{CloudCollector, FaultProxy, Mosquitto};
+use support::*;
+
+const T0: u64 = 1_700_000_000_000;
+const BATCH: usize = 50; // config_toml's cloud.batch_size
+
+/// The value of `field=` in the last log line containing `needle`.
+fn log_field(logs: &str, needle: &str, field: &str) -> Option<f64> {
+    let line = logs.lines().rev().find(|l| l.contains(needle))?;
+    let line = strip_ansi(line);
+    let at = line.find(&format!("{field}="))? + field.len() + 1;
+    line[at..]
+        .split(|c: char| c.is_whitespace())
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_from_an_outage_is_delivered_in_order_while_new_data_keeps_flowing() {
+    let local = Mosquitto::start().await.expect("local broker");
+    let cloud = Mosquitto::start().await.expect("cloud broker");
+    let proxy = FaultProxy::start(cloud.addr()).await.expect("proxy");
+    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-out")
+        .await
+        .expect("collector");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(
+        "gw-out",
+        &dir.path().join("data"),
+        local.port(),
+        proxy.port(),
+        "",
+        "",
+    );
+    let mut agent = AgentProcess::start(dir.path(), &cfg);
+    agent.wait_subscribed().await;
+    let mut devices = fleet(local.port(), "out", 4, 100.0);
+    assert!(devices.wait_connected(Duration::from_secs(10)).await);
+    assert!(
+        collector
+            .wait_for_readings(4 * BATCH, Duration::from_secs(20))
+            .await,
+        "nothing delivered before the outage\n{}",
+        agent.logs()
+    );
+
+    proxy.cut();
+    let cut_at = Instant::now();
+    let before = collector.telemetry_readings().len();
+    // The outage itself: 3 s at 400 readings/s is ~24 batches, 60 lingers.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        collector.telemetry_readings().len() <= before + 10 * BATCH,
+        "readings kept arriving through a cut link"
+    );
+    proxy.restore();
+    agent
+        .wait_log("backlog drained", Duration::from_secs(30))
+        .await;
+    let logs = agent.logs();
+    let backlog = log_field(&logs, "connected to cloud broker", "backlog").unwrap_or(0.0);
+    let drained = log_field(&logs, "backlog drained", "records").unwrap_or(0.0);
+    let per_sec = log_field(&logs, "backlog drained", "per_sec").unwrap_or(0.0);
+    assert!(
+        backlog >= (3 * BATCH) as f64,
+        "backlog at reconnect was only {backlog} records ({drained} drained)\n{logs}"
+    );
+    // New data kept flowing through the drain and after it.
+    let after_drain = collector.telemetry_readings().len();
+    assert!(
+        collector
+            .wait_for_readings(after_drain + 2 * BATCH, Duration::from_secs(10))
+            .await
+    );
+    devices.stop().await;
+    assert!(
+        wait_all_acked_delivered(&collector, &devices, Duration::from_secs(30)).await,
+        "acknowledged readings missing after the outage\n{}",
+        agent.logs()
+    );
+    let d = delivery(&collector);
+    assert_acked_delivered_in_order(&devices, &d);
+    // Peak resident memory of the agent process over its whole life, from the kernel.
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))
+        .ok()
+        .and_then(|s| {
+            let l = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_string();
+            l.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .unwrap_or(0)
+        * 1024;
+    eprintln!(
+        "outage: {:?} cut, backlog {backlog} records at reconnect, drained {drained} in \
+         {:?} s at {per_sec} records/s, {} acked readings delivered, agent peak RSS {} KiB",
+        cut_at.elapsed(),
+        log_field(&logs, "backlog drained", "secs"),
+        devices.stats().acked,
+        rss / 1024
+    );
+    assert!(rss > 0 && rss < 64 << 20, "agent RSS {rss} bytes");
+    agent.terminate(Duration::from_secs(15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_drops_oldest_telemetry_keeps_alerts_stays_near_its_cap_and_counts_drops() {
+    const CAP: u64 = 1 << 20;
+    /// sled's files hold more than the records counted against the cap (log segments,
+    /// free space awaiting reuse, its metadata): the documented margin.
+    const DISK_MARGIN: u64 = 8 << 20;
+    let local = Mosquitto::start().await.expect("local broker");
+    let cloud = Mosquitto::start().await.expect("cloud broker");
+    let proxy = FaultProxy::start(cloud.addr()).await.expect("proxy");
+    proxy.cut();
+    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-full")
+        .await
+        .expect("collector");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = config_toml(
+        "gw-full",
+        &data,
+        local.port(),
+        proxy.port(),
+        OVERHEAT_RULES,
+        &format!("[outbox]\nmax_bytes = {CAP}\n"),
+    );
+    let mut agent = AgentProcess::start(dir.path(), &cfg);
+    agent.wait_subscribed().await;
+
+    // The oldest records: 5 raise/clear cycles of the overheat alert (10 alerts).
+    let mut alerts_in = Vec::new();
+    for c in 0..5u64 {
+        let t = T0 + c * 100_000;
+        alerts_in.push(sample("boiler-1", "temperature", 85.0, t));
+        alerts_in.push(sample("boiler-1", "temperature", 85.0, t + 31_000));
+        alerts_in.push(sample("boiler-1", "temperature", 70.0, t + 32_000));
+    }
+    publish_samples(local.port(), &alerts_in).await;
+    // Then telemetry worth about twice the cap.
+    let telemetry: Vec<Sample> = (0..44_000u64)
+        .map(|i| sample(&format!("fill-{}", i % 4), "temperature", i as f64, T0 + i))
+        .collect();
+    let disk_max = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let (disk_max, path) = (disk_max.clone(), data.join("outbox"));
+        tokio::spawn(async move {
+            loop {
+                disk_max.fetch_max(dir_bytes(&path), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    for chunk in telemetry.chunks(4000) {
+        publish_samples(local.port(), chunk).await;
+    }
+    // Let the agent take in what the local broker still holds for it: wait until the
+    // outbox directory stops changing.
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let n = dir_bytes(&data.join("outbox"));
+        if n == last {
+            break;
+        }
+        last = n;
+    }
+    proxy.restore();
+
+    let all: Vec<Sample> = alerts_in.iter().chain(telemetry.iter()).cloned().collect();
+    // Every alert survives the drops.
+    assert!(
+        collector
+            .wait_for(
+                |m| m.iter().filter(|m| m.topic.ends_with("/alerts")).count() >= 10,
+                Duration::from_secs(30)
+            )
+            .await,
+        "alerts lost: {:?}\n{}",
+        collector.alerts(),
+        agent.logs()
+    );
+    // The delivered count plus the reported drops account for every reading.
+    let ok = collector
+        .wait_for(
+            |m| {
+                let dropped = m
+                    .iter()
+                    .rev()
+                    .find(|m| m.topic.ends_with("/health"))
+                    .and_then(|h| h.payload["counters"]["outbox_dropped_full"].as_u64())
+                    .unwrap_or(0);
+                let mut seqs = std::collections::HashSet::new();
+                for m in m.iter().filter(|m| m.topic.ends_with("/telemetry")) {
+                    for r in m.payload["readings"].as_array().into_iter().flatten() {
+                        seqs.insert(r["seq"].as_u64());
+                    }
+                }
+                dropped > 0 && seqs.len() as u64 + dropped == all.len() as u64
+            },
+            Duration::from_secs(60),
+        )
+        .await;
+    sampler.abort();
+    let health = collector.payloads_on("health");
+    let dropped = health
+        .last()
+        .and_then(|h| h["counters"]["outbox_dropped_full"].as_u64())
+        .unwrap_or(0);
+    let cloud = cloud_readings(&collector.telemetry_readings());
+    let mut seen = std::collections::HashSet::new();
+    let unique: Vec<_> = cloud.iter().filter(|r| seen.insert(r.4)).collect();
+    assert!(
+        ok,
+        "{} delivered + {dropped} dropped != {} published\n{}",
+        unique.len(),
+        all.len(),
+        agent.logs()
+    );
+    // What was dropped is the oldest telemetry: per device, the delivered readings are the
+    // newest ones, in order.
+    let mut published: HashMap<&str, Vec<(f64, u64)>> = HashMap::new();
+    for s in &all {
+        published
+            .entry(&s.device)
+            .or_default()
+            .push((s.value, s.ts));
+    }
+    let mut got: HashMap<&str, Vec<(f64, u64)>> = HashMap::new();
+    for r in &unique {
+        got.entry(r.0.as_str()).or_default().push((r.2, r.3));
+    }
+    for (device, p) in &published {
+        let g = got.get(device).cloned().unwrap_or_default();
+        assert!(
+            p.ends_with(&g),
+            "device {device}: delivered readings are not the newest {} of {}",
+            g.len(),
+            p.len()
+        );
+    }
+    let disk = disk_max.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "full: cap {CAP} B, {} published, {dropped} dropped (outbox_dropped_full), {} delivered, \
+         peak outbox dir {disk} B ({:.1}x cap)",
+        all.len(),
+        unique.len(),
+        disk as f64 / CAP as f64
+    );
+    assert!(
+        disk <= CAP + DISK_MARGIN,
+        "outbox directory reached {disk} bytes with a cap of {CAP}"
+    );
+    agent.terminate(Duration::from_secs(15));
+}

@@ -23,6 +23,9 @@ cargo clippy -p edgestream-protocol --no-default-features --features alloc -- -D
 step "tests (unit, property, golden, hostile stream, doc)"
 cargo test -p edgestream-protocol
 
+step "docs (broken intra-doc links fail)"
+RUSTDOCFLAGS="-D warnings" cargo doc -p edgestream-protocol --no-deps
+
 # The benches are type-checked by clippy --all-targets above; building them
 # would be a fat-LTO release build for no extra assurance.
 

@@ -192,6 +192,7 @@ fn demo_config(data: &std::path::Path, local_port: u16, cloud_port: u16) -> Conf
         health: HealthConfig { interval_secs: 5 },
         log: LogConfig::default(),
         metrics: Default::default(),
+        serial: Vec::new(),
     }
 }
 

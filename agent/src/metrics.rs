@@ -75,6 +75,21 @@ counters! {
     /// Rule bundles applied and rejected.
     bundles_applied,
     bundles_rejected,
+    /// Readings accepted from serial ports.
+    readings_in_serial,
+    /// Serial lines or frames rejected (garbage, over-long, bad CRC, unparsable; see dead
+    /// letters).
+    rejected_serial,
+    /// Bytes read from serial ports.
+    serial_bytes,
+    /// Serial port opens that succeeded, and disconnects (read error or end of data).
+    serial_connects,
+    serial_disconnects,
+    /// Serial ports open right now (gauge).
+    serial_ports_open,
+    /// Command outcome frames read from serial ports (handed to the command router once it
+    /// exists; counted so none disappears unseen).
+    serial_outcomes,
 }
 
 impl Metrics {

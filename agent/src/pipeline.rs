@@ -4,6 +4,7 @@
 //!  LocalMqttSource --(SourceMsg, 4096, block)--> RulesStage --(group commit)--> Outbox
 //!        ^                                          |                           |
 //!        +------------- PUBACK after flush ---------+                 Uplink --(QoS 1)--> cloud
+//!  SerialSource (one OS thread per port) --(same channel, blocking_send, no ack)--> RulesStage
 //! ```
 //!
 //! Shutdown order (each step bounded by `gateway.shutdown_timeout_ms`):
@@ -28,6 +29,7 @@ use crate::outbox::{OpenReport, Outbox, OutboxError, OutboxSettings};
 use crate::processor::RulesStage;
 use crate::remote_rules::{RemoteRules, RuleStore, StoredState};
 use crate::source::mqtt::LocalMqttSource;
+use crate::source::serial::{SerialSource, SerialSourceError};
 use crate::source::SOURCE_CHANNEL_CAPACITY;
 use crate::uplink::{StatusInfo, Uplink, UplinkError};
 
@@ -51,6 +53,8 @@ pub enum StartError {
     /// The Prometheus endpoint cannot listen; pick another `[metrics] port` or turn it off.
     #[error("metrics endpoint on 127.0.0.1:{port}: {source}")]
     MetricsEndpoint { port: u16, source: std::io::Error },
+    #[error(transparent)]
+    Serial(#[from] SerialSourceError),
 }
 
 /// What stopping left behind.
@@ -203,6 +207,17 @@ impl Agent {
         let stages_done = CancellationToken::new();
         let (tx, rx) = mpsc::channel(SOURCE_CHANNEL_CAPACITY);
 
+        // One thread and one sender clone per serial port; each drops its sender soon after
+        // `stop_intake` (within `serial::READ_TIMEOUT`), like the MQTT source.
+        let mut serial_threads = Vec::new();
+        for port in &config.serial {
+            let thread = SerialSource::new(port.clone())?.spawn(
+                tx.clone(),
+                metrics.clone(),
+                stop_intake.clone(),
+            )?;
+            serial_threads.push(thread);
+        }
         let source = LocalMqttSource::new(&config);
         let local_span = tracing::info_span!("local_mqtt", broker = %format!("{}:{}", config.local.host, config.local.port));
         let uplink_span = tracing::info_span!("uplink", broker = %format!("{}:{}", config.cloud.host, config.cloud.port));
@@ -253,6 +268,21 @@ impl Agent {
             .is_err()
         {
             report.stuck.push("local source");
+        }
+        if !serial_threads.is_empty() {
+            let joined = tokio::task::spawn_blocking(move || {
+                for t in serial_threads {
+                    if t.join().is_err() {
+                        tracing::error!("a serial source thread panicked");
+                    }
+                }
+            });
+            if tokio::time::timeout(Duration::from_secs(2), joined)
+                .await
+                .is_err()
+            {
+                report.stuck.push("serial source");
+            }
         }
         if tokio::time::timeout(deadline + Duration::from_secs(3), &mut uplink_task)
             .await

@@ -7,6 +7,7 @@
 //! stage can acknowledge only after the outbox holds the result.
 
 pub mod mqtt;
+pub mod serial;
 
 use crate::record::DeadLetterRecord;
 

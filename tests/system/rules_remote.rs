@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use edgestream_sim::{CloudCollector, FaultProxy, Mosquitto};
+use edgestream_sim::CloudCollector;
 use serde_json::{json, Value};
 
 const T0: u64 = 1_700_000_000_000;
@@ -63,37 +63,15 @@ fn alert_states(collector: &CloudCollector) -> Vec<(String, f64)> {
         .collect()
 }
 
-async fn start(
-    gateway: &str,
-) -> (
-    Mosquitto,
-    Mosquitto,
-    CloudCollector,
-    tempfile::TempDir,
-    AgentProcess,
-) {
-    let local = Mosquitto::start().await.expect("local broker");
-    let cloud = Mosquitto::start().await.expect("cloud broker");
-    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", gateway)
-        .await
-        .expect("collector");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(
-        gateway,
-        &dir.path().join("data"),
-        local.port(),
-        cloud.port(),
-        "",
-        "",
-    );
-    let mut agent = AgentProcess::start(dir.path(), &cfg);
-    agent.wait_subscribed().await;
-    (local, cloud, collector, dir, agent)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bundles_are_versioned_validated_swapped_atomically_and_reported() {
-    let (local, _cloud, collector, _dir, mut agent) = start("gw-rules").await;
+    let rig = Rig::start("gw-rules", "", false).await;
+    let Rig {
+        local,
+        collector,
+        mut agent,
+        ..
+    } = rig;
     assert!(
         collector
             .wait_for(
@@ -274,23 +252,17 @@ async fn bundles_are_versioned_validated_swapped_atomically_and_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_on_the_last_applied_bundle_with_the_cloud_unreachable() {
-    let local = Mosquitto::start().await.expect("local broker");
-    let cloud = Mosquitto::start().await.expect("cloud broker");
-    let proxy = FaultProxy::start(cloud.addr()).await.expect("proxy");
-    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-restart")
-        .await
-        .expect("collector");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(
-        "gw-restart",
-        &dir.path().join("data"),
-        local.port(),
-        proxy.port(),
-        "",
-        "",
-    );
-    let mut agent = AgentProcess::start(dir.path(), &cfg);
-    agent.wait_subscribed().await;
+    let rig = Rig::start("gw-restart", "", true).await;
+    let Rig {
+        local,
+        proxy,
+        collector,
+        dir,
+        config: cfg,
+        mut agent,
+        ..
+    } = rig;
+    let proxy = proxy.expect("proxy");
     collector
         .publish("rules/set", &bundle(5, 90), false)
         .await
@@ -326,23 +298,15 @@ async fn restarts_on_the_last_applied_bundle_with_the_cloud_unreachable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_non_utf8_bundles_are_refused_without_reconnecting() {
-    let local = Mosquitto::start().await.expect("local broker");
-    let cloud = Mosquitto::start().await.expect("cloud broker");
-    let proxy = FaultProxy::start(cloud.addr()).await.expect("proxy");
-    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-big")
-        .await
-        .expect("collector");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(
-        "gw-big",
-        &dir.path().join("data"),
-        local.port(),
-        proxy.port(),
-        "",
-        "",
-    );
-    let mut agent = AgentProcess::start(dir.path(), &cfg);
-    agent.wait_subscribed().await;
+    let rig = Rig::start("gw-big", "", true).await;
+    let Rig {
+        cloud,
+        proxy,
+        collector,
+        mut agent,
+        ..
+    } = rig;
+    let proxy = proxy.expect("proxy");
     assert!(
         collector
             .wait_for(

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use edgestream_sim::{CloudCollector, FaultProxy, Mosquitto};
+use edgestream_sim::CloudCollector;
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -38,21 +38,13 @@ fn scenario() -> Vec<Sample> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_every_reading_in_order_and_raises_only_the_expected_alerts() {
-    let local = Mosquitto::start().await.expect("local broker");
-    let cloud = Mosquitto::start().await.expect("cloud broker");
-    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-spine")
-        .await
-        .expect("collector");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(
-        "gw-spine",
-        &dir.path().join("data"),
-        local.port(),
-        cloud.port(),
-        OVERHEAT_RULES,
-        "",
-    );
-    let mut agent = AgentProcess::start(dir.path(), &cfg);
+    let rig = Rig::start("gw-spine", OVERHEAT_RULES, false).await;
+    let Rig {
+        local,
+        collector,
+        mut agent,
+        ..
+    } = rig;
     assert!(
         collector
             .wait_for(
@@ -137,23 +129,15 @@ async fn delivers_every_reading_in_order_and_raises_only_the_expected_alerts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_everything_after_the_cloud_was_unreachable() {
-    let local = Mosquitto::start().await.expect("local broker");
-    let cloud = Mosquitto::start().await.expect("cloud broker");
-    let proxy = FaultProxy::start(cloud.addr()).await.expect("proxy");
-    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-outage")
-        .await
-        .expect("collector");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(
-        "gw-outage",
-        &dir.path().join("data"),
-        local.port(),
-        proxy.port(),
-        OVERHEAT_RULES,
-        "",
-    );
-    let mut agent = AgentProcess::start(dir.path(), &cfg);
-    agent.wait_subscribed().await;
+    let rig = Rig::start("gw-outage", OVERHEAT_RULES, true).await;
+    let Rig {
+        local,
+        proxy,
+        collector,
+        agent,
+        ..
+    } = rig;
+    let proxy = proxy.expect("proxy");
 
     let first: Vec<Sample> = (0..200)
         .map(|i| {
@@ -212,22 +196,13 @@ async fn delivers_everything_after_the_cloud_was_unreachable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_payloads_are_counted_sampled_and_never_stop_good_readings() {
-    let local = Mosquitto::start().await.expect("local broker");
-    let cloud = Mosquitto::start().await.expect("cloud broker");
-    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-bad")
-        .await
-        .expect("collector");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_toml(
-        "gw-bad",
-        &dir.path().join("data"),
-        local.port(),
-        cloud.port(),
-        OVERHEAT_RULES,
-        "",
-    );
-    let mut agent = AgentProcess::start(dir.path(), &cfg);
-    agent.wait_subscribed().await;
+    let rig = Rig::start("gw-bad", OVERHEAT_RULES, false).await;
+    let Rig {
+        local,
+        collector,
+        mut agent,
+        ..
+    } = rig;
 
     let bad: Vec<(&str, Vec<u8>)> = vec![
         ("sensors/dev-1/temperature", b"not json at all".to_vec()),

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use edgestream_sim::{CloudCollector, FaultProxy, Mosquitto};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
 /// The canonical alert rule used across the system tests.
@@ -24,6 +25,56 @@ pub struct AgentProcess {
     pub dir: PathBuf,
     pub config_path: PathBuf,
     log_path: PathBuf,
+}
+
+/// The usual set-up: two real mosquitto brokers ("local" and "cloud"), a cloud subscriber,
+/// and the agent between them, started and subscribed. With `via_proxy` the agent reaches
+/// the cloud through a [`FaultProxy`] the test can cut.
+pub struct Rig {
+    pub local: Mosquitto,
+    pub cloud: Mosquitto,
+    pub proxy: Option<FaultProxy>,
+    pub collector: CloudCollector,
+    pub dir: tempfile::TempDir,
+    /// The agent's config text, for restarts on the same data directory.
+    pub config: String,
+    pub agent: AgentProcess,
+}
+
+impl Rig {
+    pub async fn start(gateway: &str, rules: &str, via_proxy: bool) -> Rig {
+        let local = Mosquitto::start().await.expect("local broker");
+        let cloud = Mosquitto::start().await.expect("cloud broker");
+        let proxy = if via_proxy {
+            Some(FaultProxy::start(cloud.addr()).await.expect("proxy"))
+        } else {
+            None
+        };
+        let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", gateway)
+            .await
+            .expect("collector");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cloud_port = proxy.as_ref().map_or(cloud.port(), |p| p.port());
+        let config = config_toml(
+            gateway,
+            &dir.path().join("data"),
+            local.port(),
+            cloud_port,
+            rules,
+            "",
+        );
+        let mut agent = AgentProcess::start(dir.path(), &config);
+        agent.wait_subscribed().await;
+        Rig {
+            local,
+            cloud,
+            proxy,
+            collector,
+            dir,
+            config,
+            agent,
+        }
+    }
 }
 
 /// A config for a gateway with plaintext brokers on 127.0.0.1.

@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use edgestream_sim::CloudCollector;
 
 const T0: u64 = 1_700_000_000_000;
 

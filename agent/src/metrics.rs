@@ -46,6 +46,8 @@ counters! {
     aggregates,
     /// Readings a rule chose to drop.
     readings_dropped_by_rule,
+    /// Tags not forwarded because rules attached more than the wire format carries.
+    tags_truncated,
     /// Records appended to the outbox, and flushes (group commits) that made them durable.
     outbox_appended,
     outbox_flushes,

@@ -184,6 +184,10 @@ impl RulesStage {
             Metrics::add(&m.rule_commands, out.commands.len() as u64);
         }
         if let Some(r) = reading {
+            let max_tags = edgestream_protocol::limits::MAX_TAGS;
+            if out.tags.len() > max_tags {
+                Metrics::add(&m.tags_truncated, (out.tags.len() - max_tags) as u64);
+            }
             if out.disposition == Disposition::Drop {
                 Metrics::inc(&m.readings_dropped_by_rule);
             } else {
@@ -197,7 +201,7 @@ impl RulesStage {
                     tags: out
                         .tags
                         .iter()
-                        .take(edgestream_protocol::limits::MAX_TAGS)
+                        .take(max_tags)
                         .map(|(k, v)| (k.to_string(), v.to_string()))
                         .collect(),
                 }));

@@ -133,7 +133,9 @@ pub fn message(
                 "outbox_full": m.outbox_dropped_full,
                 "corrupt": m.outbox_corrupt,
                 "deadletters_suppressed": m.deadletters_suppressed,
+                "tags_truncated": m.tags_truncated,
             },
+            "rule_bundles": { "applied": m.bundles_applied, "rejected": m.bundles_rejected },
             "uplink": {
                 "online": m.uplink_online == 1,
                 "connects": m.uplink_connects,

@@ -102,6 +102,16 @@ fn families(m: &Snapshot, p: &ProcessStats, outbox_disk_bytes: Option<u64>) -> V
                 (r#"reason="outbox_full""#, m.outbox_dropped_full),
                 (r#"reason="corrupt""#, m.outbox_corrupt),
                 (r#"reason="deadletter_rate_limit""#, m.deadletters_suppressed),
+                (r#"reason="tags_over_wire_limit""#, m.tags_truncated),
+            ],
+        ),
+        f(
+            "edgestream_rule_bundles_total",
+            Counter,
+            "Rule bundles received over MQTT, by result.",
+            &[
+                (r#"result="applied""#, m.bundles_applied),
+                (r#"result="rejected""#, m.bundles_rejected),
             ],
         ),
         f(

@@ -44,18 +44,17 @@ pub struct LocalMqttSource {
 pub enum RejectReason {
     #[error("topic does not end in /{{device}}/{{metric}}")]
     Topic,
-    #[error("device or metric name is empty, longer than {MAX_NAME} bytes, or has characters other than letters, digits, '-', '_', '.'")]
+    #[error("device or metric name is empty, longer than {MAX_NAME} bytes, or not printable ASCII without spaces, '/', '+' and '#'")]
     Name,
     /// The payload broke the protocol's reading contract (protocol/README.md, section 3).
     #[error("{0}")]
     Payload(edgestream_protocol::json::PayloadError),
 }
 
+/// The protocol's one naming rule (`edgestream_protocol::types::check_name`), plus its length
+/// limit.
 fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_NAME
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    s.len() <= MAX_NAME && edgestream_protocol::types::check_name("name", s).is_ok()
 }
 
 /// Turns one publish into a reading or a rejection reason.

@@ -135,6 +135,8 @@ const GATEWAY: &str = "bench-gw";
 const WARMUP: Duration = Duration::from_secs(1);
 /// Unacknowledged QoS 1 publishes per load connection.
 const LOAD_WINDOW: usize = 200;
+/// Flat out: readings written and not yet delivered, at most (see [`Load::start`]).
+const MAX_IN_TRANSIT: u64 = 20_000;
 /// Publishes written per socket write in flat-out mode.
 const LOAD_BURST: usize = 64;
 /// Longest wait for the agent to subscribe, and for a phase's backlog to drain.
@@ -219,6 +221,23 @@ pub struct BenchReport {
     /// `VmHWM` of the agent over the whole run.
     pub agent_vm_hwm_bytes: u64,
     pub agent_rss_at_end_bytes: u64,
+    /// `/proc/loadavg` (1 min) at the start and the end: anything else running on the machine
+    /// takes its cores from the brokers, the load and the agent.
+    pub load_average: [f64; 2],
+    /// From the agent's own Prometheus endpoint at the end: readings per outbox flush (group
+    /// commit size), readings per cloud publish, and cloud payload bytes per reading.
+    pub agent_readings_per_flush: f64,
+    pub agent_readings_per_publish: f64,
+    pub agent_uplink_bytes_per_reading: f64,
+    /// The agent's counters at the end (Prometheus names), to see where a stall sits.
+    pub agent_counters: std::collections::BTreeMap<String, f64>,
+}
+
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 pub fn main(opts: BenchOptions) -> anyhow::Result<()> {
@@ -282,6 +301,7 @@ async fn start_brokers(opts: &BenchOptions) -> anyhow::Result<Brokers> {
 }
 
 async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
+    let load_at_start = load_average();
     let brokers = start_brokers(&opts).await.context("starting brokers")?;
     let (local_port, cloud_port) = brokers.ports();
     let half = Duration::from_secs((opts.duration / 2).max(3));
@@ -297,7 +317,7 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         CancellationToken::new(),
     ));
     bare.wait_ready().await?;
-    let load = Load::start(&opts, local_port, None).await?;
+    let load = Load::start(&opts, local_port, None, &bare).await?;
     let limit = measure(half, &load, &bare, None, None).await;
     load.stop().await;
     bare_task.abort();
@@ -319,7 +339,7 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     agent.wait_ready().await?;
 
     // Phase 2: fixed rate, latency.
-    let load = Load::start(&opts, local_port, Some(opts.rate)).await?;
+    let load = Load::start(&opts, local_port, Some(opts.rate), &cloud).await?;
     cloud.record_latency(true);
     let lat = measure(half, &load, &cloud, Some(&agent), Some(&cloud)).await;
     cloud.record_latency(false);
@@ -331,14 +351,28 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     });
 
     // Phase 3: flat out.
-    let load = Load::start(&opts, local_port, None).await?;
+    let load = Load::start(&opts, local_port, None, &cloud).await?;
     let flat = measure(full, &load, &cloud, Some(&agent), None).await;
     load.stop().await;
     phases.push(PhaseResult {
         name: "agent flat out".into(),
-        ..flat
+        ..flat.clone()
     });
     let end = ProcessStats::read(Pid::Other(agent.pid()));
+    if flat.delivered_per_s < flat.offered_per_s / 100.0 {
+        let logs = agent.logs();
+        let tail: Vec<&str> = logs.lines().rev().take(20).collect();
+        eprintln!("the agent stalled flat out; the end of its log:");
+        for l in tail.iter().rev() {
+            eprintln!("  {l}");
+        }
+    }
+    let counters = match agent.metrics_port() {
+        Some(port) => crate::prometheus::parse(&crate::prometheus::scrape(port).await?),
+        None => Default::default(),
+    };
+    let c = |k: &str| counters.get(k).copied().unwrap_or(0.0);
+    let evaluated = c("edgestream_rule_evaluations_total").max(1.0);
     agent.stop();
     cloud_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), cloud_task).await;
@@ -357,6 +391,16 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         agent_to_limit_ratio: ratio,
         agent_vm_hwm_bytes: end.peak_rss_bytes,
         agent_rss_at_end_bytes: end.rss_bytes,
+        load_average: [load_at_start, load_average()],
+        agent_readings_per_flush: evaluated / c("edgestream_outbox_flushes_total").max(1.0),
+        agent_readings_per_publish: c("edgestream_uplink_records_sent_total")
+            / c("edgestream_uplink_publishes_total").max(1.0),
+        agent_uplink_bytes_per_reading: c("edgestream_uplink_bytes_sent_total") / evaluated,
+        agent_counters: counters
+            .iter()
+            .filter(|(k, _)| k.starts_with("edgestream_"))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
     })
 }
 
@@ -593,6 +637,13 @@ async fn cloud_counter(port: u16, counter: Counter, stop: CancellationToken) {
 /// The load generator: `connections` raw MQTT 3.1.1 clients (a few hundred lines of rumqttc
 /// would cost the bench process more CPU than the brokers), each publishing QoS 1 readings for
 /// its share of the devices, with a window of [`LOAD_WINDOW`] unacknowledged publishes.
+/// Readings written by all connections, against those delivered.
+#[derive(Clone)]
+struct Credit {
+    sent: Arc<AtomicU64>,
+    delivered: Counter,
+}
+
 struct Load {
     stop: CancellationToken,
     acked: Arc<AtomicU64>,
@@ -601,9 +652,21 @@ struct Load {
 
 impl Load {
     /// `rate`: total readings/s across all devices, or flat out.
-    async fn start(opts: &BenchOptions, port: u16, rate: Option<u64>) -> anyhow::Result<Load> {
+    /// Flat out is a closed loop: at most [`MAX_IN_TRANSIT`] readings written and not yet
+    /// counted by `delivered`, so that the load cannot bury the brokers in queues (and take
+    /// the cores the consumer needs); that measures the sustained rate, not the burst.
+    async fn start(
+        opts: &BenchOptions,
+        port: u16,
+        rate: Option<u64>,
+        delivered: &Counter,
+    ) -> anyhow::Result<Load> {
         let stop = CancellationToken::new();
         let acked = Arc::new(AtomicU64::new(0));
+        let credit = Credit {
+            sent: Arc::new(AtomicU64::new(delivered.count())),
+            delivered: delivered.clone(),
+        };
         let mut tasks = Vec::new();
         for c in 0..opts.connections {
             let devices: Vec<String> = (0..opts.devices)
@@ -620,6 +683,7 @@ impl Load {
                 devices,
                 per_conn,
                 acked.clone(),
+                credit.clone(),
                 stop.clone(),
             )));
         }
@@ -672,6 +736,7 @@ async fn load_connection(
     devices: Vec<String>,
     rate: Option<f64>,
     acked: Arc<AtomicU64>,
+    credit: Credit,
     stop: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
@@ -689,6 +754,11 @@ async fn load_connection(
         tracing::error!("load generator: no CONNACK");
         return;
     }
+    if connack[3] != 0 {
+        tracing::error!(code = connack[3], "load generator: connection refused");
+        return;
+    }
+    tracing::debug!(client_id, "load connection up");
     let window = Arc::new(Semaphore::new(LOAD_WINDOW));
     let reader = {
         let window = window.clone();
@@ -749,7 +819,19 @@ async fn load_connection(
                 }
                 ((started.elapsed().as_secs_f64() * r) as u64).saturating_sub(sent)
             }
-            None => LOAD_BURST as u64,
+            None => {
+                let in_transit = credit
+                    .sent
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(credit.delivered.count());
+                if in_transit >= MAX_IN_TRANSIT {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(1)) => continue,
+                    }
+                }
+                (MAX_IN_TRANSIT - in_transit).min(LOAD_BURST as u64)
+            }
         };
         let mut n = 0;
         while (n as u64) < due && n < LOAD_WINDOW {
@@ -787,6 +869,7 @@ async fn load_connection(
             put_publish(&mut out, &topics[device][metric], pkid, &payload);
             sent += 1;
             n += 1;
+            credit.sent.fetch_add(1, Ordering::Relaxed);
         }
         if !out.is_empty() {
             if wr.write_all(&out).await.is_err() {
@@ -796,6 +879,7 @@ async fn load_connection(
             out.clear();
         }
     }
+    tracing::debug!(client_id, sent, "load connection done");
     let _ = wr.write_all(&[0xE0, 0x00]).await; // DISCONNECT
     reader.abort();
 }
@@ -841,8 +925,12 @@ text = """{BENCH_RULES}"""
 [health]
 interval_secs = 5
 
+[metrics]
+prometheus = true
+port = 0
+
 [log]
-level = "warn,edgestream_agent::source=info"
+level = "warn,edgestream_agent::source=info,edgestream_agent::prometheus=info"
 "#,
             data = dir.join("data").display(),
             qos = opts.qos,
@@ -871,6 +959,17 @@ level = "warn,edgestream_agent::source=info"
 
     fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// The port of the agent's Prometheus endpoint, from its log.
+    fn metrics_port(&self) -> Option<u16> {
+        let logs = self.logs();
+        let line = logs
+            .lines()
+            .find(|l| l.contains("metrics endpoint listening"))?;
+        let rest = &line[line.find("127.0.0.1:")? + "127.0.0.1:".len()..];
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        digits.parse().ok()
     }
 
     fn logs(&self) -> String {
@@ -982,6 +1081,14 @@ fn print_table(r: &BenchReport) {
         r.agent_to_limit_ratio * 100.0,
         r.agent_vm_hwm_bytes as f64 / 1048576.0,
         r.agent_rss_at_end_bytes as f64 / 1048576.0
+    );
+    println!(
+        "agent: {:.0} readings per outbox flush, {:.0} per cloud publish, {:.0} cloud payload bytes per reading",
+        r.agent_readings_per_flush, r.agent_readings_per_publish, r.agent_uplink_bytes_per_reading
+    );
+    println!(
+        "load average (1 min) at start {:.1}, at end {:.1}",
+        r.load_average[0], r.load_average[1]
     );
     println!("CPU us/rdg = agent CPU seconds per million readings delivered; latency = cloud arrival - reading ts (ms timestamps, may read up to 1 ms high)");
 }

@@ -29,14 +29,6 @@ use crate::topics::device_metric;
 /// `message_size_limit` below this (mosquitto) to keep such payloads out entirely.
 pub const MAX_LOCAL_PACKET: usize = 1 << 20;
 const SOURCE: &str = "local-mqtt";
-/// Requests (PUBACKs from the rules stage) the local client queues for its event loop. The
-/// event loop is polled by the source task, which blocks while the rules channel is full; if
-/// the rules stage could then block on a full request queue, neither would move again (seen
-/// with mosquitto and no in-flight limit: `edgestream bench --broker mosquitto` stalled flat
-/// out with exactly 4,097 readings received and not evaluated). So the queue holds every
-/// acknowledgement the rules stage can owe: a full rules channel plus the group in hand.
-const ACK_REQUEST_CAPACITY: usize =
-    super::SOURCE_CHANNEL_CAPACITY + crate::processor::MAX_GROUP + 64;
 /// Longest accepted device or metric name (the protocol's limits).
 const MAX_NAME: usize = edgestream_protocol::limits::MAX_DEVICE_LEN;
 
@@ -90,7 +82,7 @@ impl LocalMqttSource {
             .set_clean_session(false)
             .set_manual_acks(true)
             .set_max_packet_size(MAX_LOCAL_PACKET, 64 * 1024)
-            .set_request_channel_capacity(ACK_REQUEST_CAPACITY);
+            .set_request_channel_capacity(1024);
         if let (Some(u), Some(p)) = (&l.username, &l.password) {
             options.set_credentials(u.clone(), p.clone());
         }
@@ -108,7 +100,7 @@ impl LocalMqttSource {
     /// The client and event loop for [`LocalMqttSource::run`]; the rules stage acknowledges
     /// through a clone of the client.
     pub fn client_pair(&self) -> (AsyncClient, rumqttc::EventLoop) {
-        AsyncClient::new(self.options.clone(), ACK_REQUEST_CAPACITY)
+        AsyncClient::new(self.options.clone(), 1024)
     }
 
     /// Runs until `stop_intake` and then `release` are cancelled (see the module doc).

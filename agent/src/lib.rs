@@ -16,6 +16,7 @@ pub mod prometheus;
 pub mod record;
 pub mod remote_rules;
 pub mod rules_cli;
+pub mod sdnotify;
 pub mod source;
 pub mod topics;
 pub mod uplink;

@@ -202,6 +202,7 @@ impl Agent {
             source,
         })?;
 
+        let heartbeat = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let stop_intake = CancellationToken::new();
         let release_sources = CancellationToken::new();
         let stages_done = CancellationToken::new();
@@ -240,7 +241,8 @@ impl Agent {
             Some(local_client),
             metrics.clone(),
         )
-        .with_plan_updates(plans_rx);
+        .with_plan_updates(plans_rx)
+        .with_heartbeat(heartbeat.clone());
         let mut stage_task =
             tokio::spawn(stage.run(rx).instrument(tracing::info_span!("rules_stage")));
         let mut uplink_task = tokio::spawn(
@@ -249,7 +251,43 @@ impl Agent {
                 .instrument(uplink_span),
         );
 
+        // Everything is running: tell systemd (Type=notify), and feed its watchdog only while
+        // the rules stage shows signs of life (it beats at least once per TICK, even idle), so
+        // that a wedged pipeline is restarted rather than left hanging.
+        crate::sdnotify::notify("READY=1");
+        let watchdog = crate::sdnotify::watchdog_interval().map(|every| {
+            let shutdown = shutdown.clone();
+            let heartbeat = heartbeat.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                let mut last_seen = heartbeat.load(std::sync::atomic::Ordering::Relaxed);
+                let mut stalled_for = Duration::ZERO;
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    let now = heartbeat.load(std::sync::atomic::Ordering::Relaxed);
+                    if now != last_seen {
+                        last_seen = now;
+                        stalled_for = Duration::ZERO;
+                    } else {
+                        stalled_for += every;
+                    }
+                    if stalled_for <= crate::processor::TICK * 3 {
+                        crate::sdnotify::notify("WATCHDOG=1");
+                    } else {
+                        tracing::error!(?stalled_for, "rules stage shows no sign of life; no longer feeding the systemd watchdog");
+                    }
+                }
+            })
+        });
+
         shutdown.cancelled().await;
+        crate::sdnotify::notify("STOPPING=1");
+        if let Some(w) = watchdog {
+            w.abort();
+        }
         tracing::info!("shutting down");
         let mut report = StopReport::default();
         stop_intake.cancel();

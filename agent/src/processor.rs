@@ -10,6 +10,7 @@
 //! If the outbox cannot store a group (disk full, I/O error) the stage retries it with backoff
 //! and acknowledges nothing meanwhile: sources block, brokers hold the data, nothing is lost.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +41,9 @@ pub struct RulesStage {
     /// while our input channel is full, so an awaited ack would deadlock the two under a
     /// burst. Bounded by the messages the broker has in flight to us.
     unacked: std::collections::VecDeque<Ack>,
+    /// Bumped on every turn of the loop and every retry: the systemd watchdog's evidence
+    /// that the stage is not wedged.
+    heartbeat: Arc<AtomicU64>,
 }
 
 impl RulesStage {
@@ -56,7 +60,17 @@ impl RulesStage {
             metrics,
             plan_updates: None,
             unacked: std::collections::VecDeque::new(),
+            heartbeat: Arc::default(),
         }
+    }
+
+    pub fn with_heartbeat(mut self, heartbeat: Arc<AtomicU64>) -> Self {
+        self.heartbeat = heartbeat;
+        self
+    }
+
+    fn beat(&self) {
+        self.heartbeat.fetch_add(1, Ordering::Relaxed);
     }
 
     /// New plans arrive here and are swapped in between two groups.
@@ -74,6 +88,7 @@ impl RulesStage {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.beat();
             tokio::select! {
                 n = input.recv_many(&mut msgs, MAX_GROUP) => {
                     if n == 0 {
@@ -213,12 +228,14 @@ impl RulesStage {
     async fn commit(&self, records: &mut Vec<Record>) {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         while let Err(e) = self.outbox.append(records) {
+            self.beat();
             tracing::error!(error = %e, records = records.len(), "outbox append failed; retrying, nothing acknowledged");
             tokio::time::sleep(backoff.next_delay()).await;
         }
         records.clear();
         if self.outbox.flush_per_batch() {
             while let Err(e) = self.outbox.flush().await {
+                self.beat();
                 tracing::error!(error = %e, "outbox flush failed; retrying, nothing acknowledged");
                 tokio::time::sleep(backoff.next_delay()).await;
             }

@@ -360,3 +360,50 @@ max_bites = 5
         String::from_utf8_lossy(&ok.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tells_systemd_it_is_ready_feeds_the_watchdog_and_says_when_it_stops() {
+    let local = edgestream_sim::Mosquitto::start()
+        .await
+        .expect("local broker");
+    let cloud = edgestream_sim::Mosquitto::start()
+        .await
+        .expect("cloud broker");
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let cfg = config_toml(
+        "gw-notify",
+        &dir.path().join("data"),
+        local.port(),
+        cloud.port(),
+        OVERHEAT_RULES,
+        "",
+    );
+    let mut agent = AgentProcess::start_with_env(
+        dir.path(),
+        &cfg,
+        &[
+            ("NOTIFY_SOCKET", sock_path.display().to_string()),
+            ("WATCHDOG_USEC", "1000000".to_string()),
+        ],
+    );
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.iter().any(|m: &String| m == "WATCHDOG=1") {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no notification ({e}); got {got:?}\n{}", agent.logs()));
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert_eq!(got[0], "READY=1", "{got:?}");
+    assert!(agent.terminate(Duration::from_secs(15)).success());
+    loop {
+        let n = sock.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
+        if &buf[..n] == b"STOPPING=1" {
+            break;
+        }
+    }
+}

@@ -121,6 +121,11 @@ interval_secs = 1
 impl AgentProcess {
     /// Writes `config` into `dir` and starts `edgestream run` on it.
     pub fn start(dir: &Path, config: &str) -> AgentProcess {
+        Self::start_with_env(dir, config, &[])
+    }
+
+    /// [`AgentProcess::start`] with extra environment variables (e.g. systemd's).
+    pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, String)]) -> AgentProcess {
         std::fs::create_dir_all(dir).expect("create agent dir");
         let config_path = dir.join("edgestream.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -131,6 +136,7 @@ impl AgentProcess {
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info,edgestream_agent=debug")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -118,8 +118,14 @@ pub fn message(
         "rss_bytes": p.rss_bytes,
         "outbox_disk_bytes": outbox_disk_bytes,
         "summary": {
-            "readings_in": { "mqtt": m.readings_in_mqtt },
-            "parse_errors": { "mqtt": m.rejected_mqtt },
+            "readings_in": { "mqtt": m.readings_in_mqtt, "serial": m.readings_in_serial },
+            "parse_errors": { "mqtt": m.rejected_mqtt, "serial": m.rejected_serial },
+            "serial": {
+                "ports_open": m.serial_ports_open,
+                "connects": m.serial_connects,
+                "disconnects": m.serial_disconnects,
+                "bytes": m.serial_bytes,
+            },
             "rule_evaluations": m.rules_evaluated,
             "alerts": { "raised": m.alerts_raised, "cleared": m.alerts_cleared },
             "commands": { "produced": m.rule_commands },

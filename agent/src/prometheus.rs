@@ -58,13 +58,19 @@ fn families(m: &Snapshot, p: &ProcessStats, outbox_disk_bytes: Option<u64>) -> V
             "edgestream_readings_in_total",
             Counter,
             "Readings accepted, by source.",
-            &[(r#"source="mqtt""#, m.readings_in_mqtt)],
+            &[
+                (r#"source="mqtt""#, m.readings_in_mqtt),
+                (r#"source="serial""#, m.readings_in_serial),
+            ],
         ),
         f(
             "edgestream_parse_errors_total",
             Counter,
             "Inputs rejected as malformed, by source.",
-            &[(r#"source="mqtt""#, m.rejected_mqtt)],
+            &[
+                (r#"source="mqtt""#, m.rejected_mqtt),
+                (r#"source="serial""#, m.rejected_serial),
+            ],
         ),
         f(
             "edgestream_rule_evaluations_total",

@@ -51,6 +51,16 @@ pub enum RejectReason {
     Payload(edgestream_protocol::json::PayloadError),
 }
 
+/// What the rules stage needs to acknowledge a publish: its packet id and QoS, without the
+/// topic and payload. The payload is a slice of rumqttc's read buffer; keeping thousands of
+/// them queued for acknowledgement would keep those buffers alive (seen: ~90 MiB RSS when a
+/// broker with no in-flight limit floods the agent).
+fn ack_token(p: &rumqttc::Publish) -> Ack {
+    let mut token = rumqttc::Publish::new("", p.qos, Vec::new());
+    token.pkid = p.pkid;
+    Ack::Mqtt(token)
+}
+
 /// The protocol's one naming rule (`edgestream_protocol::types::check_name`), plus its length
 /// limit.
 fn valid_name(s: &str) -> bool {
@@ -168,7 +178,7 @@ impl LocalMqttSource {
                     let msg = match decode(&p.topic, &p.payload) {
                         Ok(reading) => {
                             Metrics::inc(&metrics.readings_in_mqtt);
-                            SourceMsg::Reading(reading, ack.map(|_| Ack::Mqtt(p)))
+                            SourceMsg::Reading(reading, ack.map(|_| ack_token(&p)))
                         }
                         Err(e) => {
                             Metrics::inc(&metrics.rejected_mqtt);
@@ -176,7 +186,7 @@ impl LocalMqttSource {
                             if sample.is_none() {
                                 Metrics::inc(&metrics.deadletters_suppressed);
                             }
-                            SourceMsg::Rejected(sample, ack.map(|_| Ack::Mqtt(p)))
+                            SourceMsg::Rejected(sample, ack.map(|_| ack_token(&p)))
                         }
                     };
                     // Block (full-policy): backpressure reaches the broker through TCP.

@@ -183,12 +183,16 @@ async fn a_full_outbox_drops_oldest_telemetry_keeps_alerts_stays_near_its_cap_an
     for chunk in telemetry.chunks(4000) {
         publish_samples(local.port(), chunk).await;
     }
-    // Let the agent take in what the local broker still holds for it: wait until the
-    // outbox directory stops changing.
+    // Let the agent take in what the local broker still holds for it. While full, every
+    // group it stores logs "outbox full" (the directory size says nothing: sled reuses its
+    // space), so ingestion is over once that count stops growing for a second. Restoring
+    // earlier would let drops hit records already in flight, which are then both delivered
+    // and counted as dropped.
+    agent.wait_log("outbox full", Duration::from_secs(30)).await;
     let mut last = 0;
     loop {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        let n = dir_bytes(&data.join("outbox"));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let n = agent.logs().matches("outbox full").count();
         if n == last {
             break;
         }
@@ -222,7 +226,7 @@ async fn a_full_outbox_drops_oldest_telemetry_keeps_alerts_stays_near_its_cap_an
                 let mut seqs = std::collections::HashSet::new();
                 for m in m.iter().filter(|m| m.topic.ends_with("/telemetry")) {
                     for r in m.payload["readings"].as_array().into_iter().flatten() {
-                        seqs.insert(r["seq"].as_u64());
+                        seqs.insert((r["device"].as_str().map(str::to_string), r["ts"].as_u64()));
                     }
                 }
                 dropped > 0 && seqs.len() as u64 + dropped == all.len() as u64
@@ -238,7 +242,10 @@ async fn a_full_outbox_drops_oldest_telemetry_keeps_alerts_stays_near_its_cap_an
         .unwrap_or(0);
     let cloud = cloud_readings(&collector.telemetry_readings());
     let mut seen = std::collections::HashSet::new();
-    let unique: Vec<_> = cloud.iter().filter(|r| seen.insert(r.4)).collect();
+    let unique: Vec<_> = cloud
+        .iter()
+        .filter(|r| seen.insert((r.0.clone(), r.3)))
+        .collect();
     assert!(
         ok,
         "{} delivered + {dropped} dropped != {} published\n{}",

@@ -1,0 +1,155 @@
+//! Outbox figures (issue 5): durable records/s with group commit, drain rate, bytes on disk
+//! per payload byte, and peak RSS with a 100,000-record backlog.
+//!
+//! `cargo bench -p edgestream-agent --bench outbox` (a plain harness: one pass, figures
+//! printed; the targets are in ARCHITECTURE.md). In-process, no broker: the drain figure is
+//! what the outbox can give the uplink (read a batch of 50, remove it as a PUBACK would), not
+//! what a network does. Run it on an idle machine: the figures are wall-clock.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use edgestream_agent::config::{Durability, FullPolicy};
+use edgestream_agent::metrics::Metrics;
+use edgestream_agent::outbox::{Outbox, OutboxSettings};
+use edgestream_agent::record::{Priority, ReadingRecord, Record};
+
+const RECORDS: usize = 100_000;
+const BATCH: usize = 512;
+const DRAIN_BATCH: usize = 50;
+
+fn proc_status(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let l = s.lines().find(|l| l.starts_with(field))?.to_string();
+            l.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+fn written_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/io").ok()?;
+    let l = s.lines().find(|l| l.starts_with("write_bytes:"))?;
+    l.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        match e.metadata() {
+            Ok(m) if m.is_dir() => n += dir_bytes(&e.path()),
+            Ok(m) => n += m.len(),
+            Err(_) => {}
+        }
+    }
+    n
+}
+
+fn reading(i: usize) -> Record {
+    Record::Reading(ReadingRecord {
+        device: format!("boiler-{}", i % 16),
+        metric: "temperature".into(),
+        value: 20.0 + (i % 1000) as f64 / 10.0,
+        ts_ms: 1_700_000_000_000 + i as u64 * 100,
+        tags: vec![("site".into(), "plant-3".into())],
+    })
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` lists benches; nothing to list here
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = OutboxSettings {
+        max_bytes: 256 << 20,
+        cache_bytes: 4 << 20,
+        durability: Durability::Batch,
+        flush_interval_ms: 500,
+        full_policy: FullPolicy::DropOldestTelemetry,
+    };
+    let metrics = Arc::new(Metrics::default());
+    let (outbox, _) = Outbox::open(&dir.path().join("outbox"), settings, metrics).expect("open");
+    let rss_before = proc_status("VmRSS:");
+    // Records are made per batch, as the rules stage does, so the bench holds no backlog of
+    // its own in memory and the peak RSS is the outbox's.
+    let mut payload = 0u64;
+    let mut chunk = Vec::with_capacity(BATCH);
+    let mut encode_secs = 0.0;
+    let written0 = written_bytes();
+    let t = Instant::now();
+    for start in (0..RECORDS).step_by(BATCH) {
+        let e = Instant::now();
+        chunk.clear();
+        chunk.extend((start..(start + BATCH).min(RECORDS)).map(reading));
+        payload += chunk
+            .iter()
+            .map(|r| r.encode().expect("encode").len() as u64)
+            .sum::<u64>();
+        encode_secs += e.elapsed().as_secs_f64();
+        outbox.append(&chunk).expect("append");
+        outbox.flush_blocking().expect("flush");
+    }
+    drop(chunk);
+    let write_secs = t.elapsed().as_secs_f64() - encode_secs;
+    let written = written_bytes()
+        .zip(written0)
+        .map(|(a, b)| a.saturating_sub(b));
+    let on_disk = dir_bytes(dir.path());
+    let rss_backlog = proc_status("VmHWM:");
+
+    let t = Instant::now();
+    let mut buf = Vec::with_capacity(DRAIN_BATCH);
+    let mut drained = 0;
+    loop {
+        buf.clear();
+        outbox
+            .read_after(Priority::Low, None, DRAIN_BATCH, &mut buf)
+            .expect("read");
+        if buf.is_empty() {
+            break;
+        }
+        let keys: Vec<_> = buf.iter().map(|s| s.key).collect();
+        drained += outbox.remove(&keys).expect("remove");
+    }
+    outbox.flush_blocking().expect("flush");
+    let drain_secs = t.elapsed().as_secs_f64();
+    assert_eq!(drained, RECORDS);
+
+    println!("outbox bench: {RECORDS} readings, batches of {BATCH}, flush per batch (durability = \"batch\")");
+    println!(
+        "  durable writes : {:>10.0} records/s ({:.2} s)",
+        RECORDS as f64 / write_secs,
+        write_secs
+    );
+    println!(
+        "  drain          : {:>10.0} records/s (read {DRAIN_BATCH}, remove; {:.2} s)",
+        RECORDS as f64 / drain_secs,
+        drain_secs
+    );
+    println!(
+        "  payload        : {:>10} bytes ({:.1} per record, encoded)",
+        payload,
+        payload as f64 / RECORDS as f64
+    );
+    println!(
+        "  on disk        : {:>10} bytes = {:.2} per payload byte (directory size at 100k backlog)",
+        on_disk,
+        on_disk as f64 / payload as f64
+    );
+    match written {
+        Some(w) if w > 0 => println!(
+            "  written        : {:>10} bytes = {:.2} per payload byte, {:.0} per record (/proc/self/io)",
+            w,
+            w as f64 / payload as f64,
+            w as f64 / RECORDS as f64
+        ),
+        _ => println!("  written        : not available (/proc/self/io write_bytes)"),
+    }
+    println!(
+        "  RSS            : {:>10} KiB before, peak {} KiB with the 100k backlog (VmHWM of the whole bench process)",
+        rss_before / 1024,
+        rss_backlog / 1024,
+    );
+}

@@ -42,46 +42,13 @@ interval_secs = 1
     )
 }
 
-/// The simulator's client certificate is X.509 v1 (signed without extensions), which
-/// webpki refuses; re-sign its request as v3 with `extendedKeyUsage = clientAuth`.
-fn v3_client_cert(dir: &Path) -> std::path::PathBuf {
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    let out = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args([
-            "x509",
-            "-req",
-            "-in",
-            "client.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "client-v3.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "client.ext",
-        ])
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir.join("client-v3.pem")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_delivers_and_a_server_cert_from_another_ca_is_refused() {
     let certs_dir = tempfile::tempdir().unwrap();
     let certs = generate_test_certs(certs_dir.path()).expect("test certificates");
     let other_dir = tempfile::tempdir().unwrap();
     let other = generate_test_certs(other_dir.path()).expect("second CA");
-    let client_cert = v3_client_cert(certs_dir.path());
+    let client_cert = certs.client_cert.clone();
     let mut server = certs.server.clone();
     server.require_client_cert = true;
     let local = Mosquitto::start().await.expect("local broker");

@@ -156,6 +156,13 @@ pub fn generate_test_certs(dir: &Path) -> Result<TestCerts, BrokerError> {
         "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
     )
     .map_err(io_err("writing san.ext"))?;
+    // Any extension makes `openssl x509 -req` issue an X.509 v3 certificate; without one it
+    // issues v1, which rustls/webpki refuses ("UnsupportedCertVersion").
+    std::fs::write(
+        dir.join("client.ext"),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .map_err(io_err("writing client.ext"))?;
     let days = "2";
     run(&[
         "req",
@@ -173,8 +180,8 @@ pub fn generate_test_certs(dir: &Path) -> Result<TestCerts, BrokerError> {
         "/CN=edgestream-test-ca",
     ])?;
     for (name, cn, ext) in [
-        ("server", "localhost", true),
-        ("client", "edgestream-test-client", false),
+        ("server", "localhost", "san.ext"),
+        ("client", "edgestream-test-client", "client.ext"),
     ] {
         let key = format!("{name}.key");
         let csr = format!("{name}.csr");
@@ -198,9 +205,7 @@ pub fn generate_test_certs(dir: &Path) -> Result<TestCerts, BrokerError> {
             "-days",
             days,
         ];
-        if ext {
-            args.extend(["-extfile", "san.ext"]);
-        }
+        args.extend(["-extfile", ext]);
         run(&args)?;
     }
     Ok(TestCerts {

@@ -50,6 +50,16 @@ async fn status_for(collector: &CloudCollector, version: u64, nth: usize) -> Val
         .unwrap_or(Value::Null)
 }
 
+/// Waits until at least `n` alerts reached the cloud.
+async fn wait_alerts(collector: &CloudCollector, n: usize) -> bool {
+    collector
+        .wait_for(
+            |m| m.iter().filter(|m| m.topic.ends_with("/alerts")).count() >= n,
+            Duration::from_secs(20),
+        )
+        .await
+}
+
 fn alert_states(collector: &CloudCollector) -> Vec<(String, f64)> {
     collector
         .alerts()
@@ -104,16 +114,7 @@ async fn bundles_are_versioned_validated_swapped_atomically_and_reported() {
     };
     let phase1: Vec<Sample> = [70.0, 85.0, 70.0].into_iter().map(&mut push).collect();
     publish_samples(local.port(), &phase1).await;
-    assert!(
-        collector
-            .wait_for(
-                |m| m.iter().filter(|m| m.topic.ends_with("/alerts")).count() >= 2,
-                Duration::from_secs(20)
-            )
-            .await,
-        "{}",
-        agent.logs()
-    );
+    assert!(wait_alerts(&collector, 2).await, "{}", agent.logs());
     assert_eq!(
         alert_states(&collector),
         vec![("raised".into(), 85.0), ("cleared".into(), 70.0)]
@@ -127,16 +128,7 @@ async fn bundles_are_versioned_validated_swapped_atomically_and_reported() {
     assert_eq!(status_for(&collector, 2, 0).await["state"], "applied");
     let phase2: Vec<Sample> = [85.0, 70.0, 95.0].into_iter().map(&mut push).collect();
     publish_samples(local.port(), &phase2).await;
-    assert!(
-        collector
-            .wait_for(
-                |m| m.iter().filter(|m| m.topic.ends_with("/alerts")).count() >= 3,
-                Duration::from_secs(20)
-            )
-            .await,
-        "{}",
-        agent.logs()
-    );
+    assert!(wait_alerts(&collector, 3).await, "{}", agent.logs());
     assert_eq!(
         alert_states(&collector),
         vec![
@@ -192,14 +184,7 @@ async fn bundles_are_versioned_validated_swapped_atomically_and_reported() {
     // Still v2: 85 does not alert, 70 clears the 95 alert.
     let phase3: Vec<Sample> = [85.0, 70.0].into_iter().map(&mut push).collect();
     publish_samples(local.port(), &phase3).await;
-    assert!(
-        collector
-            .wait_for(
-                |m| m.iter().filter(|m| m.topic.ends_with("/alerts")).count() >= 4,
-                Duration::from_secs(20)
-            )
-            .await
-    );
+    assert!(wait_alerts(&collector, 4).await);
 
     let mut rollback = bundle(1, 80);
     rollback["rollback"] = json!(true);
@@ -210,16 +195,7 @@ async fn bundles_are_versioned_validated_swapped_atomically_and_reported() {
     assert_eq!(status_for(&collector, 1, 2).await["state"], "applied");
     let phase4: Vec<Sample> = [85.0].into_iter().map(&mut push).collect();
     publish_samples(local.port(), &phase4).await;
-    assert!(
-        collector
-            .wait_for(
-                |m| m.iter().filter(|m| m.topic.ends_with("/alerts")).count() >= 5,
-                Duration::from_secs(20)
-            )
-            .await,
-        "{}",
-        agent.logs()
-    );
+    assert!(wait_alerts(&collector, 5).await, "{}", agent.logs());
     assert_eq!(
         alert_states(&collector),
         vec![

@@ -82,18 +82,7 @@ async fn bundles_are_versioned_validated_swapped_atomically_and_reported() {
         mut agent,
         ..
     } = rig;
-    assert!(
-        collector
-            .wait_for(
-                |m| m
-                    .iter()
-                    .any(|m| m.topic.ends_with("/status") && m.payload["state"] == "online"),
-                Duration::from_secs(20)
-            )
-            .await,
-        "{}",
-        agent.logs()
-    );
+    assert!(wait_online(&collector).await, "{}", agent.logs());
 
     // v1: alert above 80.
     collector

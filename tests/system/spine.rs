@@ -45,14 +45,7 @@ async fn delivers_every_reading_in_order_and_raises_only_the_expected_alerts() {
         ..
     } = rig;
     assert!(
-        collector
-            .wait_for(
-                |m| m
-                    .iter()
-                    .any(|m| m.topic.ends_with("/status") && m.payload["state"] == "online"),
-                Duration::from_secs(20)
-            )
-            .await,
+        wait_online(&collector).await,
         "agent never reported online\n{}",
         agent.logs()
     );
@@ -126,6 +119,20 @@ async fn delivers_every_reading_in_order_and_raises_only_the_expected_alerts() {
     assert!(!logs.contains("ERROR"), "errors logged:\n{logs}");
 }
 
+/// Readings number `range`, spread over four devices, 100 ms apart.
+fn readings(range: std::ops::Range<u64>) -> Vec<Sample> {
+    range
+        .map(|i| {
+            sample(
+                &format!("dev-{}", i % 4),
+                "temperature",
+                i as f64,
+                T0 + i * 100,
+            )
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_everything_after_the_cloud_was_unreachable() {
     let rig = Rig::start("gw-outage", OVERHEAT_RULES, true).await;
@@ -138,16 +145,7 @@ async fn delivers_everything_after_the_cloud_was_unreachable() {
     } = rig;
     let proxy = proxy.expect("proxy");
 
-    let first: Vec<Sample> = (0..200)
-        .map(|i| {
-            sample(
-                &format!("dev-{}", i % 4),
-                "temperature",
-                i as f64,
-                T0 + i * 100,
-            )
-        })
-        .collect();
+    let first = readings(0..200);
     publish_samples(local.port(), &first).await;
     assert!(
         wait_unique_readings(&collector, first.len(), Duration::from_secs(30)).await,
@@ -156,16 +154,7 @@ async fn delivers_everything_after_the_cloud_was_unreachable() {
     );
 
     proxy.cut();
-    let during: Vec<Sample> = (200..700)
-        .map(|i| {
-            sample(
-                &format!("dev-{}", i % 4),
-                "temperature",
-                i as f64,
-                T0 + i * 100,
-            )
-        })
-        .collect();
+    let during = readings(200..700);
     publish_samples(local.port(), &during).await;
     // Longer than the linger and the backoff: the agent has tried and failed by now.
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -337,6 +337,19 @@ pub fn cloud_readings(values: &[serde_json::Value]) -> Vec<(String, String, f64,
         .collect()
 }
 
+/// Waits until the agent's retained status says it is online.
+pub async fn wait_online(collector: &edgestream_sim::CloudCollector) -> bool {
+    collector
+        .wait_for(
+            |m| {
+                m.iter()
+                    .any(|m| m.topic.ends_with("/status") && m.payload["state"] == "online")
+            },
+            Duration::from_secs(20),
+        )
+        .await
+}
+
 /// Waits until `n` distinct readings (by `seq`) reached the cloud; duplicates from resent
 /// in-flight batches do not count.
 pub async fn wait_unique_readings(

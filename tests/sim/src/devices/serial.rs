@@ -229,8 +229,17 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 /// fd is closed at once: the agent opens the slave by path, and a slave fd
 /// held here would keep the agent's exclusive lock (TIOCEXCL) alive after
 /// it closed the port.
+///
+/// The master is made close-on-exec: `TTYPort::pair` does not, and an agent
+/// started as a child process after this would inherit it and keep the pty
+/// alive through an unplug, so writes to an "unplugged" device would succeed.
 fn open_pty() -> Result<(TTYPort, PathBuf), SerialSimError> {
     let (mut master, slave) = TTYPort::pair()?;
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&master),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| SerialSimError::Io(std::io::Error::from(e)))?;
     let path = slave
         .name()
         .map(PathBuf::from)

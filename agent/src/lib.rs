@@ -6,6 +6,7 @@ pub mod bench;
 pub mod config;
 pub mod deadletter;
 pub mod demo;
+pub mod durable_file;
 pub mod health;
 pub mod logging;
 pub mod metrics;

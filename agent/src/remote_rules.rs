@@ -23,7 +23,6 @@
 //! (the config's rules are version 0, the factory default). Delete `data_dir/rules/` to go
 //! back to the file's rules.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -59,6 +58,8 @@ pub struct StoredState {
     pub previous: Option<StoredBundle>,
 }
 
+const FILE: &str = "bundle.json";
+
 /// The on-disk home of the applied bundle.
 #[derive(Debug, Clone)]
 pub struct RuleStore {
@@ -72,32 +73,20 @@ impl RuleStore {
         }
     }
 
-    fn path(&self) -> PathBuf {
-        self.dir.join("bundle.json")
-    }
-
     /// The persisted state; `Ok(default)` when nothing was ever applied.
     pub fn load(&self) -> std::io::Result<StoredState> {
-        match std::fs::read(self.path()) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
+        match crate::durable_file::read(&self.dir, FILE)? {
+            Some(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoredState::default()),
-            Err(e) => Err(e),
+            None => Ok(StoredState::default()),
         }
     }
 
     /// Atomically replaces the persisted state: after a crash at any point, `load` returns
     /// either the old state or the new one.
     pub fn save(&self, state: &StoredState) -> std::io::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
-        let tmp = self.dir.join("bundle.json.tmp");
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec(state).map_err(std::io::Error::other)?)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, self.path())?;
-        std::fs::File::open(&self.dir)?.sync_all()
+        let bytes = serde_json::to_vec(state).map_err(std::io::Error::other)?;
+        crate::durable_file::replace(&self.dir, FILE, &bytes)
     }
 }
 

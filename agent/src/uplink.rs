@@ -116,7 +116,8 @@ pub struct Uplink {
     outbox: Outbox,
     metrics: Arc<Metrics>,
     status: watch::Receiver<StatusInfo>,
-    inbound: Option<Inbound>,
+    /// Routes for cloud messages, matched by topic filter in order.
+    inbound: Vec<Inbound>,
     health_every: Duration,
     shutdown_timeout: Duration,
     started: Instant,
@@ -175,7 +176,7 @@ impl Uplink {
             shutdown_timeout: Duration::from_millis(config.gateway.shutdown_timeout_ms),
             started: Instant::now(),
             transport,
-            inbound: None,
+            inbound: Vec::new(),
         })
     }
 
@@ -184,8 +185,9 @@ impl Uplink {
     /// uplink waits for the consumer (rule bundles and commands are rare and quick to check),
     /// and a message is PUBACKed only when the consumer says so, after it persisted or
     /// rejected it; a crash before that makes the broker redeliver it (persistent session).
+    /// Call once per consumer; a message goes to the first route whose filters match it.
     pub fn with_inbound(mut self, topics: Vec<String>, tx: mpsc::Sender<InboundMsg>) -> Self {
-        self.inbound = Some(Inbound { topics, tx });
+        self.inbound.push(Inbound { topics, tx });
         self
     }
 
@@ -329,7 +331,7 @@ impl Uplink {
         stages_done: &CancellationToken,
     ) -> Exit {
         self.publish_status(&mut s, "online");
-        if let Some(inbound) = &self.inbound {
+        for inbound in &self.inbound {
             for t in &inbound.topics {
                 if let Err(e) = s.client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
                     tracing::error!(topic = %t, error = %e, "cannot queue cloud subscription");
@@ -427,8 +429,14 @@ impl Uplink {
     }
 
     async fn deliver_inbound(&self, s: &Session, p: rumqttc::Publish) {
-        let Some(inbound) = &self.inbound else {
-            // Not subscribed to anything: acknowledge so that the broker forgets it.
+        let route = self
+            .inbound
+            .iter()
+            .find(|r| r.topics.iter().any(|f| rumqttc::matches(&p.topic, f)));
+        let Some(inbound) = route else {
+            // Not one of our subscriptions (a stale one from an earlier configuration, kept by
+            // the persistent session): acknowledge so that the broker forgets it.
+            tracing::debug!(topic = %p.topic, "cloud message on no route; acknowledged and ignored");
             if let Err(e) = s.client.try_ack(&p) {
                 tracing::debug!(error = %e, "PUBACK not queued");
             }

@@ -75,6 +75,9 @@ pub struct Config {
     /// Serial ports to read (`[[serial]]`, one table per port).
     #[serde(default)]
     pub serial: Vec<SerialConfig>,
+    /// Device commands: what is allowed, how long to wait (`crate::commands::config`).
+    #[serde(default)]
+    pub commands: crate::commands::config::CommandsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -303,6 +306,10 @@ pub struct SerialConfig {
     /// Not allowed with binary framing (frames name their device).
     #[serde(default)]
     pub device: Option<String>,
+    /// Devices reached through this port for commands, besides those learned from its
+    /// readings (a device that only listens must be listed).
+    #[serde(default)]
+    pub devices: Vec<String>,
     /// CSV only: what each column holds (`ts`, `device`, `seq`, `quality`, `_` to skip, any
     /// other name is a metric).
     #[serde(default)]
@@ -355,6 +362,7 @@ impl SerialConfig {
             flow_control: default_flow_control(),
             framing,
             device: None,
+            devices: Vec::new(),
             columns: Vec::new(),
             delimiter: default_delimiter(),
             reconnect_min_ms: default_serial_reconnect_min_ms(),
@@ -415,6 +423,17 @@ impl SerialConfig {
                 }
             }
             (None, _) => {}
+        }
+        for (j, d) in self.devices.iter().enumerate() {
+            if d.len() > edgestream_protocol::limits::MAX_DEVICE_LEN
+                || edgestream_protocol::types::check_name("device", d).is_err()
+            {
+                bad(
+                    p,
+                    &at(&format!("devices[{j}]")),
+                    format!("{d:?} is not a valid device name"),
+                );
+            }
         }
         if self.framing == SerialFraming::Csv {
             if self.columns.is_empty() {
@@ -665,8 +684,9 @@ impl Config {
             }])
         })?;
         let mut problems = Vec::new();
-        const SECTIONS: [&str; 9] = [
+        const SECTIONS: [&str; 10] = [
             "gateway", "local", "cloud", "outbox", "rules", "health", "log", "metrics", "serial",
+            "commands",
         ];
         for key in table.keys() {
             if !SECTIONS.contains(&key.as_str()) {
@@ -700,8 +720,14 @@ impl Config {
             Some(MetricsConfig::default()),
         );
         let serial = section::<Vec<SerialConfig>>(&table, "serial", &mut problems, Some(vec![]));
+        let commands = section(
+            &table,
+            "commands",
+            &mut problems,
+            Some(crate::commands::config::CommandsConfig::default()),
+        );
         match (
-            gateway, local, cloud, outbox, rules, health, log, metrics, serial,
+            gateway, local, cloud, outbox, rules, health, log, metrics, serial, commands,
         ) {
             (
                 Some(gateway),
@@ -713,6 +739,7 @@ impl Config {
                 Some(log),
                 Some(metrics),
                 Some(serial),
+                Some(commands),
             ) => Ok((
                 Some(Config {
                     gateway,
@@ -724,10 +751,11 @@ impl Config {
                     log,
                     metrics,
                     serial,
+                    commands,
                 }),
                 problems,
             )),
-            (gateway, local, cloud, outbox, rules, health, log, metrics, serial) => {
+            (gateway, local, cloud, outbox, rules, health, log, metrics, serial, commands) => {
                 if let Some(g) = &gateway {
                     g.validate(&mut problems);
                 }
@@ -755,6 +783,9 @@ impl Config {
                 if let Some(s) = &serial {
                     validate_serial(s, &mut problems);
                 }
+                if let Some(c) = &commands {
+                    c.validate(&mut problems);
+                }
                 Ok((None, problems))
             }
         }
@@ -772,6 +803,7 @@ impl Config {
         self.log.validate(&mut p);
         self.metrics.validate(&mut p);
         validate_serial(&self.serial, &mut p);
+        self.commands.validate(&mut p);
         p
     }
 

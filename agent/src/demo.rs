@@ -193,6 +193,7 @@ fn demo_config(data: &std::path::Path, local_port: u16, cloud_port: u16) -> Conf
         log: LogConfig::default(),
         metrics: Default::default(),
         serial: Vec::new(),
+        commands: Default::default(),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod backoff;
 pub mod bench;
+pub mod commands;
 pub mod config;
 pub mod deadletter;
 pub mod demo;

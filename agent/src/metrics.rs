@@ -89,9 +89,26 @@ counters! {
     serial_disconnects,
     /// Serial ports open right now (gauge).
     serial_ports_open,
-    /// Command outcome frames read from serial ports (handed to the command router once it
-    /// exists; counted so none disappears unseen).
+    /// Command replies read from serial ports (frames or JSON lines), handed to the router.
     serial_outcomes,
+    /// Commands received from the cloud, and issued by rules (that reached the router).
+    commands_received_cloud,
+    commands_from_rules,
+    /// Commands accepted, and rejected (by the gateway or by the device).
+    commands_accepted,
+    commands_rejected,
+    /// Commands handed to their transport (a serial port or the local broker).
+    commands_dispatched,
+    /// Commands finished: the device reported success or failure, or no reply came in time.
+    commands_succeeded,
+    commands_failed,
+    commands_timed_out,
+    /// Accepted commands not yet finished (gauge).
+    commands_pending,
+    /// Device replies for no pending command: unknown id or wrong device, or after the
+    /// command had finished (late). Sampled to the dead-letter topic.
+    command_replies_unmatched,
+    command_replies_late,
 }
 
 impl Metrics {

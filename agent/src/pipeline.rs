@@ -5,7 +5,14 @@
 //!        ^                                          |                           |
 //!        +------------- PUBACK after flush ---------+                 Uplink --(QoS 1)--> cloud
 //!  SerialSource (one OS thread per port) --(same channel, blocking_send, no ack)--> RulesStage
+//!
+//!  cloud commands (uplink) ---------+                      +--> serial port thread (PortLink)
+//!  RulesStage (rule commands) ------+--> CommandRouter ----+--> local broker devices/{d}/commands
+//!  replies (serial, local broker) --+        |
+//!                                            +--> outbox (commands/outcomes)
 //! ```
+//!
+//! Capacities and full-policies of the command channels are in `commands/mod.rs`.
 //!
 //! Shutdown order (each step bounded by `gateway.shutdown_timeout_ms`):
 //! 1. sources stop forwarding and drop their senders (they keep their connection open);
@@ -23,6 +30,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::commands::routes::DeviceRoutes;
+use crate::commands::store::CommandStore;
+use crate::commands::{CommandRouter, RouterInputs, RuleCommandIssuer};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outbox::{OpenReport, Outbox, OutboxError, OutboxSettings};
@@ -173,8 +183,16 @@ impl Agent {
                 config.cloud.topic_prefix
             ));
         }
+        let (cloud_cmds_tx, cloud_cmds_rx) = mpsc::channel(crate::commands::CLOUD_CAPACITY);
+        let (rule_cmds_tx, rule_cmds_rx) = mpsc::channel(crate::commands::RULE_CAPACITY);
+        let (device_tx, device_rx) = mpsc::channel(crate::commands::DEVICE_CAPACITY);
+        let command_topic = format!(
+            "{}/{}/commands",
+            config.cloud.topic_prefix, config.gateway.id
+        );
         let uplink = Uplink::new(&config, outbox.clone(), metrics.clone(), status_rx)?
-            .with_inbound(rule_topics, bundles_tx);
+            .with_inbound(rule_topics, bundles_tx)
+            .with_inbound(vec![command_topic], cloud_cmds_tx);
         // Capacity 1, full-policy block: a second bundle waits until the first is swapped in.
         let (plans_tx, plans_rx) = mpsc::channel(1);
         let remote_rules = RemoteRules::new(
@@ -210,19 +228,38 @@ impl Agent {
 
         // One thread and one sender clone per serial port; each drops its sender soon after
         // `stop_intake` (within `serial::READ_TIMEOUT`), like the MQTT source.
+        let (routes, port_links) = DeviceRoutes::new(&config.serial, &device_tx);
         let mut serial_threads = Vec::new();
-        for port in &config.serial {
-            let thread = SerialSource::new(port.clone())?.spawn(
+        for (port, link) in config.serial.iter().zip(port_links) {
+            let thread = SerialSource::new(port.clone())?.with_link(link).spawn(
                 tx.clone(),
                 metrics.clone(),
                 stop_intake.clone(),
             )?;
             serial_threads.push(thread);
         }
-        let source = LocalMqttSource::new(&config);
+        let source = LocalMqttSource::new(&config).with_replies(device_tx);
         let local_span = tracing::info_span!("local_mqtt", broker = %format!("{}:{}", config.local.host, config.local.port));
         let uplink_span = tracing::info_span!("uplink", broker = %format!("{}:{}", config.cloud.host, config.cloud.port));
         let (local_client, local_events) = source.client_pair();
+        let router = CommandRouter::new(
+            config.commands.clone(),
+            CommandStore::new(&config.gateway.data_dir),
+            routes,
+            Some(local_client.clone()),
+            outbox.clone(),
+            metrics.clone(),
+        );
+        // Ends once the uplink, the rules stage and every source have dropped their senders.
+        let router_task = tokio::spawn(
+            router
+                .run(RouterInputs {
+                    cloud: cloud_cmds_rx,
+                    rules: rule_cmds_rx,
+                    devices: device_rx,
+                })
+                .instrument(tracing::info_span!("commands")),
+        );
         let source_task = tokio::spawn(
             source
                 .run(
@@ -242,6 +279,7 @@ impl Agent {
             metrics.clone(),
         )
         .with_plan_updates(plans_rx)
+        .with_commands(RuleCommandIssuer::new(rule_cmds_tx, &config.commands))
         .with_heartbeat(heartbeat.clone());
         let mut stage_task =
             tokio::spawn(stage.run(rx).instrument(tracing::info_span!("rules_stage")));
@@ -332,6 +370,13 @@ impl Agent {
         }
         if let Err(e) = outbox.flush().await {
             tracing::error!(error = %e, "final outbox flush failed");
+        }
+        // Every sender of the router's inputs is gone now; it saves its table and ends.
+        if tokio::time::timeout(Duration::from_secs(2), router_task)
+            .await
+            .is_err()
+        {
+            report.stuck.push("command router");
         }
         // The uplink held the bundle sender; with it gone the consumer finishes.
         if tokio::time::timeout(Duration::from_secs(1), remote_rules_task)

@@ -44,6 +44,8 @@ pub struct RulesStage {
     /// Bumped on every turn of the loop and every retry: the systemd watchdog's evidence
     /// that the stage is not wedged.
     heartbeat: Arc<AtomicU64>,
+    /// Where rule-issued device commands go (`None`: counted only, as in `rules test`).
+    commands: Option<crate::commands::RuleCommandIssuer>,
 }
 
 impl RulesStage {
@@ -61,7 +63,14 @@ impl RulesStage {
             plan_updates: None,
             unacked: std::collections::VecDeque::new(),
             heartbeat: Arc::default(),
+            commands: None,
         }
+    }
+
+    /// Hands the commands rules issue to the command router.
+    pub fn with_commands(mut self, issuer: crate::commands::RuleCommandIssuer) -> Self {
+        self.commands = Some(issuer);
+        self
     }
 
     pub fn with_heartbeat(mut self, heartbeat: Arc<AtomicU64>) -> Self {
@@ -156,7 +165,7 @@ impl RulesStage {
 
     /// Turns the engine's output for one reading (or one tick) into outbox records.
     fn collect(
-        &self,
+        &mut self,
         out: &Output,
         reading: Option<crate::source::Reading>,
         records: &mut Vec<Record>,
@@ -194,9 +203,12 @@ impl RulesStage {
             }));
         }
         if !out.commands.is_empty() {
-            // Device commands are routed by the command router (not yet built): count them so
-            // that nothing a rule decided disappears unseen.
             Metrics::add(&m.rule_commands, out.commands.len() as u64);
+            if let Some(issuer) = &mut self.commands {
+                for c in &out.commands {
+                    issuer.issue(c, records, m);
+                }
+            }
         }
         if let Some(r) = reading {
             let max_tags = edgestream_protocol::limits::MAX_TAGS;

@@ -52,8 +52,7 @@ fn families(m: &Snapshot, p: &ProcessStats, outbox_disk_bytes: Option<u64>) -> V
         help,
         samples: samples.iter().map(|&(l, v)| (l, v as f64)).collect(),
     };
-    let mut v =
-        vec![
+    let mut v = vec![
         f(
             "edgestream_readings_in_total",
             Counter,
@@ -94,10 +93,46 @@ fn families(m: &Snapshot, p: &ProcessStats, outbox_disk_bytes: Option<u64>) -> V
             &[("", m.aggregates)],
         ),
         f(
+            "edgestream_commands_received_total",
+            Counter,
+            "Device commands received, by source (rules: every command a rule emitted).",
+            &[
+                (r#"source="cloud""#, m.commands_received_cloud),
+                (r#"source="rules""#, m.rule_commands),
+            ],
+        ),
+        f(
             "edgestream_commands_total",
             Counter,
-            "Device commands, by outcome (rules produce them; routing is counted once it exists).",
-            &[(r#"outcome="produced""#, m.rule_commands)],
+            "Device commands, by outcome.",
+            &[
+                (r#"outcome="accepted""#, m.commands_accepted),
+                (r#"outcome="rejected""#, m.commands_rejected),
+                (r#"outcome="succeeded""#, m.commands_succeeded),
+                (r#"outcome="failed""#, m.commands_failed),
+                (r#"outcome="timed_out""#, m.commands_timed_out),
+            ],
+        ),
+        f(
+            "edgestream_commands_dispatched_total",
+            Counter,
+            "Device commands handed to a serial port or the local broker.",
+            &[("", m.commands_dispatched)],
+        ),
+        f(
+            "edgestream_commands_pending",
+            Gauge,
+            "Accepted device commands not yet finished.",
+            &[("", m.commands_pending)],
+        ),
+        f(
+            "edgestream_command_replies_unmatched_total",
+            Counter,
+            "Device replies that matched no pending command, by why.",
+            &[
+                (r#"why="unknown""#, m.command_replies_unmatched),
+                (r#"why="late""#, m.command_replies_late),
+            ],
         ),
         f(
             "edgestream_records_dropped_total",
@@ -107,7 +142,10 @@ fn families(m: &Snapshot, p: &ProcessStats, outbox_disk_bytes: Option<u64>) -> V
                 (r#"reason="rule""#, m.readings_dropped_by_rule),
                 (r#"reason="outbox_full""#, m.outbox_dropped_full),
                 (r#"reason="corrupt""#, m.outbox_corrupt),
-                (r#"reason="deadletter_rate_limit""#, m.deadletters_suppressed),
+                (
+                    r#"reason="deadletter_rate_limit""#,
+                    m.deadletters_suppressed,
+                ),
                 (r#"reason="tags_over_wire_limit""#, m.tags_truncated),
             ],
         ),

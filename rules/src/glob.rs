@@ -3,7 +3,7 @@
 
 /// True if `text` matches `pattern`. Linear-time greedy matching with single-star
 /// backtracking, so a hostile pattern cannot make it exponential.
-pub(crate) fn glob_match(pattern: &str, text: &str) -> bool {
+pub fn glob_match(pattern: &str, text: &str) -> bool {
     if pattern == "*" {
         return true;
     }

@@ -45,6 +45,7 @@ mod window;
 pub use compile::{compile, compile_with, Plan};
 pub use engine::{Engine, EngineStats, Reading};
 pub use error::{CompileError, CompileErrors};
+pub use glob::glob_match;
 pub use limits::*;
 pub use output::{
     AggFunctions, AggregateEvent, AlertEvent, AlertState, ArgValue, CommandAction, DeviceName,

@@ -7,6 +7,10 @@
 //! - manual acknowledgements: a QoS 1 reading is PUBACKed by the rules stage only after what
 //!   came of it is durable in the outbox, so a crash before that makes the broker redeliver it;
 //! - every publish, accepted or rejected, is acknowledged in arrival order (MQTT 3.1.1 §4.6);
+//! - device replies to commands (`devices/{device}/replies`) go to the command router, which
+//!   acknowledges each once its outcome is stored; the agent's own commands
+//!   (`devices/{device}/commands`), seen if a configured filter also matches them, are
+//!   acknowledged and skipped;
 //! - on shutdown the source stops forwarding at once but keeps its connection until the rules
 //!   stage has acknowledged everything it was given; publishes that arrive meanwhile are not
 //!   acknowledged, so the broker redelivers them on the next start.
@@ -19,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{now_ms, Ack, Reading, SourceMsg};
 use crate::backoff::Backoff;
+use crate::commands::DeviceEvent;
 use crate::config::Config;
 use crate::deadletter::RejectSampler;
 use crate::metrics::Metrics;
@@ -32,11 +37,33 @@ const SOURCE: &str = "local-mqtt";
 /// Longest accepted device or metric name (the protocol's limits).
 const MAX_NAME: usize = edgestream_protocol::limits::MAX_DEVICE_LEN;
 
+/// Filter for device replies to commands (README, "Topics").
+pub const REPLY_FILTER: &str = "devices/+/replies";
+
 #[derive(Debug, Clone)]
 pub struct LocalMqttSource {
     options: MqttOptions,
     topics: Vec<String>,
     qos: QoS,
+    /// Where device replies go (`None`: they are not subscribed to).
+    replies: Option<mpsc::Sender<DeviceEvent>>,
+}
+
+/// What a local topic carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LocalTopic {
+    Reading,
+    Reply,
+    OwnCommand,
+}
+
+fn classify(topic: &str) -> LocalTopic {
+    let mut levels = topic.split('/');
+    match (levels.next(), levels.next(), levels.next(), levels.next()) {
+        (Some("devices"), Some(_), Some("replies"), None) => LocalTopic::Reply,
+        (Some("devices"), Some(_), Some("commands"), None) => LocalTopic::OwnCommand,
+        _ => LocalTopic::Reading,
+    }
 }
 
 /// Why a local publish was rejected.
@@ -49,6 +76,9 @@ pub enum RejectReason {
     /// The payload broke the protocol's reading contract (protocol/README.md, section 3).
     #[error("{0}")]
     Payload(edgestream_protocol::json::PayloadError),
+    /// A reply on `devices/{device}/replies` that is not a valid command outcome.
+    #[error("command reply: {0}")]
+    Reply(String),
 }
 
 /// What the rules stage needs to acknowledge a publish: its packet id and QoS, without the
@@ -104,7 +134,14 @@ impl LocalMqttSource {
             } else {
                 QoS::AtLeastOnce
             },
+            replies: None,
         }
+    }
+
+    /// Subscribes to device replies ([`REPLY_FILTER`], QoS 1) and hands them to `tx`.
+    pub fn with_replies(mut self, tx: mpsc::Sender<DeviceEvent>) -> Self {
+        self.replies = Some(tx);
+        self
     }
 
     /// The client and event loop for [`LocalMqttSource::run`]; the rules stage acknowledges
@@ -156,6 +193,11 @@ impl LocalMqttSource {
                             tracing::error!(topic = %t, error = %e, "cannot queue subscription");
                         }
                     }
+                    if self.replies.is_some() {
+                        if let Err(e) = client.try_subscribe(REPLY_FILTER, QoS::AtLeastOnce) {
+                            tracing::error!(topic = REPLY_FILTER, error = %e, "cannot queue subscription");
+                        }
+                    }
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     let refused = ack
@@ -175,7 +217,46 @@ impl LocalMqttSource {
                         continue;
                     };
                     let ack = (p.qos != QoS::AtMostOnce).then_some(());
-                    let msg = match decode(&p.topic, &p.payload) {
+                    let kind = classify(&p.topic);
+                    if kind == LocalTopic::Reply {
+                        if let (Some(replies), Ok(outcome)) = (
+                            &self.replies,
+                            edgestream_protocol::json::decode_outcome(&p.payload),
+                        ) {
+                            let reply = DeviceEvent::Reply {
+                                outcome: Box::new(outcome),
+                                ack: ack.map(|_| ack_token(&p)),
+                            };
+                            // Block (full-policy): replies are as rare as commands.
+                            tokio::select! {
+                                biased;
+                                _ = release.cancelled() => break,
+                                r = replies.send(reply) => if r.is_err() {
+                                    tracing::warn!("command router has stopped; reply left unacknowledged");
+                                }
+                            }
+                            continue;
+                        }
+                    }
+                    let decoded = match kind {
+                        LocalTopic::Reading => decode(&p.topic, &p.payload),
+                        LocalTopic::Reply => Err(RejectReason::Reply(
+                            edgestream_protocol::json::decode_outcome(&p.payload)
+                                .err()
+                                .map_or_else(|| "no command router".to_string(), |e| e.to_string()),
+                        )),
+                        LocalTopic::OwnCommand => {
+                            // Our own command echoed by a wide filter: only acknowledge it.
+                            let msg = SourceMsg::Rejected(None, ack.map(|_| ack_token(&p)));
+                            tokio::select! {
+                                biased;
+                                _ = release.cancelled() => break,
+                                r = tx.send(msg) => if r.is_err() { out = None; }
+                            }
+                            continue;
+                        }
+                    };
+                    let msg = match decoded {
                         Ok(reading) => {
                             Metrics::inc(&metrics.readings_in_mqtt);
                             SourceMsg::Reading(reading, ack.map(|_| ack_token(&p)))

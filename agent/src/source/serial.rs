@@ -30,8 +30,15 @@
 //!   The sample holds the rejected unit's bytes from the read that completed it.
 //! - Memory is fixed per port: one read buffer ([`READ_CHUNK`]) and one line or frame
 //!   accumulator (the protocol's `MAX_LINE_LEN` / `MAX_ENCODED_FRAME_LEN`).
+//! - **Commands.** Between two reads (so at least every [`READ_TIMEOUT`]) the thread writes the
+//!   commands the router handed it ([`PortLink`]): a `Command` frame on a binary port, a JSON
+//!   line on a text port, and reports each write's result. Device replies (an `Outcome` frame,
+//!   or a JSON line with `id` and `state`) go to the router; devices heard on the port are
+//!   learned so that commands for them are routed here. While the port is closed the router
+//!   hands it nothing, and commands caught in the hand-off are given back.
 
-use std::io::Read;
+use std::collections::HashSet;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -42,12 +49,14 @@ use edgestream_protocol::frame::{DefaultFrameAccumulator, FeedResult};
 use edgestream_protocol::text::{
     parse_json_line, parse_kv_line, CsvMap, DefaultLineAccumulator, LineFeed, TextRecord,
 };
-use edgestream_protocol::types::{DeviceId, DeviceMessage};
+use edgestream_protocol::types::{Command, CommandOutcome, DeviceId, DeviceMessage};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{now_ms, Reading, SourceMsg};
 use crate::backoff::Backoff;
+use crate::commands::routes::{PortLink, MAX_LEARNED_DEVICES};
+use crate::commands::DeviceEvent;
 use crate::config::{SerialConfig, SerialFlowControl, SerialFraming, SerialParity};
 use crate::deadletter::RejectSampler;
 use crate::metrics::Metrics;
@@ -107,8 +116,8 @@ enum Framing {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decoded {
     Reading(Reading),
-    /// A command outcome frame (counted; the command router takes these once it exists).
-    Outcome,
+    /// A device's reply to a command (an `Outcome` frame or a JSON reply line).
+    Outcome(Box<CommandOutcome>),
     /// A refused unit: its number on this port, why, and its bytes from the current read.
     Rejected {
         unit: u64,
@@ -196,9 +205,19 @@ impl PortDecoder {
                     LineFeed::Line { line, remaining } => {
                         self.units += 1;
                         input = remaining;
-                        match parser.parse(line) {
-                            Ok(rec) => line_readings(&rec, device.as_ref(), self.units, line, out),
-                            Err(e) => out.push(Decoded::Rejected {
+                        let reply = looks_like_reply(line)
+                            .then(|| edgestream_protocol::json::decode_outcome(line.as_bytes()));
+                        match (reply, parser.parse(line)) {
+                            (Some(Ok(outcome)), _) => out.push(Decoded::Outcome(Box::new(outcome))),
+                            (_, Ok(rec)) => {
+                                line_readings(&rec, device.as_ref(), self.units, line, out)
+                            }
+                            (Some(Err(e)), Err(_)) => out.push(Decoded::Rejected {
+                                unit: self.units,
+                                reason: format!("command reply: {e}"),
+                                bytes: line.as_bytes().to_vec(),
+                            }),
+                            (None, Err(e)) => out.push(Decoded::Rejected {
                                 unit: self.units,
                                 reason: e.to_string(),
                                 bytes: line.as_bytes().to_vec(),
@@ -227,6 +246,27 @@ impl PortDecoder {
     }
 }
 
+/// A JSON line with `id` and `state` keys is a command reply (protocol/README.md), not a
+/// reading; a reading line with such metric names still parses as a reading.
+fn looks_like_reply(line: &str) -> bool {
+    line.trim_start().starts_with('{') && line.contains("\"state\"") && line.contains("\"id\"")
+}
+
+/// The bytes that carry `cmd` on a port with `framing`: a frame, or a JSON line.
+pub fn command_bytes(framing: SerialFraming, cmd: &Command) -> Result<Vec<u8>, String> {
+    if framing == SerialFraming::Binary {
+        let mut buf = [0u8; edgestream_protocol::limits::MAX_ENCODED_FRAME_LEN + 1];
+        let msg = DeviceMessage::Command(cmd.clone());
+        return edgestream_protocol::frame::encode_frame(&msg, &mut buf)
+            .map(<[u8]>::to_vec)
+            .map_err(|e| format!("cannot encode the command frame: {e:?}"));
+    }
+    let mut line = Vec::with_capacity(192);
+    edgestream_protocol::json::encode_command(cmd, &mut line).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    Ok(line)
+}
+
 /// The part of a unit that was in this read: `before` up to where `remaining` starts, without
 /// the terminator.
 fn unit_bytes<'a>(before: &'a [u8], remaining: &[u8]) -> &'a [u8] {
@@ -246,7 +286,7 @@ fn frame_readings(message: DeviceMessage, unit: u64, bytes: &[u8], out: &mut Vec
     match message {
         DeviceMessage::Reading(r) => out.push(reading(r)),
         DeviceMessage::Batch(b) => out.extend(b.readings.into_iter().map(reading)),
-        DeviceMessage::Outcome(_) => out.push(Decoded::Outcome),
+        DeviceMessage::Outcome(o) => out.push(Decoded::Outcome(Box::new(o))),
         DeviceMessage::Command(_) => out.push(Decoded::Rejected {
             unit,
             reason: "a device sent a command frame (commands go from gateway to device)".into(),
@@ -286,6 +326,10 @@ fn line_readings(
 pub struct SerialSource {
     config: SerialConfig,
     decoder: PortDecoder,
+    /// Commands for this port and the routing table (`None`: read only).
+    link: Option<PortLink>,
+    /// Devices already reported to the routing table by this thread.
+    learned: HashSet<String>,
 }
 
 /// How one connection ended.
@@ -301,7 +345,74 @@ impl SerialSource {
             path: config.path.clone(),
             message,
         })?;
-        Ok(Self { config, decoder })
+        Ok(Self {
+            config,
+            decoder,
+            link: None,
+            learned: HashSet::new(),
+        })
+    }
+
+    /// Lets the port carry commands to its devices and their replies back.
+    pub fn with_link(mut self, link: PortLink) -> Self {
+        self.link = Some(link);
+        self
+    }
+
+    fn set_open(&self, open: bool) {
+        if let Some(l) = &self.link {
+            l.routes.set_open(l.index, open);
+            if !open {
+                // Commands caught in the hand-off go back to the router's queue.
+                while let Ok(cmd) = l.commands.try_recv() {
+                    let back = DeviceEvent::Written {
+                        id: cmd.id.to_string(),
+                        port: l.index,
+                        error: Some("serial port closed before the write".into()),
+                    };
+                    if l.events.blocking_send(back).is_err() {
+                        // The router has stopped; the command stays in its saved table.
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the commands waiting for this port; an error means the port is lost.
+    fn write_commands(&self, port: &mut serialport::TTYPort) -> Result<(), String> {
+        let Some(l) = &self.link else {
+            return Ok(());
+        };
+        while let Ok(cmd) = l.commands.try_recv() {
+            let written = command_bytes(self.config.framing, &cmd).and_then(|bytes| {
+                port.write_all(&bytes)
+                    .and_then(|()| port.flush())
+                    .map_err(|e| format!("write failed: {e}"))
+            });
+            let report = DeviceEvent::Written {
+                id: cmd.id.to_string(),
+                port: l.index,
+                error: written.as_ref().err().cloned(),
+            };
+            if l.events.blocking_send(report).is_err() {
+                // The router has stopped; the command's state is in its saved table.
+                tracing::debug!(id = %cmd.id, "write result not reported: router stopped");
+            }
+            written?;
+        }
+        Ok(())
+    }
+
+    /// Tells the routing table (once per device) that `device` is on this port.
+    fn learn(&mut self, device: &str) {
+        let Some(l) = &self.link else {
+            return;
+        };
+        if self.learned.len() < MAX_LEARNED_DEVICES && !self.learned.contains(device) {
+            self.learned.insert(device.to_string());
+            l.routes.learn(device, l.index);
+        }
     }
 
     /// Starts the port's reader thread. Must be called inside the tokio runtime (the thread
@@ -392,7 +503,9 @@ impl SerialSource {
             Metrics::inc(&metrics.serial_connects);
             metrics.serial_ports_open.fetch_add(1, Ordering::Relaxed);
             self.decoder.reset();
+            self.set_open(true);
             let ended = self.read_until_lost(&mut port, &out, &metrics, &mut sampler, &stop);
+            self.set_open(false);
             drop(port);
             metrics.serial_ports_open.fetch_sub(1, Ordering::Relaxed);
             match ended {
@@ -439,6 +552,9 @@ impl SerialSource {
             if stop.is_cancelled() {
                 return Ended::Stopped;
             }
+            if let Err(why) = self.write_commands(port) {
+                return Ended::Lost { why, got_data };
+            }
             let n = match port.read(&mut buf) {
                 Ok(0) => {
                     return Ended::Lost {
@@ -470,11 +586,22 @@ impl SerialSource {
                 let msg = match d {
                     Decoded::Reading(r) => {
                         Metrics::inc(&metrics.readings_in_serial);
+                        self.learn(&r.device);
                         SourceMsg::Reading(r, None)
                     }
-                    Decoded::Outcome => {
+                    Decoded::Outcome(outcome) => {
                         Metrics::inc(&metrics.serial_outcomes);
-                        tracing::debug!("command outcome frame (no command router yet)");
+                        match &self.link {
+                            Some(l) => {
+                                let reply = DeviceEvent::Reply { outcome, ack: None };
+                                if l.events.blocking_send(reply).is_err() {
+                                    tracing::warn!("command router has stopped; reply dropped");
+                                }
+                            }
+                            None => {
+                                tracing::debug!(id = %outcome.id, "command reply on a port without commands")
+                            }
+                        }
                         continue;
                     }
                     Decoded::Rejected {

@@ -715,6 +715,53 @@ mod tests {
     }
 
     #[test]
+    fn reply_lines_are_outcomes_and_readings_named_state_stay_readings() {
+        let mut out = Vec::new();
+        text(SerialFraming::KeyValue, Some("valve-1")).feed(
+            concat!(
+                "{\"v\":1,\"id\":\"c-1\",\"device\":\"valve-1\",\"state\":\"succeeded\",\"detail\":\"ok\"}\n",
+                "{\"v\":1,\"id\":\"c-2\",\"device\":\"valve-1\",\"state\":\"exploded\"}\n",
+                "percent=40\n",
+            )
+            .as_bytes(),
+            &mut out,
+        );
+        match &out[0] {
+            Decoded::Outcome(o) => {
+                assert_eq!((o.id.as_str(), o.detail.as_str()), ("c-1", "ok"));
+                assert_eq!(o.state, edgestream_protocol::types::OutcomeState::Succeeded);
+            }
+            other => panic!("{other:?}"),
+        }
+        match &out[1] {
+            Decoded::Rejected { unit, reason, .. } => {
+                assert_eq!(*unit, 2);
+                assert!(reason.starts_with("command reply:"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            readings(&out),
+            vec![(
+                "valve-1".into(),
+                "percent".into(),
+                40.0,
+                readings(&out)[0].3
+            )]
+        );
+        out.clear();
+        // A JSON reading whose metrics happen to be called `id` and `state` is a reading.
+        text(SerialFraming::Json, Some("p")).feed(b"{\"id\":3,\"state\":1,\"ts\":5}\n", &mut out);
+        assert_eq!(
+            readings(&out),
+            vec![
+                ("p".into(), "id".into(), 3.0, 5),
+                ("p".into(), "state".into(), 1.0, 5)
+            ]
+        );
+    }
+
+    #[test]
     fn json_and_csv_lines_and_a_line_without_a_device() {
         let mut out = Vec::new();
         text(SerialFraming::Json, None).feed(

@@ -20,15 +20,18 @@ use crate::config::{
 use crate::metrics::Metrics;
 use crate::pipeline::Agent;
 
-/// The rules the demo runs: a threshold with hysteresis, two anomaly detectors and a
-/// downsampling rule.
+/// The rules the demo runs: a threshold with hysteresis that also commands the boiler, two
+/// anomaly detectors and a downsampling rule.
 pub const DEMO_RULES: &str = r#"
-# Boilers: critical when hotter than 80 for 30 s of reading time; clears below 75.
+# Boilers: critical when hotter than 80 for 30 s of reading time; clears below 75. The burner
+# is turned down while it lasts (the simulated boilers answer on devices/{id}/replies).
 rule overheat
   on device "boiler-*"
   when temperature > 80 for 30s
   clear when temperature < 75
   alert critical "boiler overheating"
+  command set_burner(level = 20)
+  command set_burner(level = 100) on clear
 
 # Pumps: a vibration spike far outside the recent spread.
 rule vibration_spike
@@ -71,6 +74,12 @@ pub fn main(duration: Option<u64>) -> anyhow::Result<()> {
         summary.metrics.alerts_raised, summary.metrics.alerts_cleared
     );
     println!("  aggregates             {}", summary.metrics.aggregates);
+    println!(
+        "  commands ok/failed/timed out  {}/{}/{}",
+        summary.metrics.commands_succeeded,
+        summary.metrics.commands_failed,
+        summary.metrics.commands_timed_out
+    );
     println!(
         "  records forwarded      {}",
         summary.metrics.uplink_records_sent
@@ -139,10 +148,11 @@ async fn run(duration: Option<Duration>) -> anyhow::Result<Summary> {
         }
         let m = metrics.snapshot();
         println!(
-            "[{:>4}s] in {:>6} | alerts {:>3} | forwarded {:>6} | acked {:>6} | outbox {:>5} | cloud readings {:>6}",
+            "[{:>4}s] in {:>6} | alerts {:>3} | commands {:>3} | forwarded {:>6} | acked {:>6} | outbox {:>5} | cloud readings {:>6}",
             started.elapsed().as_secs(),
             m.readings_in_mqtt,
             m.alerts_raised + m.alerts_cleared,
+            m.commands_succeeded,
             m.uplink_records_sent,
             m.outbox_acked,
             m.outbox_depth,
@@ -193,12 +203,42 @@ fn demo_config(data: &std::path::Path, local_port: u16, cloud_port: u16) -> Conf
         log: LogConfig::default(),
         metrics: Default::default(),
         serial: Vec::new(),
-        commands: Default::default(),
+        commands: demo_commands(),
+    }
+}
+
+/// The demo's allow-list: the burner level of any boiler, 0 to 100.
+fn demo_commands() -> crate::commands::config::CommandsConfig {
+    let mut allow = crate::commands::config::AllowedCommand {
+        name: "set_burner".into(),
+        devices: vec!["boiler-*".into()],
+        args: Default::default(),
+    };
+    allow.args.insert(
+        "level".into(),
+        crate::commands::config::ArgSpec {
+            kind: crate::commands::config::ArgKind::Integer,
+            required: true,
+            min: Some(0.0),
+            max: Some(100.0),
+            one_of: Vec::new(),
+        },
+    );
+    crate::commands::config::CommandsConfig {
+        allow: vec![allow],
+        ..Default::default()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn demo_config_is_valid() {
+        let c = super::demo_config(std::path::Path::new("/tmp/x"), 1883, 1884);
+        let problems = c.validate(None);
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
     #[test]
     fn demo_rules_compile() {
         if let Err(e) = edgestream_rules::compile(super::DEMO_RULES) {

@@ -68,6 +68,7 @@ fn main() {
         durability: Durability::Batch,
         flush_interval_ms: 500,
         full_policy: FullPolicy::DropOldestTelemetry,
+        max_age_secs: None,
     };
     let metrics = Arc::new(Metrics::default());
     let (outbox, _) = Outbox::open(&dir.path().join("outbox"), settings, metrics).expect("open");

@@ -117,6 +117,8 @@ pub struct OutboxSettings {
     pub durability: Durability,
     pub flush_interval_ms: u64,
     pub full_policy: FullPolicy,
+    /// Telemetry older than this (since its append) is dropped; `None`: no age limit.
+    pub max_age_secs: Option<u64>,
 }
 
 impl From<&OutboxConfig> for OutboxSettings {
@@ -127,6 +129,7 @@ impl From<&OutboxConfig> for OutboxSettings {
             durability: c.durability,
             flush_interval_ms: c.flush_interval_ms,
             full_policy: c.full_policy,
+            max_age_secs: c.max_age_secs,
         }
     }
 }
@@ -210,6 +213,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     appended: Notify,
     open_report: OpenReport,
+    /// Unix second of the last age check, so that readers check at most once a second.
+    age_checked: AtomicU64,
 }
 
 pub fn key(priority: Priority, seq: u64) -> Key {
@@ -361,6 +366,7 @@ impl Outbox {
             metrics,
             appended: Notify::new(),
             open_report: report.clone(),
+            age_checked: AtomicU64::new(0),
         };
         Ok((
             Outbox {
@@ -374,6 +380,15 @@ impl Outbox {
     /// or refusing by the full-policy. Alerts and control messages are stored one per value;
     /// the telemetry is packed into segments. Not durable until [`Outbox::flush`] returns.
     pub fn append(&self, records: &[Record]) -> Result<AppendOutcome, OutboxError> {
+        self.append_at(records, now_secs())
+    }
+
+    /// [`Outbox::append`] at unix second `now` (the segments' append time; tests move it).
+    pub(crate) fn append_at(
+        &self,
+        records: &[Record],
+        now: u64,
+    ) -> Result<AppendOutcome, OutboxError> {
         let inner = &*self.inner;
         let mut outcome = AppendOutcome::default();
         // Single-record form; a segment stores the body after its 5-byte header.
@@ -383,6 +398,8 @@ impl Outbox {
         }
         let size = |v: &Vec<u8>| (v.len() + KEY_LEN) as u64;
         let mut next_seq = inner.append_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Expired telemetry goes first: it must not take room (or cause drops) from new records.
+        self.expire_locked(now)?;
         let max = inner.settings.max_bytes;
         // A record larger than the whole cap can never be stored.
         encoded.retain(|(_, v)| {
@@ -430,7 +447,7 @@ impl Outbox {
             }
         }
         let mut added = 0u64;
-        let appended_at = now_secs();
+        let appended_at = now;
         let mut segment: Option<(Key, SegmentWriter)> = None;
         for (prio, v) in &encoded {
             let seq = *next_seq;
@@ -539,6 +556,82 @@ impl Outbox {
         Ok(plan)
     }
 
+    /// Drops telemetry older than `max_age_secs`, if set; checked at most once a second by
+    /// readers, and on every append. Returns how many records were dropped.
+    pub fn expire(&self) -> Result<usize, OutboxError> {
+        self.expire_at(now_secs())
+    }
+
+    pub(crate) fn expire_at(&self, now: u64) -> Result<usize, OutboxError> {
+        if self.inner.settings.max_age_secs.is_none() {
+            return Ok(0);
+        }
+        let _changes = self
+            .inner
+            .append_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.expire_locked(now)
+    }
+
+    /// Cheap enough for every read: one atomic compare unless a second has passed.
+    fn maybe_expire(&self) -> Result<(), OutboxError> {
+        if self.inner.settings.max_age_secs.is_none() {
+            return Ok(());
+        }
+        let now = now_secs();
+        if self.inner.age_checked.swap(now, Ordering::AcqRel) != now {
+            self.expire_at(now)?;
+        }
+        Ok(())
+    }
+
+    /// [`Outbox::expire_at`] with `append_lock` held. Segments are scanned oldest first and the
+    /// scan stops at the first one young enough: append times only grow along the keys (short
+    /// of a clock stepped back, which at worst keeps old telemetry a little longer). Single
+    /// telemetry values written before segments carry no append time and are left to the cap.
+    fn expire_locked(&self, now: u64) -> Result<usize, OutboxError> {
+        let inner = &*self.inner;
+        let Some(max_age) = inner.settings.max_age_secs else {
+            return Ok(0);
+        };
+        let mut batch = sled::Batch::default();
+        let (mut records, mut freed) = (0u64, 0u64);
+        for item in inner.tree.scan_prefix([Priority::Low as u8]) {
+            let (k, v) = item?;
+            if k.len() != KEY_LEN || v.first() != Some(&SEGMENT_VERSION) {
+                continue;
+            }
+            // Damaged values are left for the reader to remove and count as corrupt.
+            let Ok(h) = held(&k, &v, true) else { continue };
+            let Some(seg) = &h.segment else { continue };
+            if now.saturating_sub(seg.appended_at) <= max_age {
+                break;
+            }
+            records += h.records.len() as u64;
+            freed += h.records.iter().map(|(_, s)| s).sum::<u64>();
+            batch.remove(k);
+        }
+        if records == 0 {
+            return Ok(0);
+        }
+        inner.tree.apply_batch(batch)?;
+        let bytes = inner.bytes.load(Ordering::Acquire).saturating_sub(freed);
+        let depth = inner.depth.load(Ordering::Acquire).saturating_sub(records);
+        inner.bytes.store(bytes, Ordering::Release);
+        inner.depth.store(depth, Ordering::Release);
+        let m = &inner.metrics;
+        Metrics::add(&m.outbox_dropped_age, records);
+        Metrics::set(&m.outbox_bytes, bytes);
+        Metrics::set(&m.outbox_depth, depth);
+        tracing::warn!(
+            dropped = records,
+            max_age_secs = max_age,
+            "telemetry older than the outbox age limit dropped"
+        );
+        Ok(records as usize)
+    }
+
     /// Makes everything appended so far durable.
     pub async fn flush(&self) -> Result<(), OutboxError> {
         self.inner.db.flush_async().await?;
@@ -586,6 +679,9 @@ impl Outbox {
         max: usize,
         out: &mut Vec<Stored>,
     ) -> Result<(), OutboxError> {
+        if priority == Priority::Low {
+            self.maybe_expire()?;
+        }
         let first = match after {
             Some(s) => match s.checked_add(1) {
                 Some(n) => n,
@@ -695,6 +791,9 @@ impl Outbox {
         after: Option<u64>,
         max: usize,
     ) -> Result<usize, OutboxError> {
+        if priority == Priority::Low {
+            self.maybe_expire()?;
+        }
         let first = match after {
             Some(s) => match s.checked_add(1) {
                 Some(n) => n,
@@ -1054,6 +1153,7 @@ mod tests {
             durability: Durability::Batch,
             flush_interval_ms: 500,
             full_policy: policy,
+            max_age_secs: None,
         }
     }
 
@@ -1266,6 +1366,59 @@ mod tests {
             ob.inner.tree.get(META_FORMAT).unwrap().unwrap().as_ref(),
             &[SEGMENT_VERSION]
         );
+    }
+
+    #[test]
+    fn telemetry_past_the_age_limit_is_dropped_oldest_first_and_alerts_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::default());
+        let mut s = settings(1 << 20, FullPolicy::DropOldestTelemetry);
+        s.max_age_secs = Some(100);
+        let (ob, _) = Outbox::open(dir.path(), s.clone(), m.clone()).unwrap();
+        // From now on, so that the real clock of the readers used below expires nothing.
+        let t0 = now_secs();
+        // seqs 0-2 at t0 (an alert among them), 3-4 at t0 + 50, 5 at t0 + 120.
+        ob.append_at(
+            &[record(0, false, 5), record(1, true, 5), record(2, false, 5)],
+            t0,
+        )
+        .unwrap();
+        ob.append_at(&[record(3, false, 5), record(4, false, 5)], t0 + 50)
+            .unwrap();
+        assert_eq!(
+            ob.expire_at(t0 + 100).unwrap(),
+            0,
+            "exactly the limit is not older"
+        );
+        // The append at t0 + 120 expires the first segment before it stores its own.
+        ob.append_at(&[record(5, false, 5)], t0 + 120).unwrap();
+        let low = |ob: &Outbox| -> Vec<u64> {
+            all(ob, Priority::Low).into_iter().map(|(s, _)| s).collect()
+        };
+        assert_eq!(low(&ob), vec![3, 4, 5]);
+        assert_eq!(m.snapshot().outbox_dropped_age, 2);
+        assert_eq!(ob.expire_at(t0 + 151).unwrap(), 2);
+        assert_eq!(low(&ob), vec![5]);
+        assert_eq!(
+            all(&ob, Priority::High).len(),
+            1,
+            "alerts are never dropped for age"
+        );
+        assert_eq!(ob.depth(), 2);
+        assert_eq!(
+            ob.bytes(),
+            size(&record(5, false, 5)) + size(&record(1, true, 5))
+        );
+        let snap = m.snapshot();
+        assert_eq!((snap.outbox_dropped_age, snap.outbox_dropped_full), (4, 0));
+        // Readers check the clock too: telemetry appended long ago goes on the next read.
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _) = Outbox::open(dir.path(), s, m.clone()).unwrap();
+        ob.append_at(&[record(0, false, 5), record(1, true, 5)], t0 - 101)
+            .unwrap();
+        assert_eq!(ob.count_after(Priority::Low, None, 10).unwrap(), 0);
+        assert_eq!(ob.depth(), 1);
+        assert_eq!(m.snapshot().outbox_dropped_age, 5);
     }
 
     #[test]

@@ -15,6 +15,8 @@ use edgestream_agent::outbox::{Outbox, OutboxSettings};
 use edgestream_agent::record::{Priority, ReadingRecord, Record};
 
 const RECORDS: usize = 100_000;
+/// Records per append (group commit); `OUTBOX_BENCH_BATCH` overrides it (the agent's real
+/// groups are often 10-30 readings, and segments are only as big as a group).
 const BATCH: usize = 512;
 const DRAIN_BATCH: usize = 50;
 
@@ -61,6 +63,11 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` lists benches; nothing to list here
     }
+    let batch = std::env::var("OUTBOX_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(BATCH);
     let dir = tempfile::tempdir().expect("tempdir");
     let settings = OutboxSettings {
         max_bytes: 256 << 20,
@@ -79,14 +86,14 @@ fn main() {
     // header), as since the first figures; `body` leaves the header out, the stricter measure.
     let mut payload = 0u64;
     let mut body = 0u64;
-    let mut chunk = Vec::with_capacity(BATCH);
+    let mut chunk = Vec::with_capacity(batch);
     let mut encode_secs = 0.0;
     let written0 = written_bytes();
     let t = Instant::now();
-    for start in (0..RECORDS).step_by(BATCH) {
+    for start in (0..RECORDS).step_by(batch) {
         let e = Instant::now();
         chunk.clear();
-        chunk.extend((start..(start + BATCH).min(RECORDS)).map(reading));
+        chunk.extend((start..(start + batch).min(RECORDS)).map(reading));
         payload += chunk
             .iter()
             .map(|r| r.encode().expect("encode").len() as u64)
@@ -129,7 +136,7 @@ fn main() {
     let drain_secs = t.elapsed().as_secs_f64();
     assert_eq!(drained, RECORDS);
 
-    println!("outbox bench: {RECORDS} readings, batches of {BATCH}, flush per batch (durability = \"batch\")");
+    println!("outbox bench: {RECORDS} readings, batches of {batch}, flush per batch (durability = \"batch\")");
     println!(
         "  durable writes : {:>10.0} records/s ({:.2} s)",
         RECORDS as f64 / write_secs,

@@ -1422,6 +1422,27 @@ mod tests {
     }
 
     #[test]
+    fn the_age_limit_is_off_by_default_and_validated() {
+        use crate::config::Config;
+        let cfg = |outbox: &str| {
+            format!(
+                "[gateway]\nid = \"gw\"\ndata_dir = \"/tmp/x\"\n[cloud]\nhost = \"h\"\ntls = false\n[outbox]\n{outbox}\n"
+            )
+        };
+        let c = Config::from_toml(&cfg(""), None).unwrap();
+        assert_eq!(OutboxSettings::from(&c.outbox).max_age_secs, None);
+        let c = Config::from_toml(&cfg("max_age_secs = 86400"), None).unwrap();
+        assert_eq!(OutboxSettings::from(&c.outbox).max_age_secs, Some(86400));
+        for bad in ["max_age_secs = 0", "max_age_secs = 400000000"] {
+            let e = Config::from_toml(&cfg(bad), None).unwrap_err();
+            assert!(
+                e.0.iter().any(|p| p.path == "outbox.max_age_secs"),
+                "{bad}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_store_held_by_another_handle_is_not_moved_aside() {
         let dir = tempfile::tempdir().unwrap();
         let m = Arc::new(Metrics::default());

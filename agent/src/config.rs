@@ -20,6 +20,9 @@ pub const MAX_BATCH_SIZE: usize = edgestream_protocol::limits::MAX_TELEMETRY_BAT
 pub const MAX_LINGER_MS: u64 = 60_000;
 /// Smallest outbox byte cap that still holds a useful backlog.
 pub const MIN_OUTBOX_BYTES: u64 = 1 << 20;
+/// Bounds of `outbox.max_age_secs`: ages are kept in whole seconds; ten years is "forever".
+pub const MIN_OUTBOX_AGE_SECS: u64 = 1;
+pub const MAX_OUTBOX_AGE_SECS: u64 = 10 * 365 * 24 * 3600;
 /// Longest accepted gateway id; it becomes part of every cloud topic.
 pub const MAX_GATEWAY_ID_LEN: usize = 64;
 
@@ -203,6 +206,10 @@ pub struct OutboxConfig {
     pub flush_interval_ms: u64,
     #[serde(default = "default_full_policy")]
     pub full_policy: FullPolicy,
+    /// Telemetry stored longer than this is dropped, oldest first (alerts and control
+    /// messages never are). Off by default: telemetry waits until the cap.
+    #[serde(default)]
+    pub max_age_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -589,6 +596,7 @@ impl Default for OutboxConfig {
             durability: default_durability(),
             flush_interval_ms: default_flush_interval_ms(),
             full_policy: default_full_policy(),
+            max_age_secs: None,
         }
     }
 }
@@ -1017,6 +1025,15 @@ impl OutboxConfig {
             && (self.flush_interval_ms == 0 || self.flush_interval_ms > 60_000)
         {
             bad(p, "outbox.flush_interval_ms", "must be between 1 and 60000");
+        }
+        if let Some(age) = self.max_age_secs {
+            if !(MIN_OUTBOX_AGE_SECS..=MAX_OUTBOX_AGE_SECS).contains(&age) {
+                bad(
+                    p,
+                    "outbox.max_age_secs",
+                    format!("must be between {MIN_OUTBOX_AGE_SECS} and {MAX_OUTBOX_AGE_SECS} (10 years), or left out"),
+                );
+            }
         }
     }
 }

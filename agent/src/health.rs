@@ -148,6 +148,7 @@ pub fn message(
             "dropped": {
                 "by_rule": m.readings_dropped_by_rule,
                 "outbox_full": m.outbox_dropped_full,
+                "outbox_age": m.outbox_dropped_age,
                 "corrupt": m.outbox_corrupt,
                 "deadletters_suppressed": m.deadletters_suppressed,
                 "tags_truncated": m.tags_truncated,
@@ -192,6 +193,8 @@ mod tests {
             readings_in_mqtt: 7,
             rejected_mqtt: 2,
             uplink_connects: 3,
+            outbox_dropped_full: 5,
+            outbox_dropped_age: 6,
             ..Snapshot::default()
         };
         let v = message("gw", 1, &m, 0);
@@ -199,5 +202,8 @@ mod tests {
         assert_eq!(v["summary"]["parse_errors"]["mqtt"], 2);
         assert_eq!(v["summary"]["uplink"]["reconnects"], 2);
         assert_eq!(v["counters"]["readings_in_mqtt"], 7);
+        assert_eq!(v["summary"]["dropped"]["outbox_full"], 5);
+        assert_eq!(v["summary"]["dropped"]["outbox_age"], 6);
+        assert_eq!(v["counters"]["outbox_dropped_age"], 6);
     }
 }

@@ -55,6 +55,8 @@ counters! {
     outbox_acked,
     /// Records dropped because the outbox was full (by policy).
     outbox_dropped_full,
+    /// Telemetry dropped because it was older than `outbox.max_age_secs`.
+    outbox_dropped_age,
     /// Records skipped because they failed their checksum or could not be decoded.
     outbox_corrupt,
     /// Records in the outbox (gauge).

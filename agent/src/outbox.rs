@@ -12,22 +12,37 @@
 //!   acknowledged in that window). Proven by 50 SIGKILLs under load with 0 acknowledged
 //!   readings lost (`outbox_crash`).
 //! - **Nothing leaves before its PUBACK.** Records are removed only by [`Outbox::remove`], which
-//!   the uplink calls with the keys of a publish the broker acknowledged.
+//!   the uplink calls with the keys of a publish the broker acknowledged. The telemetry of one
+//!   append is packed into segments (see `record.rs` for the layout); a segment partly
+//!   acknowledged is stored again without the acknowledged records, in the same removal, so a
+//!   restart resends only what was not acknowledged, as with single values
+//!   (`outbox::tests::a_partly_acknowledged_segment_...`, `outbox_crash`).
 //! - **Order.** Keys are `[priority][sequence: u64 big-endian]`, so a scan yields each priority in
-//!   the order records were appended. Sequence numbers are unique and increase for the life of
-//!   the store (the next one is persisted with every batch), so the cloud can spot duplicates.
-//! - **Bounded.** Stored bytes (keys + values, as counted here) never exceed `max_bytes`: when a
-//!   batch does not fit, the full-policy either drops the oldest telemetry first, stored or in
-//!   the batch itself, and alerts only when no telemetry is left, in the same atomic sled batch
-//!   as the insert; or refuses the new records (the prefix that fits is kept). Every drop is
-//!   counted in `outbox_dropped_full`. sled's files are larger than the counted bytes: with a
-//!   1 MiB cap the directory peaked at about 7 MiB; the documented margin is cap + 8 MiB
+//!   the order records were appended; a segment is stored under its first record's key and
+//!   holds each record's own sequence number. Sequence numbers are unique and increase for the
+//!   life of the store (the next one is persisted with every batch), so the cloud can spot
+//!   duplicates.
+//! - **Bounded.** Counted bytes never exceed `max_bytes`. Each record counts what it would take
+//!   as a single value (key + version/CRC header + body), whatever its packing: a segment takes
+//!   less than its records' count, so packing never lets more records in than the cap says.
+//!   When a batch does not fit, the full-policy either drops the oldest telemetry first, stored
+//!   or in the batch itself, and alerts only when no telemetry is left, in the same atomic sled
+//!   batch as the insert (a segment partly dropped is stored again without its oldest records);
+//!   or refuses the new records (the prefix that fits is kept). Every drop is counted in
+//!   `outbox_dropped_full`. sled's files are larger than the counted bytes: with a 1 MiB cap the
+//!   directory peaked at about 4.5 MiB (7 MiB before segments); the documented margin is cap + 8 MiB
 //!   (`outbox_outage::a_full_outbox_...`).
-//! - **Corruption is skipped, not fatal.** A record that fails its checksum is removed, logged and
-//!   counted (`outbox_corrupt`); a store that cannot be opened is moved aside
+//! - **Corruption is skipped, not fatal.** A value that fails its checksum (a single record, or a
+//!   segment with all its records) is removed, logged and counted once (`outbox_corrupt`);
+//!   values are checked at open, so the counts start exact, and a value found damaged later
+//!   triggers a recount. A store that cannot be opened is moved aside
 //!   (`outbox.broken-<unix time>`) and a fresh one is started, reported in [`OpenReport`] and
 //!   on the retained status (`outbox_recovered`) (`outbox_corruption`). A store that is merely
 //!   locked by another holder is waited for ([`LOCK_WAIT`]) and never moved aside.
+//! - **Old stores are read.** A store written before segments (every record a version-1 single
+//!   value) opens as it is: single values are still read, acknowledged and dropped alike, and
+//!   new telemetry goes into segments beside them; a format marker records that the store may
+//!   now hold segments (`outbox::tests::a_store_left_by_the_previous_release_...`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,11 +52,17 @@ use tokio::sync::Notify;
 
 use crate::config::{Durability, FullPolicy, OutboxConfig};
 use crate::metrics::Metrics;
-use crate::record::{Priority, Record};
+use crate::record::{
+    counted_size, DecodeError, Priority, Record, Segment, SegmentWriter, SEGMENT_VERSION,
+    SINGLE_OVERHEAD,
+};
 
-/// Key of a stored record: priority byte then big-endian sequence number.
+/// Key of a stored record: priority byte then big-endian sequence number. A segment is stored
+/// under the key of its first record; the uplink still names each record by its own key.
 pub type Key = [u8; 9];
 const META_NEXT_SEQ: &[u8] = &[0xFF, b'n'];
+/// Highest value version this store may hold (absent: written by a release before segments).
+const META_FORMAT: &[u8] = &[0xFF, b'v'];
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -96,6 +117,8 @@ pub struct OutboxSettings {
     pub durability: Durability,
     pub flush_interval_ms: u64,
     pub full_policy: FullPolicy,
+    /// Telemetry older than this (since its append) is dropped; `None`: no age limit.
+    pub max_age_secs: Option<u64>,
 }
 
 impl From<&OutboxConfig> for OutboxSettings {
@@ -106,6 +129,7 @@ impl From<&OutboxConfig> for OutboxSettings {
             durability: c.durability,
             flush_interval_ms: c.flush_interval_ms,
             full_policy: c.full_policy,
+            max_age_secs: c.max_age_secs,
         }
     }
 }
@@ -157,10 +181,15 @@ impl OutboxStore for Outbox {
     }
 }
 
-/// What [`Outbox::plan_room`] decided to drop.
+/// What [`Outbox::plan_room`] decided to drop from the store.
 #[derive(Debug, Default)]
 struct RoomPlan {
-    stored: Vec<Key>,
+    /// Values to delete whole.
+    removes: Vec<sled::IVec>,
+    /// Segments to store again without their dropped (oldest) records.
+    rewrites: Vec<(sled::IVec, Vec<u8>)>,
+    /// Stored records dropped, and their counted bytes.
+    records: u64,
     freed: u64,
     from_batch: usize,
 }
@@ -176,13 +205,16 @@ struct Inner {
     db: sled::Db,
     tree: sled::Tree,
     settings: OutboxSettings,
-    /// Serialises appends (sequence assignment and making room).
+    /// Serialises every change to the tree (appends, removals, drops), and holds the next
+    /// sequence number. Readers do not take it.
     append_lock: Mutex<u64>,
     bytes: AtomicU64,
     depth: AtomicU64,
     metrics: Arc<Metrics>,
     appended: Notify,
     open_report: OpenReport,
+    /// Unix second of the last age check, so that readers check at most once a second.
+    age_checked: AtomicU64,
 }
 
 pub fn key(priority: Priority, seq: u64) -> Key {
@@ -197,9 +229,67 @@ fn seq_of(k: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(b))
 }
 
+fn prio_of(k: &[u8]) -> Option<Priority> {
+    match k.first()? {
+        0 => Some(Priority::High),
+        1 => Some(Priority::Low),
+        _ => None,
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The records one stored value holds: its sequence numbers and counted sizes.
+#[derive(Debug)]
+struct Held {
+    segment: Option<Segment>,
+    /// (seq, counted size) per record, in order.
+    records: Vec<(u64, u64)>,
+}
+
+/// Parses a stored value (either form) far enough to know its records. `verify` checks the
+/// CRC; a value that fails is corrupt.
+fn held(k: &[u8], v: &[u8], verify: bool) -> Result<Held, DecodeError> {
+    let base = seq_of(k).unwrap_or(0);
+    if v.first() == Some(&SEGMENT_VERSION) {
+        let seg = Segment::parse(base, v, verify)?;
+        let records = seg
+            .entries
+            .iter()
+            .map(|e| (e.seq, counted_size(e.body.len(), KEY_LEN)))
+            .collect();
+        return Ok(Held {
+            segment: Some(seg),
+            records,
+        });
+    }
+    if verify {
+        Record::decode(v)?;
+    } else if v.len() < SINGLE_OVERHEAD {
+        return Err(DecodeError::Truncated(v.len()));
+    }
+    Ok(Held {
+        segment: None,
+        records: vec![(base, (k.len() + v.len()) as u64)],
+    })
+}
+
+const KEY_LEN: usize = 9;
+/// Telemetry of one append is packed into segments of about this many bytes. Larger segments
+/// amortise sled's per-entry cost further but make every partial acknowledgement (a segment
+/// stored again without its acknowledged records) and every sled node rewrite dearer. Unit
+/// tests use a small target so that the model test also covers appends split over segments.
+pub const SEGMENT_TARGET_BYTES: usize = if cfg!(test) { 600 } else { 4096 };
+
 impl Outbox {
     /// Opens the outbox in `dir`, or, if the store there is broken, moves it aside and starts
-    /// a fresh one (reported in [`OpenReport::moved_aside`]).
+    /// a fresh one (reported in [`OpenReport::moved_aside`]). Every value's checksum is checked
+    /// here; corrupt values are removed and counted, so the counts start exact.
     pub fn open(
         dir: &Path,
         settings: OutboxSettings,
@@ -236,17 +326,32 @@ impl Outbox {
             _ => 0,
         };
         let (mut bytes, mut depth) = (0u64, 0u64);
+        let mut corrupt = Vec::new();
         for item in tree.iter() {
             let (k, v) = item?;
-            if k.as_ref() == META_NEXT_SEQ {
-                continue;
+            if k.len() != KEY_LEN || prio_of(&k).is_none() {
+                continue; // metadata
             }
-            if let Some(s) = seq_of(&k) {
-                next_seq = next_seq.max(s + 1);
+            match held(&k, &v, true) {
+                Ok(h) => {
+                    for (seq, size) in h.records {
+                        next_seq = next_seq.max(seq.saturating_add(1));
+                        bytes += size;
+                        depth += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(seq = seq_of(&k), error = %e, "corrupt outbox value removed at open");
+                    corrupt.push(k);
+                }
             }
-            bytes += (k.len() + v.len()) as u64;
-            depth += 1;
         }
+        for k in &corrupt {
+            tree.remove(k)?;
+            Metrics::inc(&metrics.outbox_corrupt);
+        }
+        // Values written from here on may be segments, which a release before them cannot read.
+        tree.insert(META_FORMAT, &[SEGMENT_VERSION])?;
         report.records = depth;
         report.bytes = bytes;
         Metrics::set(&metrics.outbox_bytes, bytes);
@@ -261,6 +366,7 @@ impl Outbox {
             metrics,
             appended: Notify::new(),
             open_report: report.clone(),
+            age_checked: AtomicU64::new(0),
         };
         Ok((
             Outbox {
@@ -271,47 +377,64 @@ impl Outbox {
     }
 
     /// Stores `records` in one atomic batch, assigning their sequence numbers, making room
-    /// or refusing by the full-policy. Not durable until [`Outbox::flush`] returns.
+    /// or refusing by the full-policy. Alerts and control messages are stored one per value;
+    /// the telemetry is packed into segments. Not durable until [`Outbox::flush`] returns.
     pub fn append(&self, records: &[Record]) -> Result<AppendOutcome, OutboxError> {
+        self.append_at(records, now_secs())
+    }
+
+    /// [`Outbox::append`] at unix second `now` (the segments' append time; tests move it).
+    pub(crate) fn append_at(
+        &self,
+        records: &[Record],
+        now: u64,
+    ) -> Result<AppendOutcome, OutboxError> {
         let inner = &*self.inner;
         let mut outcome = AppendOutcome::default();
+        // Single-record form; a segment stores the body after its 5-byte header.
         let mut encoded: Vec<(Priority, Vec<u8>)> = Vec::with_capacity(records.len());
         for r in records {
             encoded.push((r.priority(), r.encode()?));
         }
+        let size = |v: &Vec<u8>| (v.len() + KEY_LEN) as u64;
         let mut next_seq = inner.append_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Expired telemetry goes first: it must not take room (or cause drops) from new records.
+        self.expire_locked(now)?;
         let max = inner.settings.max_bytes;
         // A record larger than the whole cap can never be stored.
         encoded.retain(|(_, v)| {
-            let fits = (v.len() + 9) as u64 <= max;
+            let fits = size(v) <= max;
             if !fits {
                 outcome.refused += 1;
             }
             fits
         });
-        let need: u64 = encoded.iter().map(|(_, v)| (v.len() + 9) as u64).sum();
+        let need: u64 = encoded.iter().map(|(_, v)| size(v)).sum();
         let mut batch = sled::Batch::default();
         let mut freed = 0u64;
-        let mut dropped_keys = 0u64;
-        if inner.bytes.load(Ordering::Acquire) + need > max {
+        let mut dropped_stored = 0u64;
+        let held_bytes = inner.bytes.load(Ordering::Acquire);
+        if held_bytes + need > max {
             match inner.settings.full_policy {
                 FullPolicy::DropOldestTelemetry => {
-                    let excess = inner.bytes.load(Ordering::Acquire) + need - max;
-                    let plan = self.plan_room(excess, &mut encoded)?;
-                    for k in &plan.stored {
-                        batch.remove(&k[..]);
+                    let plan = self.plan_room(held_bytes + need - max, &mut encoded)?;
+                    for k in plan.removes {
+                        batch.remove(k);
+                    }
+                    for (k, v) in plan.rewrites {
+                        batch.insert(k, v);
                     }
                     freed = plan.freed;
-                    dropped_keys = plan.stored.len() as u64;
-                    outcome.dropped_old = plan.stored.len() + plan.from_batch;
+                    dropped_stored = plan.records;
+                    outcome.dropped_old = plan.records as usize + plan.from_batch;
                 }
                 FullPolicy::RefuseNew => {
                     // Keep the prefix that fits: the batch's order is preserved.
-                    let mut room = max.saturating_sub(inner.bytes.load(Ordering::Acquire));
+                    let mut room = max.saturating_sub(held_bytes);
                     let before = encoded.len();
                     let mut keep = 0;
                     for (_, v) in &encoded {
-                        let n = (v.len() + 9) as u64;
+                        let n = size(v);
                         if n > room {
                             break;
                         }
@@ -324,34 +447,38 @@ impl Outbox {
             }
         }
         let mut added = 0u64;
+        let appended_at = now;
+        let mut segment: Option<(Key, SegmentWriter)> = None;
         for (prio, v) in &encoded {
-            let k = key(*prio, *next_seq);
+            let seq = *next_seq;
             *next_seq += 1;
-            added += (v.len() + 9) as u64;
-            batch.insert(&k[..], v.as_slice());
+            added += size(v);
+            let k = key(*prio, seq);
+            if *prio == Priority::High {
+                batch.insert(&k[..], v.as_slice());
+                continue;
+            }
+            let body = &v[SINGLE_OVERHEAD..];
+            if let Some((sk, w)) =
+                segment.take_if(|(_, w)| w.len() + body.len() > SEGMENT_TARGET_BYTES)
+            {
+                batch.insert(&sk[..], w.finish());
+            }
+            let (_, w) = segment.get_or_insert_with(|| (k, SegmentWriter::new(seq, appended_at)));
+            w.push(seq, body);
+        }
+        if let Some((sk, w)) = segment {
+            batch.insert(&sk[..], w.finish());
         }
         batch.insert(META_NEXT_SEQ, &next_seq.to_be_bytes()[..]);
         inner.tree.apply_batch(batch)?;
         outcome.stored = encoded.len();
-        // Appends are serialised by `append_lock`; removals by the uplink may run concurrently,
-        // hence read-modify-write on the atomics rather than a store.
-        let bytes = if added >= freed {
-            inner.bytes.fetch_add(added - freed, Ordering::AcqRel) + (added - freed)
-        } else {
-            inner.bytes.fetch_sub(freed - added, Ordering::AcqRel) - (freed - added)
-        };
-        let new_records = encoded.len() as u64;
-        let depth = if new_records >= dropped_keys {
-            inner
-                .depth
-                .fetch_add(new_records - dropped_keys, Ordering::AcqRel)
-                + (new_records - dropped_keys)
-        } else {
-            inner
-                .depth
-                .fetch_sub(dropped_keys - new_records, Ordering::AcqRel)
-                - (dropped_keys - new_records)
-        };
+        // Every change to the tree holds `append_lock`, so these cannot race.
+        let bytes = (held_bytes + added).saturating_sub(freed);
+        let depth = (inner.depth.load(Ordering::Acquire) + encoded.len() as u64)
+            .saturating_sub(dropped_stored);
+        inner.bytes.store(bytes, Ordering::Release);
+        inner.depth.store(depth, Ordering::Release);
         drop(next_seq);
         let m = &inner.metrics;
         Metrics::add(&m.outbox_appended, outcome.stored as u64);
@@ -377,8 +504,9 @@ impl Outbox {
     /// Chooses what to drop so that `excess` more bytes fit, oldest first within a priority
     /// and all telemetry before any alert: stored telemetry, then the batch's own telemetry
     /// (older than the rest of the batch), then stored alerts, then the batch's alerts. Stored
-    /// keys are returned for removal in the same atomic batch as the insert; dropped batch
-    /// records are taken out of `encoded`.
+    /// values are deleted, or for a segment partly dropped, stored again without its oldest
+    /// records, in the same atomic batch as the insert; dropped batch records are taken out of
+    /// `encoded`. Corrupt values are left for the reader to remove and count.
     fn plan_room(
         &self,
         mut excess: u64,
@@ -392,19 +520,33 @@ impl Outbox {
                     break;
                 }
                 let (k, v) = item?;
-                let Ok(k) = <Key>::try_from(k.as_ref()) else {
+                if k.len() != KEY_LEN {
                     continue;
-                };
-                let n = (k.len() + v.len()) as u64;
-                plan.stored.push(k);
-                plan.freed += n;
-                excess = excess.saturating_sub(n);
+                }
+                let Ok(h) = held(&k, &v, true) else { continue };
+                let mut n = 0;
+                for (_, size) in &h.records {
+                    if excess == 0 {
+                        break;
+                    }
+                    plan.freed += size;
+                    excess = excess.saturating_sub(*size);
+                    n += 1;
+                }
+                plan.records += n as u64;
+                match &h.segment {
+                    Some(seg) if n < seg.entries.len() => {
+                        let rest = rewrite(&k, &v, seg, |i| i >= n);
+                        plan.rewrites.push((k, rest));
+                    }
+                    _ => plan.removes.push(k),
+                }
             }
             let mut i = 0;
             while excess > 0 && i < encoded.len() {
                 if encoded[i].0 == prio {
                     let (_, v) = encoded.remove(i);
-                    excess = excess.saturating_sub((v.len() + 9) as u64);
+                    excess = excess.saturating_sub((v.len() + KEY_LEN) as u64);
                     plan.from_batch += 1;
                 } else {
                     i += 1;
@@ -412,6 +554,82 @@ impl Outbox {
             }
         }
         Ok(plan)
+    }
+
+    /// Drops telemetry older than `max_age_secs`, if set; checked at most once a second by
+    /// readers, and on every append. Returns how many records were dropped.
+    pub fn expire(&self) -> Result<usize, OutboxError> {
+        self.expire_at(now_secs())
+    }
+
+    pub(crate) fn expire_at(&self, now: u64) -> Result<usize, OutboxError> {
+        if self.inner.settings.max_age_secs.is_none() {
+            return Ok(0);
+        }
+        let _changes = self
+            .inner
+            .append_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.expire_locked(now)
+    }
+
+    /// Cheap enough for every read: one atomic compare unless a second has passed.
+    fn maybe_expire(&self) -> Result<(), OutboxError> {
+        if self.inner.settings.max_age_secs.is_none() {
+            return Ok(());
+        }
+        let now = now_secs();
+        if self.inner.age_checked.swap(now, Ordering::AcqRel) != now {
+            self.expire_at(now)?;
+        }
+        Ok(())
+    }
+
+    /// [`Outbox::expire_at`] with `append_lock` held. Segments are scanned oldest first and the
+    /// scan stops at the first one young enough: append times only grow along the keys (short
+    /// of a clock stepped back, which at worst keeps old telemetry a little longer). Single
+    /// telemetry values written before segments carry no append time and are left to the cap.
+    fn expire_locked(&self, now: u64) -> Result<usize, OutboxError> {
+        let inner = &*self.inner;
+        let Some(max_age) = inner.settings.max_age_secs else {
+            return Ok(0);
+        };
+        let mut batch = sled::Batch::default();
+        let (mut records, mut freed) = (0u64, 0u64);
+        for item in inner.tree.scan_prefix([Priority::Low as u8]) {
+            let (k, v) = item?;
+            if k.len() != KEY_LEN || v.first() != Some(&SEGMENT_VERSION) {
+                continue;
+            }
+            // Damaged values are left for the reader to remove and count as corrupt.
+            let Ok(h) = held(&k, &v, true) else { continue };
+            let Some(seg) = &h.segment else { continue };
+            if now.saturating_sub(seg.appended_at) <= max_age {
+                break;
+            }
+            records += h.records.len() as u64;
+            freed += h.records.iter().map(|(_, s)| s).sum::<u64>();
+            batch.remove(k);
+        }
+        if records == 0 {
+            return Ok(0);
+        }
+        inner.tree.apply_batch(batch)?;
+        let bytes = inner.bytes.load(Ordering::Acquire).saturating_sub(freed);
+        let depth = inner.depth.load(Ordering::Acquire).saturating_sub(records);
+        inner.bytes.store(bytes, Ordering::Release);
+        inner.depth.store(depth, Ordering::Release);
+        let m = &inner.metrics;
+        Metrics::add(&m.outbox_dropped_age, records);
+        Metrics::set(&m.outbox_bytes, bytes);
+        Metrics::set(&m.outbox_depth, depth);
+        tracing::warn!(
+            dropped = records,
+            max_age_secs = max_age,
+            "telemetry older than the outbox age limit dropped"
+        );
+        Ok(records as usize)
     }
 
     /// Makes everything appended so far durable.
@@ -439,8 +657,21 @@ impl Outbox {
         self.inner.settings.durability == Durability::Batch
     }
 
+    /// Where a scan for records of `priority` from sequence `first` on must start: the key of
+    /// the value holding `first` (a segment keyed by an earlier sequence may hold it).
+    fn scan_start(&self, priority: Priority, first: u64) -> Result<Vec<u8>, OutboxError> {
+        let at = key(priority, first);
+        Ok(
+            match self.inner.tree.range(key(priority, 0)..=at).next_back() {
+                Some(item) => item?.0.to_vec(),
+                None => at.to_vec(),
+            },
+        )
+    }
+
     /// Reads up to `max` records of `priority` with sequence numbers after `after`, in order.
-    /// Corrupt records are removed and counted, and reading goes on past them.
+    /// Corrupt values are removed and counted (a segment with all its records), and reading
+    /// goes on past them.
     pub fn read_after(
         &self,
         priority: Priority,
@@ -448,37 +679,108 @@ impl Outbox {
         max: usize,
         out: &mut Vec<Stored>,
     ) -> Result<(), OutboxError> {
-        let start = match after {
+        if priority == Priority::Low {
+            self.maybe_expire()?;
+        }
+        let first = match after {
             Some(s) => match s.checked_add(1) {
-                Some(n) => key(priority, n),
+                Some(n) => n,
                 None => return Ok(()),
             },
-            None => key(priority, 0),
+            None => 0,
         };
+        let start = self.scan_start(priority, first)?;
         let end = key(priority, u64::MAX);
-        for item in self.inner.tree.range(start..=end) {
+        let mut corrupt = Vec::new();
+        let mut undecodable = Vec::new();
+        for item in self.inner.tree.range(start.as_slice()..=&end[..]) {
             if out.len() >= max {
                 break;
             }
             let (k, v) = item?;
-            let Ok(key_arr) = <Key>::try_from(k.as_ref()) else {
+            let Some(base) = seq_of(&k).filter(|_| k.len() == KEY_LEN) else {
                 continue;
             };
-            let seq = seq_of(&k).unwrap_or(0);
-            match Record::decode(&v) {
-                Ok(record) => out.push(Stored {
-                    key: key_arr,
-                    seq,
-                    record,
-                    size: k.len() + v.len(),
-                }),
+            if v.first() != Some(&SEGMENT_VERSION) {
+                if base < first {
+                    continue;
+                }
+                match Record::decode(&v) {
+                    Ok(record) => out.push(Stored {
+                        key: key(priority, base),
+                        seq: base,
+                        record,
+                        size: k.len() + v.len(),
+                    }),
+                    Err(e) => {
+                        tracing::error!(seq = base, error = %e, "corrupt outbox record skipped");
+                        corrupt.push(k);
+                    }
+                }
+                continue;
+            }
+            let seg = match Segment::parse(base, &v, true) {
+                Ok(seg) => seg,
                 Err(e) => {
-                    tracing::error!(seq, error = %e, "corrupt outbox record skipped");
-                    Metrics::inc(&self.inner.metrics.outbox_corrupt);
-                    self.remove(&[key_arr])?;
+                    tracing::error!(seq = base, error = %e, "corrupt outbox segment skipped with all its records");
+                    corrupt.push(k);
+                    continue;
+                }
+            };
+            for e in seg.entries.iter().filter(|e| e.seq >= first) {
+                if out.len() >= max {
+                    break;
+                }
+                match Record::decode_body(&v[e.body.clone()]) {
+                    Ok(record) => out.push(Stored {
+                        key: key(priority, e.seq),
+                        seq: e.seq,
+                        record,
+                        size: counted_size(e.body.len(), KEY_LEN) as usize,
+                    }),
+                    Err(err) => {
+                        tracing::error!(seq = e.seq, error = %err, "undecodable outbox record skipped");
+                        undecodable.push(key(priority, e.seq));
+                    }
                 }
             }
         }
+        if !undecodable.is_empty() {
+            let n = self.remove(&undecodable)?;
+            Metrics::add(&self.inner.metrics.outbox_corrupt, n as u64);
+        }
+        if !corrupt.is_empty() {
+            self.drop_corrupt(&corrupt)?;
+        }
+        Ok(())
+    }
+
+    /// Removes values that failed their checksum, counts them, and recounts the records and
+    /// bytes held (what a corrupt value held cannot be trusted, so it is not subtracted).
+    fn drop_corrupt(&self, keys: &[sled::IVec]) -> Result<(), OutboxError> {
+        let inner = &*self.inner;
+        let _changes = inner.append_lock.lock().unwrap_or_else(|p| p.into_inner());
+        for k in keys {
+            if inner.tree.remove(k)?.is_some() {
+                Metrics::inc(&inner.metrics.outbox_corrupt);
+            }
+        }
+        let (mut bytes, mut depth) = (0u64, 0u64);
+        for item in inner.tree.iter() {
+            let (k, v) = item?;
+            if k.len() != KEY_LEN || prio_of(&k).is_none() {
+                continue;
+            }
+            // Unverified: this is counting; a value corrupt since open is found by the reader.
+            if let Ok(h) = held(&k, &v, false) {
+                depth += h.records.len() as u64;
+                bytes += h.records.iter().map(|(_, s)| s).sum::<u64>();
+            }
+        }
+        inner.bytes.store(bytes, Ordering::Release);
+        inner.depth.store(depth, Ordering::Release);
+        Metrics::set(&inner.metrics.outbox_bytes, bytes);
+        Metrics::set(&inner.metrics.outbox_depth, depth);
         Ok(())
     }
 
@@ -489,47 +791,121 @@ impl Outbox {
         after: Option<u64>,
         max: usize,
     ) -> Result<usize, OutboxError> {
-        let start = match after {
+        if priority == Priority::Low {
+            self.maybe_expire()?;
+        }
+        let first = match after {
             Some(s) => match s.checked_add(1) {
-                Some(n) => key(priority, n),
+                Some(n) => n,
                 None => return Ok(0),
             },
-            None => key(priority, 0),
+            None => 0,
         };
+        let start = self.scan_start(priority, first)?;
         let end = key(priority, u64::MAX);
         let mut n = 0;
-        for item in self.inner.tree.range(start..=end).take(max) {
-            item?;
-            n += 1;
+        for item in self.inner.tree.range(start.as_slice()..=&end[..]) {
+            if n >= max {
+                break;
+            }
+            let (k, v) = item?;
+            if k.len() != KEY_LEN {
+                continue;
+            }
+            // A value too damaged to count is counted as one; reading it removes it.
+            let held = held(&k, &v, false).map(|h| h.records).unwrap_or_default();
+            n += held
+                .iter()
+                .filter(|(s, _)| *s >= first)
+                .count()
+                .max(usize::from(held.is_empty()));
         }
-        Ok(n)
+        Ok(n.min(max))
     }
 
     /// Removes acknowledged records. Keys already gone (dropped by the full-policy while in
-    /// flight) are ignored. Returns how many were removed.
+    /// flight) are ignored. A segment whose records are all acknowledged is deleted; one
+    /// partly acknowledged is stored again without them, so that a restart resends only what
+    /// is still unacknowledged. Returns how many were removed.
     pub fn remove(&self, keys: &[Key]) -> Result<usize, OutboxError> {
         let inner = &*self.inner;
-        // Held so that a concurrent append cannot drop (and count) the same keys for room.
-        let _appends = inner.append_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut removed = 0;
-        let mut freed = 0u64;
-        for k in keys {
-            if let Some(old) = inner.tree.remove(k)? {
-                removed += 1;
-                freed += (k.len() + old.len()) as u64;
+        // Held so that a concurrent append cannot drop (and count) the same records for room.
+        let changes = inner.append_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sorted = keys.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut batch = sled::Batch::default();
+        let mut corrupt = Vec::new();
+        let (mut removed, mut freed) = (0u64, 0u64);
+        let mut i = 0;
+        while i < sorted.len() {
+            let want = sorted[i];
+            let (Some(prio), Some(seq)) = (prio_of(&want), seq_of(&want)) else {
+                i += 1;
+                continue;
+            };
+            let Some(item) = inner.tree.range(key(prio, 0)..=want).next_back() else {
+                i += 1;
+                continue;
+            };
+            let (k, v) = item?;
+            let h = match held(&k, &v, true) {
+                Ok(h) => h,
+                Err(_) => {
+                    // Never rewrite a damaged segment (that would bless it with a fresh CRC).
+                    corrupt.push(k);
+                    i += 1;
+                    continue;
+                }
+            };
+            let last = h.records.last().map(|(s, _)| *s).unwrap_or(0);
+            if seq > last {
+                // Gone already (acknowledged twice, or dropped while in flight): the value
+                // before it ends earlier.
+                i += 1;
+                continue;
+            }
+            // Every wanted key of this priority up to the value's last record is in it or gone.
+            let mut gone = std::collections::HashSet::new();
+            while i < sorted.len()
+                && sorted[i][0] == want[0]
+                && seq_of(&sorted[i]).is_some_and(|s| s <= last)
+            {
+                gone.insert(seq_of(&sorted[i]).unwrap_or(seq));
+                i += 1;
+            }
+            let mut keep = Vec::with_capacity(h.records.len());
+            for (j, (s, size)) in h.records.iter().enumerate() {
+                if gone.contains(s) {
+                    removed += 1;
+                    freed += size;
+                } else {
+                    keep.push(j);
+                }
+            }
+            if keep.len() == h.records.len() {
+                continue;
+            }
+            match &h.segment {
+                Some(seg) if !keep.is_empty() => {
+                    let rest = rewrite(&k, &v, seg, |j| keep.binary_search(&j).is_ok());
+                    batch.insert(k, rest);
+                }
+                _ => batch.remove(k),
             }
         }
-        let bytes = inner
-            .bytes
-            .fetch_sub(freed, Ordering::AcqRel)
-            .saturating_sub(freed);
-        let depth = inner
-            .depth
-            .fetch_sub(removed as u64, Ordering::AcqRel)
-            .saturating_sub(removed as u64);
+        inner.tree.apply_batch(batch)?;
+        let bytes = inner.bytes.load(Ordering::Acquire).saturating_sub(freed);
+        let depth = inner.depth.load(Ordering::Acquire).saturating_sub(removed);
+        inner.bytes.store(bytes, Ordering::Release);
+        inner.depth.store(depth, Ordering::Release);
         Metrics::set(&inner.metrics.outbox_bytes, bytes);
         Metrics::set(&inner.metrics.outbox_depth, depth);
-        Ok(removed)
+        drop(changes);
+        if !corrupt.is_empty() {
+            self.drop_corrupt(&corrupt)?;
+        }
+        Ok(removed as usize)
     }
 
     /// Resolves after the next successful append.
@@ -549,6 +925,18 @@ impl Outbox {
     pub fn size_on_disk(&self) -> u64 {
         self.inner.db.size_on_disk().unwrap_or(0)
     }
+}
+
+/// The segment stored under `k` as `v`, without the records whose index `keep` refuses. Keeps
+/// the key (still at or below its first record) and the append time.
+fn rewrite(k: &[u8], v: &[u8], seg: &Segment, keep: impl Fn(usize) -> bool) -> Vec<u8> {
+    let mut w = SegmentWriter::new(seq_of(k).unwrap_or(0), seg.appended_at);
+    for (i, e) in seg.entries.iter().enumerate() {
+        if keep(i) {
+            w.push(e.seq, &v[e.body.clone()]);
+        }
+    }
+    w.finish()
 }
 
 fn open_db(dir: &Path, s: &OutboxSettings) -> Result<sled::Db, sled::Error> {
@@ -771,6 +1159,7 @@ mod tests {
             durability: Durability::Batch,
             flush_interval_ms: 500,
             full_policy: policy,
+            max_age_secs: None,
         }
     }
 
@@ -821,6 +1210,8 @@ mod tests {
                             let keys: Vec<Key> = idx.iter().map(|i| v[i.index(v.len())].key).collect();
                             let got = real.remove(&keys).unwrap();
                             prop_assert_eq!(got, model.remove(&keys).unwrap());
+                            // A second PUBACK for the same keys (or keys dropped in flight).
+                            prop_assert_eq!(real.remove(&keys).unwrap(), 0);
                         }
                     }
                     Op::Page(high, at, count) => {
@@ -850,8 +1241,15 @@ mod tests {
         }
     }
 
+    fn flip_last_bit(ob: &Outbox, k: Key) {
+        let mut v = ob.inner.tree.get(k).unwrap().unwrap().to_vec();
+        let last = v.len() - 1;
+        v[last] ^= 0x10;
+        ob.inner.tree.insert(k, v).unwrap();
+    }
+
     #[test]
-    fn a_record_damaged_on_disk_is_skipped_counted_and_removed() {
+    fn a_value_damaged_on_disk_is_skipped_counted_and_removed() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::default());
         let (ob, _) = Outbox::open(
@@ -860,20 +1258,209 @@ mod tests {
             metrics.clone(),
         )
         .unwrap();
-        let recs: Vec<Record> = (0..5).map(|i| record(i, false, 10)).collect();
-        ob.append(&recs).unwrap();
-        // Flip one bit of the third record's value behind the outbox's back.
-        let k = key(Priority::Low, 2);
-        let mut v = ob.inner.tree.get(k).unwrap().unwrap().to_vec();
-        let last = v.len() - 1;
-        v[last] ^= 0x10;
-        ob.inner.tree.insert(k, v).unwrap();
+        // Three appends: three telemetry segments (seqs 0-2, 3-5, 6-8) and one alert (9).
+        for b in 0..3 {
+            let recs: Vec<Record> = (0..3).map(|i| record(b * 3 + i, false, 10)).collect();
+            ob.append(&recs).unwrap();
+        }
+        ob.append(&[record(9, true, 10)]).unwrap();
+        let whole = ob.bytes();
+        // Damage the middle segment and the alert behind the outbox's back.
+        flip_last_bit(&ob, key(Priority::Low, 3));
+        flip_last_bit(&ob, key(Priority::High, 9));
         let mut out = Vec::new();
         ob.read_after(Priority::Low, None, 10, &mut out).unwrap();
         let seqs: Vec<u64> = out.iter().map(|s| s.seq).collect();
-        assert_eq!(seqs, vec![0, 1, 3, 4]);
-        assert_eq!(metrics.snapshot().outbox_corrupt, 1);
-        assert_eq!(ob.depth(), 4);
+        assert_eq!(seqs, vec![0, 1, 2, 6, 7, 8]);
+        out.clear();
+        ob.read_after(Priority::High, None, 10, &mut out).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(metrics.snapshot().outbox_corrupt, 2);
+        assert_eq!(ob.depth(), 6);
+        let per_record = size(&record(0, false, 10));
+        assert!(
+            ob.bytes() < whole && ob.bytes() >= 6 * (per_record - 1),
+            "{}",
+            ob.bytes()
+        );
+        // Damage found at open is removed there, and the counts start exact.
+        flip_last_bit(&ob, key(Priority::Low, 6));
+        ob.flush_blocking().unwrap();
+        drop(ob);
+        let (ob, report) = Outbox::open(
+            dir.path(),
+            settings(1 << 20, FullPolicy::RefuseNew),
+            metrics.clone(),
+        )
+        .unwrap();
+        assert_eq!((report.records, ob.depth()), (3, 3));
+        assert_eq!(metrics.snapshot().outbox_corrupt, 3);
+    }
+
+    #[test]
+    fn a_partly_acknowledged_segment_keeps_only_the_rest_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(1 << 20, FullPolicy::RefuseNew);
+        let m = Arc::new(Metrics::default());
+        let (ob, _) = Outbox::open(dir.path(), s.clone(), m.clone()).unwrap();
+        let recs: Vec<Record> = (0..10).map(|i| record(i, false, 10)).collect();
+        ob.append(&recs).unwrap();
+        // One segment, plus the next-seq and format markers.
+        assert_eq!(ob.inner.tree.len(), 3);
+        let acked: Vec<Key> = (0..4).chain([7]).map(|s| key(Priority::Low, s)).collect();
+        assert_eq!(ob.remove(&acked).unwrap(), 5);
+        ob.flush_blocking().unwrap();
+        drop(ob);
+        let (ob, _) = Outbox::open(dir.path(), s, m).unwrap();
+        let left: Vec<u64> = all(&ob, Priority::Low)
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(left, vec![4, 5, 6, 8, 9]);
+        assert_eq!(ob.depth(), 5);
+        // A page that starts inside the segment.
+        let mut page = Vec::new();
+        ob.read_after(Priority::Low, Some(5), 2, &mut page).unwrap();
+        assert_eq!(page.iter().map(|s| s.seq).collect::<Vec<_>>(), vec![6, 8]);
+        assert_eq!(ob.count_after(Priority::Low, Some(5), 10).unwrap(), 3);
+        ob.remove(&[
+            key(Priority::Low, 4),
+            key(Priority::Low, 5),
+            key(Priority::Low, 6),
+        ])
+        .unwrap();
+        ob.remove(&[key(Priority::Low, 8), key(Priority::Low, 9)])
+            .unwrap();
+        // Acknowledged again (or dropped while in flight): nothing left to remove, no hang.
+        let again: Vec<Key> = (0..10).map(|s| key(Priority::Low, s)).collect();
+        assert_eq!(ob.remove(&again).unwrap(), 0);
+        assert_eq!((ob.depth(), ob.bytes(), ob.inner.tree.len()), (0, 0, 2));
+        ob.append(&[record(10, false, 10), record(11, true, 10)])
+            .unwrap();
+        // Low 12 never existed and lies past the end of the segment before it.
+        let mixed = [
+            key(Priority::High, 5),
+            key(Priority::Low, 10),
+            key(Priority::Low, 12),
+        ];
+        assert_eq!(ob.remove(&mixed).unwrap(), 1);
+        assert_eq!(ob.depth(), 1);
+    }
+
+    #[test]
+    fn a_store_left_by_the_previous_release_is_read_and_continued() {
+        // The version-1 layout: every record a single value under [priority][seq], the next
+        // sequence number under META_NEXT_SEQ, no format marker. Written here with sled
+        // directly, as that release did.
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(1 << 20, FullPolicy::DropOldestTelemetry);
+        let old: Vec<Record> = (0..6).map(|i| record(i, i % 3 == 0, 5)).collect();
+        {
+            let db = open_db(dir.path(), &s).unwrap();
+            let tree = db.open_tree("outbox").unwrap();
+            for (i, r) in old.iter().enumerate() {
+                tree.insert(key(r.priority(), i as u64), r.encode().unwrap())
+                    .unwrap();
+            }
+            tree.insert(META_NEXT_SEQ, &6u64.to_be_bytes()[..]).unwrap();
+            db.flush().unwrap();
+        }
+        let m = Arc::new(Metrics::default());
+        let (ob, report) = Outbox::open(dir.path(), s, m.clone()).unwrap();
+        assert_eq!(report.records, 6);
+        assert_eq!(ob.bytes(), old.iter().map(size).sum::<u64>());
+        let high: Vec<(u64, Record)> = all(&ob, Priority::High);
+        assert_eq!(high, vec![(0, old[0].clone()), (3, old[3].clone())]);
+        ob.append(&[record(6, false, 5), record(7, false, 5)])
+            .unwrap();
+        let low: Vec<u64> = all(&ob, Priority::Low)
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(low, vec![1, 2, 4, 5, 6, 7]);
+        // Old single values and new segments are acknowledged alike.
+        let keys: Vec<Key> = [1, 2, 4, 5, 6].map(|s| key(Priority::Low, s)).to_vec();
+        assert_eq!(ob.remove(&keys).unwrap(), 5);
+        assert_eq!(ob.depth(), 3);
+        assert_eq!(m.snapshot().outbox_corrupt, 0);
+        assert_eq!(
+            ob.inner.tree.get(META_FORMAT).unwrap().unwrap().as_ref(),
+            &[SEGMENT_VERSION]
+        );
+    }
+
+    #[test]
+    fn telemetry_past_the_age_limit_is_dropped_oldest_first_and_alerts_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::default());
+        let mut s = settings(1 << 20, FullPolicy::DropOldestTelemetry);
+        s.max_age_secs = Some(100);
+        let (ob, _) = Outbox::open(dir.path(), s.clone(), m.clone()).unwrap();
+        // From now on, so that the real clock of the readers used below expires nothing.
+        let t0 = now_secs();
+        // seqs 0-2 at t0 (an alert among them), 3-4 at t0 + 50, 5 at t0 + 120.
+        ob.append_at(
+            &[record(0, false, 5), record(1, true, 5), record(2, false, 5)],
+            t0,
+        )
+        .unwrap();
+        ob.append_at(&[record(3, false, 5), record(4, false, 5)], t0 + 50)
+            .unwrap();
+        assert_eq!(
+            ob.expire_at(t0 + 100).unwrap(),
+            0,
+            "exactly the limit is not older"
+        );
+        // The append at t0 + 120 expires the first segment before it stores its own.
+        ob.append_at(&[record(5, false, 5)], t0 + 120).unwrap();
+        let low = |ob: &Outbox| -> Vec<u64> {
+            all(ob, Priority::Low).into_iter().map(|(s, _)| s).collect()
+        };
+        assert_eq!(low(&ob), vec![3, 4, 5]);
+        assert_eq!(m.snapshot().outbox_dropped_age, 2);
+        assert_eq!(ob.expire_at(t0 + 151).unwrap(), 2);
+        assert_eq!(low(&ob), vec![5]);
+        assert_eq!(
+            all(&ob, Priority::High).len(),
+            1,
+            "alerts are never dropped for age"
+        );
+        assert_eq!(ob.depth(), 2);
+        assert_eq!(
+            ob.bytes(),
+            size(&record(5, false, 5)) + size(&record(1, true, 5))
+        );
+        let snap = m.snapshot();
+        assert_eq!((snap.outbox_dropped_age, snap.outbox_dropped_full), (4, 0));
+        // Readers check the clock too: telemetry appended long ago goes on the next read.
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _) = Outbox::open(dir.path(), s, m.clone()).unwrap();
+        ob.append_at(&[record(0, false, 5), record(1, true, 5)], t0 - 101)
+            .unwrap();
+        assert_eq!(ob.count_after(Priority::Low, None, 10).unwrap(), 0);
+        assert_eq!(ob.depth(), 1);
+        assert_eq!(m.snapshot().outbox_dropped_age, 5);
+    }
+
+    #[test]
+    fn the_age_limit_is_off_by_default_and_validated() {
+        use crate::config::Config;
+        let cfg = |outbox: &str| {
+            format!(
+                "[gateway]\nid = \"gw\"\ndata_dir = \"/tmp/x\"\n[cloud]\nhost = \"h\"\ntls = false\n[outbox]\n{outbox}\n"
+            )
+        };
+        let c = Config::from_toml(&cfg(""), None).unwrap();
+        assert_eq!(OutboxSettings::from(&c.outbox).max_age_secs, None);
+        let c = Config::from_toml(&cfg("max_age_secs = 86400"), None).unwrap();
+        assert_eq!(OutboxSettings::from(&c.outbox).max_age_secs, Some(86400));
+        for bad in ["max_age_secs = 0", "max_age_secs = 400000000"] {
+            let e = Config::from_toml(&cfg(bad), None).unwrap_err();
+            assert!(
+                e.0.iter().any(|p| p.path == "outbox.max_age_secs"),
+                "{bad}: {e:?}"
+            );
+        }
     }
 
     #[test]

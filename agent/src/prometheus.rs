@@ -141,6 +141,7 @@ fn families(m: &Snapshot, p: &ProcessStats, outbox_disk_bytes: Option<u64>) -> V
             &[
                 (r#"reason="rule""#, m.readings_dropped_by_rule),
                 (r#"reason="outbox_full""#, m.outbox_dropped_full),
+                (r#"reason="outbox_age""#, m.outbox_dropped_age),
                 (r#"reason="corrupt""#, m.outbox_corrupt),
                 (
                     r#"reason="deadletter_rate_limit""#,
@@ -437,6 +438,8 @@ mod tests {
             readings_in_mqtt: 12,
             alerts_raised: 2,
             outbox_depth: 5,
+            outbox_dropped_full: 3,
+            outbox_dropped_age: 4,
             ..Snapshot::default()
         };
         let text = render(&m, &ProcessStats::default(), Some(4096));
@@ -447,6 +450,8 @@ mod tests {
         assert_eq!(v[r#"edgestream_alerts_total{transition="raised"}"#], 2.0);
         assert_eq!(v["edgestream_outbox_records"], 5.0);
         assert_eq!(v["edgestream_outbox_disk_bytes"], 4096.0);
+        let dropped = |r: &str| v[&format!("edgestream_records_dropped_total{{reason=\"{r}\"}}")];
+        assert_eq!((dropped("outbox_full"), dropped("outbox_age")), (3.0, 4.0));
     }
 
     #[tokio::test]

@@ -1,15 +1,30 @@
 //! What the outbox stores: one [`Record`] per reading, alert, aggregate or dead letter, and its
 //! on-disk form.
 //!
-//! On disk a record is `[format version: u8][crc32 of body: u32 LE][body: postcard]`. The CRC
-//! (CRC-32/ISO-HDLC) catches torn or bit-rotted values that sled's own checks let through; a
-//! record that fails it is skipped and counted, never delivered half-right. Changing [`Record`]
-//! in a way postcard cannot read back needs a new [`FORMAT_VERSION`] and a reader for the old one.
+//! Two value forms share the outbox (the first byte tells them apart):
+//!
+//! - **Single record** (version 1, [`FORMAT_VERSION`]; alerts and control messages, and
+//!   everything written by releases before segments):
+//!   `[1][crc32 of body: u32 LE][body: postcard]`.
+//! - **Segment** (version 2, [`SEGMENT_VERSION`]; the telemetry of one append, packed so that
+//!   the key and sled's per-entry overhead are paid once per segment, not per record):
+//!   `[2][crc32 of the rest: u32 LE][appended at: varint unix secs]` then per record
+//!   `[seq delta: varint][body length: varint][body: postcard]`. The first delta is from the
+//!   sequence number in the segment's key, each next one from the previous record's.
+//!
+//! The CRC (CRC-32/ISO-HDLC) catches torn or bit-rotted values that sled's own checks let
+//! through; a value that fails it is skipped and counted, never delivered half-right (for a
+//! segment, all its records). Changing [`Record`] in a way postcard cannot read back needs a new
+//! version and a reader for the old one.
 
 use serde::{Deserialize, Serialize};
 
-/// Version byte of the on-disk record form.
+/// Version byte of the on-disk single-record form.
 pub const FORMAT_VERSION: u8 = 1;
+/// Version byte of the on-disk segment form (several telemetry records in one value).
+pub const SEGMENT_VERSION: u8 = 2;
+/// Bytes a record would take as a single value besides its postcard body (version + CRC).
+pub const SINGLE_OVERHEAD: usize = HEADER_LEN;
 const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
 const HEADER_LEN: usize = 5;
 
@@ -112,6 +127,17 @@ impl Record {
         }
     }
 
+    /// Appends the postcard body of `self` (the part a segment stores) to `out`.
+    pub fn encode_body_into(&self, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
+        *out = postcard::to_extend(self, std::mem::take(out))?;
+        Ok(())
+    }
+
+    /// Decodes a postcard body whose integrity was already checked (by its segment's CRC).
+    pub fn decode_body(body: &[u8]) -> Result<Record, DecodeError> {
+        postcard::from_bytes(body).map_err(|e| DecodeError::Body(e.to_string()))
+    }
+
     /// Appends the on-disk form of `self` to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
         let start = out.len();
@@ -145,6 +171,141 @@ impl Record {
         }
         postcard::from_bytes(body).map_err(|e| DecodeError::Body(e.to_string()))
     }
+}
+
+/// One record inside a [`Segment`]: its sequence number and where its body lies in the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentEntry {
+    pub seq: u64,
+    pub body: std::ops::Range<usize>,
+}
+
+/// A parsed segment value; bodies are ranges into the value it was parsed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    /// When the segment was appended (unix seconds), for the age limit.
+    pub appended_at: u64,
+    pub entries: Vec<SegmentEntry>,
+}
+
+/// Builds a segment value; see the module doc for the layout.
+#[derive(Debug)]
+pub struct SegmentWriter {
+    buf: Vec<u8>,
+    prev: u64,
+    records: usize,
+}
+
+impl SegmentWriter {
+    /// A segment whose key carries `base_seq`; every record added must have a sequence number
+    /// at or above it, increasing.
+    pub fn new(base_seq: u64, appended_at: u64) -> Self {
+        let mut buf = Vec::with_capacity(256);
+        buf.push(SEGMENT_VERSION);
+        buf.extend_from_slice(&[0; 4]);
+        put_varint(&mut buf, appended_at);
+        Self {
+            buf,
+            prev: base_seq,
+            records: 0,
+        }
+    }
+
+    pub fn push(&mut self, seq: u64, body: &[u8]) {
+        put_varint(&mut self.buf, seq.saturating_sub(self.prev));
+        self.prev = seq;
+        put_varint(&mut self.buf, body.len() as u64);
+        self.buf.extend_from_slice(body);
+        self.records += 1;
+    }
+
+    pub fn records(&self) -> usize {
+        self.records
+    }
+
+    /// Bytes of the value so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        let crc = CRC32.checksum(&self.buf[HEADER_LEN..]);
+        self.buf[1..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        self.buf
+    }
+}
+
+impl Segment {
+    /// Parses a segment value stored under `base_seq`. `verify` checks the CRC; counting
+    /// records (hot in the uplink's polling) skips it, reading them never does.
+    pub fn parse(base_seq: u64, v: &[u8], verify: bool) -> Result<Segment, DecodeError> {
+        if v.len() < HEADER_LEN {
+            return Err(DecodeError::Truncated(v.len()));
+        }
+        if v[0] != SEGMENT_VERSION {
+            return Err(DecodeError::UnknownVersion(v[0]));
+        }
+        if verify {
+            let stored = u32::from_le_bytes([v[1], v[2], v[3], v[4]]);
+            let computed = CRC32.checksum(&v[HEADER_LEN..]);
+            if stored != computed {
+                return Err(DecodeError::Checksum { stored, computed });
+            }
+        }
+        let bad = || DecodeError::Body("segment framing".into());
+        let mut at = HEADER_LEN;
+        let appended_at = get_varint(v, &mut at).ok_or_else(bad)?;
+        let mut entries = Vec::new();
+        let mut seq = base_seq;
+        while at < v.len() {
+            let delta = get_varint(v, &mut at).ok_or_else(bad)?;
+            seq = seq.checked_add(delta).ok_or_else(bad)?;
+            let len =
+                usize::try_from(get_varint(v, &mut at).ok_or_else(bad)?).map_err(|_| bad())?;
+            let end = at
+                .checked_add(len)
+                .filter(|e| *e <= v.len())
+                .ok_or_else(bad)?;
+            entries.push(SegmentEntry { seq, body: at..end });
+            at = end;
+        }
+        Ok(Segment {
+            appended_at,
+            entries,
+        })
+    }
+}
+
+/// Counted size of a record whose body is `body_len` bytes: what it would occupy as a single
+/// value, key included. The cap is counted in these units whatever the packing, so packing
+/// never lets more records in than the cap says (segments are smaller than their count).
+pub fn counted_size(body_len: usize, key_len: usize) -> u64 {
+    (body_len + SINGLE_OVERHEAD + key_len) as u64
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(b: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*at)?;
+        *at += 1;
+        v |= u64::from(byte & 0x7F).checked_shl(shift)?;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -187,6 +348,52 @@ mod tests {
             assert!(
                 Record::decode(&bytes[..n]).is_err(),
                 "truncation to {n} went unnoticed"
+            );
+        }
+    }
+
+    #[test]
+    fn segments_round_trip_and_detect_damage() {
+        let bodies: Vec<Vec<u8>> = (0..5)
+            .map(|i| {
+                let mut b = Vec::new();
+                reading().encode_body_into(&mut b).unwrap();
+                b.push(i); // bodies differ
+                b
+            })
+            .collect();
+        let seqs = [10u64, 11, 13, 300, 301];
+        let mut w = SegmentWriter::new(10, 1_700_000_000);
+        for (s, b) in seqs.iter().zip(&bodies) {
+            w.push(*s, b);
+        }
+        let v = w.finish();
+        let seg = Segment::parse(10, &v, true).unwrap();
+        assert_eq!(seg.appended_at, 1_700_000_000);
+        let got: Vec<(u64, &[u8])> = seg
+            .entries
+            .iter()
+            .map(|e| (e.seq, &v[e.body.clone()]))
+            .collect();
+        let want: Vec<(u64, &[u8])> = seqs
+            .iter()
+            .copied()
+            .zip(bodies.iter().map(|b| &b[..]))
+            .collect();
+        assert_eq!(got, want);
+        for i in 0..v.len() * 8 {
+            let mut b = v.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            assert!(
+                Segment::parse(10, &b, true).is_err(),
+                "flip of bit {i} went unnoticed"
+            );
+        }
+        for n in 0..v.len() {
+            // A cut segment fails its CRC (or its header), never yields fewer records silently.
+            assert!(
+                Segment::parse(10, &v[..n], true).is_err(),
+                "cut at {n} went unnoticed"
             );
         }
     }

@@ -1,5 +1,5 @@
-//! Damaged stores (issue 5): a record damaged on disk is skipped, counted and reported while
-//! the rest is delivered; a store that cannot be opened is moved aside, the agent runs on a
+//! Damaged stores (issue 5): a value damaged on disk (a segment of telemetry records) is
+//! skipped, counted and reported while the rest is delivered; a store that cannot be opened is moved aside, the agent runs on a
 //! fresh one and says so on its status topic.
 
 #[path = "common/mod.rs"]
@@ -12,8 +12,27 @@ use edgestream_sim::{CloudCollector, FaultProxy, Mosquitto};
 
 const T0: u64 = 1_700_000_000_000;
 
+/// The outbox's values: key, value and the sequence numbers of the records each holds.
+fn values(tree: &sled::Tree) -> Vec<(sled::IVec, sled::IVec, Vec<u64>)> {
+    use edgestream_agent::record::{Segment, SEGMENT_VERSION};
+    tree.iter()
+        .filter_map(Result::ok)
+        .filter(|(k, _)| k.len() == 9 && k[0] <= 1)
+        .map(|(k, v)| {
+            let base = u64::from_be_bytes(k[1..9].try_into().unwrap());
+            let seqs = if v.first() == Some(&SEGMENT_VERSION) {
+                let seg = Segment::parse(base, &v, true).expect("intact segment");
+                seg.entries.iter().map(|e| e.seq).collect()
+            } else {
+                vec![base]
+            };
+            (k, v, seqs)
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_damaged_record_is_skipped_and_counted_and_the_rest_is_delivered() {
+async fn a_damaged_segment_is_skipped_and_counted_and_the_rest_is_delivered() {
     let local = Mosquitto::start().await.expect("local broker");
     let cloud = Mosquitto::start().await.expect("cloud broker");
     let proxy = FaultProxy::start(cloud.addr()).await.expect("proxy");
@@ -36,10 +55,10 @@ async fn a_damaged_record_is_skipped_and_counted_and_the_rest_is_delivered() {
     let stored = |data: &std::path::Path| {
         let db = sled::open(data.join("outbox")).expect("open outbox with sled");
         let tree = db.open_tree("outbox").unwrap();
-        tree.iter()
-            .filter_map(Result::ok)
-            .filter(|(k, _)| k.len() == 9)
-            .count()
+        values(&tree)
+            .iter()
+            .map(|(_, _, seqs)| seqs.len())
+            .sum::<usize>()
     };
     let mut tries = 0;
     loop {
@@ -55,19 +74,24 @@ async fn a_damaged_record_is_skipped_and_counted_and_the_rest_is_delivered() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
-    // Damage one record the way bit rot would: sled's own log is intact, the value is not.
-    let victim;
+    // Damage the value holding record 77 the way bit rot would: sled's own log is intact, the
+    // value is not. The whole value (a segment: the telemetry of one append) is lost.
+    let victims: Vec<u64>;
     {
         let db = sled::open(data.join("outbox")).expect("open outbox with sled");
         let tree = db.open_tree("outbox").unwrap();
-        let records: Vec<_> = tree
+        let values = values(&tree);
+        let stored: usize = values.iter().map(|(_, _, seqs)| seqs.len()).sum();
+        assert_eq!(stored, samples.len(), "not everything was stored");
+        let (k, v, seqs) = values
             .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, _)| k.len() == 9)
-            .collect();
-        assert_eq!(records.len(), samples.len(), "not everything was stored");
-        let (k, v) = &records[77];
-        victim = u64::from_be_bytes(k[1..9].try_into().unwrap());
+            .find(|(_, _, seqs)| seqs.contains(&77))
+            .expect("record 77 stored");
+        assert!(
+            seqs.len() < samples.len(),
+            "one value holds every record: the test would lose them all"
+        );
+        victims = seqs.clone();
         let mut v = v.to_vec();
         let mid = v.len() / 2;
         v[mid] ^= 0x04;
@@ -78,19 +102,24 @@ async fn a_damaged_record_is_skipped_and_counted_and_the_rest_is_delivered() {
     proxy.restore();
     let mut agent = AgentProcess::start(dir.path(), &cfg);
     assert!(
-        wait_unique_readings(&collector, samples.len() - 1, Duration::from_secs(30)).await,
+        wait_unique_readings(
+            &collector,
+            samples.len() - victims.len(),
+            Duration::from_secs(30)
+        )
+        .await,
         "{}",
         agent.logs()
     );
     let cloud = cloud_readings(&collector.telemetry_readings());
     assert!(
-        cloud.iter().all(|r| r.4 != victim),
-        "the damaged record was delivered"
+        cloud.iter().all(|r| !victims.contains(&r.4)),
+        "a record of the damaged value was delivered"
     );
     let expected: Vec<Sample> = samples
         .iter()
         .enumerate()
-        .filter(|(i, _)| *i as u64 != victim)
+        .filter(|(i, _)| !victims.contains(&(*i as u64)))
         .map(|(_, s)| s.clone())
         .collect();
     assert_all_delivered_in_order(&expected, &cloud);
@@ -105,7 +134,9 @@ async fn a_damaged_record_is_skipped_and_counted_and_the_rest_is_delivered() {
         "health never counted the corrupt record: {:?}",
         collector.payloads_on("health").last()
     );
-    assert!(agent.logs().contains("corrupt outbox record skipped"));
+    assert!(agent
+        .logs()
+        .contains("corrupt outbox value removed at open"));
     agent.terminate(Duration::from_secs(15));
 }
 

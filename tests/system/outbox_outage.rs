@@ -275,6 +275,13 @@ async fn a_full_outbox_drops_oldest_telemetry_keeps_alerts_stays_near_its_cap_an
             p.len()
         );
     }
+    // The summary reports the drops by reason, matching the counter.
+    let last = health.last().cloned().unwrap_or_default();
+    assert_eq!(
+        last["summary"]["dropped"]["outbox_full"].as_u64(),
+        Some(dropped)
+    );
+    assert_eq!(last["summary"]["dropped"]["outbox_age"].as_u64(), Some(0));
     let disk = disk_max.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
         "full: cap {CAP} B, {} published, {dropped} dropped (outbox_dropped_full), {} delivered, \
@@ -287,5 +294,86 @@ async fn a_full_outbox_drops_oldest_telemetry_keeps_alerts_stays_near_its_cap_an
         disk <= CAP + DISK_MARGIN,
         "outbox directory reached {disk} bytes with a cap of {CAP}"
     );
+    agent.terminate(Duration::from_secs(15));
+}
+
+/// `outbox.max_age_secs`: telemetry that waited out an outage longer than the limit is dropped
+/// (oldest first) instead of sent, counted by reason in the health message, and what is fresh
+/// is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_older_than_the_age_limit_is_dropped_and_reported_by_reason() {
+    const MAX_AGE: u64 = 5;
+    let local = Mosquitto::start().await.expect("local broker");
+    let cloud = Mosquitto::start().await.expect("cloud broker");
+    let proxy = FaultProxy::start(cloud.addr()).await.expect("proxy");
+    proxy.cut();
+    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-age")
+        .await
+        .expect("collector");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(
+        "gw-age",
+        &dir.path().join("data"),
+        local.port(),
+        proxy.port(),
+        "",
+        &format!("[outbox]\nmax_age_secs = {MAX_AGE}\n"),
+    );
+    let mut agent = AgentProcess::start(dir.path(), &cfg);
+    agent.wait_subscribed().await;
+    let stale: Vec<Sample> = (0..100u64)
+        .map(|i| sample("old-1", "temperature", i as f64, T0 + i))
+        .collect();
+    publish_samples(local.port(), &stale).await;
+    // Stored within a second; then let it grow older than the limit while the cloud is away.
+    tokio::time::sleep(Duration::from_secs(MAX_AGE + 2)).await;
+    proxy.restore();
+    assert!(
+        collector
+            .wait_for(
+                |m| m.iter().any(|m| m.topic.ends_with("/health")),
+                Duration::from_secs(20)
+            )
+            .await,
+        "never online: {}",
+        agent.logs()
+    );
+    let fresh: Vec<Sample> = (0..100u64)
+        .map(|i| sample("new-1", "temperature", i as f64, T0 + 1_000 + i))
+        .collect();
+    publish_samples(local.port(), &fresh).await;
+    assert!(
+        wait_unique_readings(&collector, fresh.len(), Duration::from_secs(20)).await,
+        "{}",
+        agent.logs()
+    );
+    let reported = |h: &serde_json::Value| {
+        (
+            h["counters"]["outbox_dropped_age"].as_u64(),
+            h["summary"]["dropped"]["outbox_age"].as_u64(),
+            h["summary"]["dropped"]["outbox_full"].as_u64(),
+        )
+    };
+    let n = stale.len() as u64;
+    assert!(
+        collector
+            .wait_for(
+                |m| m.iter().any(|m| m.topic.ends_with("/health")
+                    && reported(&m.payload) == (Some(n), Some(n), Some(0))),
+                Duration::from_secs(10)
+            )
+            .await,
+        "health never reported {n} dropped for age: {:?}",
+        collector.payloads_on("health").last().map(reported)
+    );
+    let cloud = cloud_readings(&collector.telemetry_readings());
+    assert!(
+        cloud.iter().all(|r| r.0 == "new-1"),
+        "stale telemetry was delivered"
+    );
+    assert_all_delivered_in_order(&fresh, &cloud);
+    assert!(agent
+        .logs()
+        .contains("telemetry older than the outbox age limit dropped"));
     agent.terminate(Duration::from_secs(15));
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use common::*;
 use edgestream_sim::{
-    CloudCollector, CommandBehavior, LineFormat, MetricSpec, Mosquitto, MqttDevice,
+    CloudCollector, CommandBehavior, FaultProxy, LineFormat, MetricSpec, Mosquitto, MqttDevice,
     MqttDeviceConfig, Profile, SerialDevice, SerialDeviceConfig, Signal,
 };
 use serde_json::{json, Value};
@@ -163,7 +163,7 @@ fn health_counter(c: &CloudCollector, name: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rule_on_serial_readings_commands_serial_devices_and_their_replies_reach_the_cloud() {
+async fn a_rule_on_serial_readings_commands_serial_devices_while_offline_and_the_outcomes_follow() {
     let _one = ONE_AT_A_TIME.lock().await;
     // boiler-3 speaks binary frames at 90 degrees, 1 s of signal time per sample: the rule
     // (> 80 for 30 s) raises after 31 samples, once. vent-1 speaks JSON lines.
@@ -190,17 +190,31 @@ rule overheat
     let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-cmd-rule")
         .await
         .expect("collector");
+    // The cloud is unreachable from the start: local rules must act without it.
+    let proxy = FaultProxy::start(cloud.addr()).await.expect("proxy");
+    proxy.cut();
     let dir = tempfile::tempdir().unwrap();
     let config = config_toml(
         "gw-cmd-rule",
         &dir.path().join("data"),
         local.port(),
-        cloud.port(),
+        proxy.port(),
         rules,
         &extra,
     );
     let mut agent = AgentProcess::start(dir.path(), &config);
     wait_port_open(&mut agent, 2).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while vent.commands().is_empty() || boiler.commands().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no command while offline\n{}",
+            agent.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(collector.outcomes().is_empty(), "the cloud was reachable?");
+    proxy.restore();
 
     // Both commands are issued by the rule, accepted, written, answered and reported.
     let found = collector

@@ -65,11 +65,21 @@ fn key_value_lines_are_readable_from_the_path() {
         .unwrap()
         .to_string();
     let seq: u32 = last.rsplit("seq=").next().unwrap().parse().unwrap();
-    let written = dev.written();
-    let r = written
-        .iter()
-        .find(|r| r.seq == seq && r.metric == "temperature")
-        .expect("the line is recorded as written");
+    // The device records a line once its write returned, which can be just after we read it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let r = loop {
+        let found = dev
+            .written()
+            .into_iter()
+            .find(|r| r.seq == seq && r.metric == "temperature");
+        match found {
+            Some(r) => break r,
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            None => panic!("the line with seq {seq} is not recorded as written"),
+        }
+    };
     assert!(
         last.starts_with(&format!("temperature={} ", r.value)),
         "{last} vs {r:?}"

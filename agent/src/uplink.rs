@@ -330,7 +330,9 @@ impl Uplink {
         shutdown: &CancellationToken,
         stages_done: &CancellationToken,
     ) -> Exit {
-        self.publish_status(&mut s, "online");
+        // Subscribe before saying "online": the broker handles one connection's packets in
+        // order, so once the cloud sees the status, commands and bundles sent to us are
+        // routed to our session (a fresh session would otherwise miss them).
         for inbound in &self.inbound {
             for t in &inbound.topics {
                 if let Err(e) = s.client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
@@ -338,6 +340,7 @@ impl Uplink {
                 }
             }
         }
+        self.publish_status(&mut s, "online");
         let mut health = tokio::time::interval(self.health_every);
         health.reset(); // first health message one interval after connecting
         let mut watchdog = tokio::time::interval(Duration::from_secs(1));

@@ -155,6 +155,45 @@ async fn wait_port_open(agent: &mut AgentProcess, n: usize) {
     }
 }
 
+/// A cloud broker, its collector and the agent between `local` and it: online, subscribed,
+/// its one serial port open.
+struct Gateway {
+    cloud: Mosquitto,
+    collector: CloudCollector,
+    dir: tempfile::TempDir,
+    config: String,
+    agent: AgentProcess,
+}
+
+impl Gateway {
+    async fn start(gateway: &str, local: &Mosquitto, extra: &str) -> Gateway {
+        let cloud = Mosquitto::start().await.expect("cloud broker");
+        let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", gateway)
+            .await
+            .expect("collector");
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_toml(
+            gateway,
+            &dir.path().join("data"),
+            local.port(),
+            cloud.port(),
+            "",
+            extra,
+        );
+        let mut agent = AgentProcess::start(dir.path(), &config);
+        agent.wait_subscribed().await;
+        assert!(wait_online(&collector).await, "{}", agent.logs());
+        wait_port_open(&mut agent, 1).await;
+        Gateway {
+            cloud,
+            collector,
+            dir,
+            config,
+            agent,
+        }
+    }
+}
+
 fn health_counter(c: &CloudCollector, name: &str) -> u64 {
     c.payloads_on("health")
         .last()
@@ -271,7 +310,6 @@ async fn cloud_commands_reach_serial_and_mqtt_devices_and_bad_ones_are_rejected_
     ]
     .concat();
     let local = Mosquitto::start().await.expect("local broker");
-    let cloud = Mosquitto::start().await.expect("cloud broker");
     let mut valve_m = MqttDevice::spawn(
         "127.0.0.1",
         local.port(),
@@ -282,22 +320,13 @@ async fn cloud_commands_reach_serial_and_mqtt_devices_and_bad_ones_are_rejected_
         local.port(),
         mqtt_device("valve-mute", CommandBehavior::Ignore),
     );
-    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-cmd")
-        .await
-        .expect("collector");
-    let dir = tempfile::tempdir().unwrap();
-    let config = config_toml(
-        "gw-cmd",
-        &dir.path().join("data"),
-        local.port(),
-        cloud.port(),
-        "",
-        &extra,
-    );
-    let mut agent = AgentProcess::start(dir.path(), &config);
-    agent.wait_subscribed().await;
-    assert!(wait_online(&collector).await, "{}", agent.logs());
-    wait_port_open(&mut agent, 1).await;
+    let Gateway {
+        cloud: _cloud,
+        collector,
+        dir: _dir,
+        mut agent,
+        ..
+    } = Gateway::start("gw-cmd", &local, &extra).await;
 
     let good_mqtt = command("c-m1", "valve-m", "set_position", json!({"percent": 40}));
     let good_serial = command("c-s1", "valve-s", "set_position", json!({"percent": 60.5}));
@@ -422,7 +451,6 @@ async fn a_restart_neither_loses_nor_repeats_an_accepted_command() {
     ]
     .concat();
     let local = Mosquitto::start().await.expect("local broker");
-    let cloud = Mosquitto::start().await.expect("cloud broker");
     // A slow actuator: it answers 3 s after the command.
     let mut valve_m = MqttDevice::spawn(
         "127.0.0.1",
@@ -432,22 +460,14 @@ async fn a_restart_neither_loses_nor_repeats_an_accepted_command() {
             CommandBehavior::SucceedAfter(Duration::from_secs(3)),
         ),
     );
-    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-cmd-kill")
-        .await
-        .expect("collector");
-    let dir = tempfile::tempdir().unwrap();
-    let config = config_toml(
-        "gw-cmd-kill",
-        &dir.path().join("data"),
-        local.port(),
-        cloud.port(),
-        "",
-        &extra,
-    );
-    let mut agent = AgentProcess::start(dir.path(), &config);
-    agent.wait_subscribed().await;
-    assert!(wait_online(&collector).await, "{}", agent.logs());
-    wait_port_open(&mut agent, 1).await;
+    let Gateway {
+        cloud: _cloud,
+        collector,
+        dir: tmp,
+        config,
+        mut agent,
+    } = Gateway::start("gw-cmd-kill", &local, &extra).await;
+    let dir = tmp.path();
 
     // 1. Sent and waiting for its reply when the agent is killed; the reply arrives while
     //    the agent is down and the local broker keeps it for the agent's session.
@@ -465,7 +485,7 @@ async fn a_restart_neither_loses_nor_repeats_an_accepted_command() {
 
     // 2. Accepted while its serial device is unplugged, then the agent is killed.
     valve_s.unplug().expect("unplug");
-    agent = AgentProcess::start(dir.path(), &config);
+    agent = AgentProcess::start(dir, &config);
     agent.wait_subscribed().await;
     collector
         .publish(
@@ -484,7 +504,7 @@ async fn a_restart_neither_loses_nor_repeats_an_accepted_command() {
 
     // 3. Replugged and restarted: c-later is delivered exactly once.
     valve_s.replug().expect("replug");
-    agent = AgentProcess::start(dir.path(), &config);
+    agent = AgentProcess::start(dir, &config);
     let detail = wait_outcome(&collector, &agent, "c-later", "succeeded").await;
     assert!(detail.contains("set to 30"), "{detail}");
     tokio::time::sleep(Duration::from_secs(2)).await;

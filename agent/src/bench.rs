@@ -487,9 +487,12 @@ fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
         let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
             continue;
         };
-        let comm = &stat[open + 1..close];
-        let name = comm.trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
-        let name = if name == "edgestream" { "main" } else { name };
+        // The main thread is named after the executable: call it by its role.
+        let name = if task.file_name().to_str() == Some(pid.to_string().as_str()) {
+            "main"
+        } else {
+            stat[open + 1..close].trim_end_matches(|c: char| c.is_ascii_digit() || c == '-')
+        };
         let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
         let ticks = |i: usize| {
             fields

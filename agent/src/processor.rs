@@ -281,9 +281,11 @@ impl RulesStage {
             self.unacked.clear();
             return;
         };
-        while let Some(ack) = self.unacked.front() {
-            let Ack::Mqtt(p) = ack;
-            match client.try_ack(p) {
+        while let Some(&Ack::Mqtt { pkid, qos }) = self.unacked.front() {
+            // rumqttc acknowledges a `Publish`; an empty one allocates nothing.
+            let mut p = rumqttc::Publish::new("", qos, Vec::new());
+            p.pkid = pkid;
+            match client.try_ack(&p) {
                 Ok(()) => {}
                 // Full (or, at the very end, closed): offer it again later.
                 Err(rumqttc::ClientError::TryRequest(_)) => return,

@@ -937,6 +937,8 @@ async fn load_connection(
 struct AgentChild {
     child: Option<Child>,
     log: PathBuf,
+    /// Started in its own process group (under a wrapper): signals go to the group.
+    own_group: bool,
 }
 
 impl AgentChild {
@@ -992,14 +994,20 @@ level = "warn,edgestream_agent::source=info,edgestream_agent::prometheus=info"
         let exe = std::env::current_exe().context("cannot find this executable")?;
         // `EDGESTREAM_BENCH_AGENT_WRAPPER="heaptrack -o /tmp/agent"` (split on spaces) runs the
         // agent under a tool for diagnosis; its CPU and memory figures are then the tool's.
-        let mut cmd = match std::env::var("EDGESTREAM_BENCH_AGENT_WRAPPER") {
-            Ok(w) if !w.trim().is_empty() => {
+        // The tool runs the agent as its own child, so the agent is started in a process
+        // group of its own and stopped through the group.
+        let wrapper = std::env::var("EDGESTREAM_BENCH_AGENT_WRAPPER")
+            .ok()
+            .filter(|w| !w.trim().is_empty());
+        let mut cmd = match &wrapper {
+            Some(w) => {
                 let mut words = w.split_whitespace();
                 let mut c = Command::new(words.next().unwrap_or_default());
                 c.args(words).arg(exe);
+                std::os::unix::process::CommandExt::process_group(&mut c, 0);
                 c
             }
-            _ => Command::new(exe),
+            None => Command::new(exe),
         };
         let child = cmd
             .arg("run")
@@ -1014,6 +1022,7 @@ level = "warn,edgestream_agent::source=info,edgestream_agent::prometheus=info"
         Ok(AgentChild {
             child: Some(child),
             log,
+            own_group: wrapper.is_some(),
         })
     }
 
@@ -1055,10 +1064,7 @@ level = "warn,edgestream_agent::source=info,edgestream_agent::prometheus=info"
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
+        self.signal(&child, "-TERM");
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -1066,14 +1072,32 @@ level = "warn,edgestream_agent::source=info,edgestream_agent::prometheus=info"
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        self.signal(&child, "-KILL");
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    /// Sends `signal` to the agent, or to its whole process group under a wrapper.
+    fn signal(&self, child: &Child, signal: &str) {
+        let target = if self.own_group {
+            format!("-{}", child.id())
+        } else {
+            child.id().to_string()
+        };
+        let _ = Command::new("kill")
+            .arg(signal)
+            .arg("--")
+            .arg(target)
+            .status();
     }
 }
 
 impl Drop for AgentChild {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if self.own_group {
+                self.signal(&c, "-KILL");
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -208,6 +208,11 @@ pub struct PhaseResult {
     pub agent_disk_bytes_per_reading: Option<f64>,
     /// Highest agent RSS sampled after warm-up.
     pub agent_peak_rss_bytes: Option<u64>,
+    /// [`Self::agent_cpu_us_per_reading`] split by the agent's threads, by name: the tokio
+    /// runtime (`tokio-rt-worker`: sources, rules, uplink, sled inserts and reads), sled's
+    /// own I/O pool (`sled-io`: log writes and flushes), `main`; `exited` is time of threads
+    /// that ended during the phase (not attributable by name).
+    pub agent_cpu_us_per_reading_by_thread: std::collections::BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -416,6 +421,7 @@ async fn measure(
     let t0 = Instant::now();
     let (o0, d0) = (load.acked(), delivered.count());
     let p0 = agent.map(|a| ProcessStats::read(Pid::Other(a.pid())));
+    let t0_threads = agent.map(|a| thread_cpu(a.pid())).unwrap_or_default();
     if let Some(l) = latency {
         l.clear_latencies();
     }
@@ -443,6 +449,15 @@ async fn measure(
         r.agent_disk_bytes_per_reading =
             Some(p1.disk_write_bytes.saturating_sub(p0.disk_write_bytes) as f64 / n.max(1.0));
         r.agent_peak_rss_bytes = Some(peak_rss);
+        let mut by_thread = std::collections::BTreeMap::new();
+        let mut named = 0.0;
+        for (name, t1) in thread_cpu(a.pid()) {
+            let d = t1 - t0_threads.get(&name).copied().unwrap_or(0.0);
+            named += d;
+            by_thread.insert(name, d * 1e6 / n.max(1.0));
+        }
+        by_thread.insert("exited".into(), (cpu - named).max(0.0) * 1e6 / n.max(1.0));
+        r.agent_cpu_us_per_reading_by_thread = by_thread;
     }
     if let Some(l) = latency {
         let mut v = l.take_latencies();
@@ -455,6 +470,40 @@ async fn measure(
         }
     }
     r
+}
+
+/// CPU seconds of each live thread of `pid` (`/proc/PID/task/*/stat`), summed by thread name
+/// with numbered pools merged (`sled-io-3` counts as `sled-io`).
+fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
+    let mut by_name = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // `TID (comm) state ...`: the name may hold spaces, so split at the parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        // The main thread is named after the executable: call it by its role.
+        let name = if task.file_name().to_str() == Some(pid.to_string().as_str()) {
+            "main"
+        } else {
+            stat[open + 1..close].trim_end_matches(|c: char| c.is_ascii_digit() || c == '-')
+        };
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // As in `health::cpu_seconds`: utime and stime are fields 14 and 15, 100 ticks/s.
+        *by_name.entry(name.to_string()).or_insert(0.0) += (ticks(11) + ticks(12)) as f64 / 100.0;
+    }
+    by_name
 }
 
 /// Deliveries counted by a subscriber, and (cloud only) their latencies in microseconds.
@@ -888,6 +937,8 @@ async fn load_connection(
 struct AgentChild {
     child: Option<Child>,
     log: PathBuf,
+    /// Started in its own process group (under a wrapper): signals go to the group.
+    own_group: bool,
 }
 
 impl AgentChild {
@@ -941,7 +992,24 @@ level = "warn,edgestream_agent::source=info,edgestream_agent::prometheus=info"
         std::fs::write(&path, config).context("writing the agent config")?;
         let log = dir.join("agent.log");
         let exe = std::env::current_exe().context("cannot find this executable")?;
-        let child = Command::new(exe)
+        // `EDGESTREAM_BENCH_AGENT_WRAPPER="heaptrack -o /tmp/agent"` (split on spaces) runs the
+        // agent under a tool for diagnosis; its CPU and memory figures are then the tool's.
+        // The tool runs the agent as its own child, so the agent is started in a process
+        // group of its own and stopped through the group.
+        let wrapper = std::env::var("EDGESTREAM_BENCH_AGENT_WRAPPER")
+            .ok()
+            .filter(|w| !w.trim().is_empty());
+        let mut cmd = match &wrapper {
+            Some(w) => {
+                let mut words = w.split_whitespace();
+                let mut c = Command::new(words.next().unwrap_or_default());
+                c.args(words).arg(exe);
+                std::os::unix::process::CommandExt::process_group(&mut c, 0);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let child = cmd
             .arg("run")
             .arg("--config")
             .arg(&path)
@@ -954,6 +1022,7 @@ level = "warn,edgestream_agent::source=info,edgestream_agent::prometheus=info"
         Ok(AgentChild {
             child: Some(child),
             log,
+            own_group: wrapper.is_some(),
         })
     }
 
@@ -995,10 +1064,7 @@ level = "warn,edgestream_agent::source=info,edgestream_agent::prometheus=info"
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
+        self.signal(&child, "-TERM");
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -1006,14 +1072,32 @@ level = "warn,edgestream_agent::source=info,edgestream_agent::prometheus=info"
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        self.signal(&child, "-KILL");
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    /// Sends `signal` to the agent, or to its whole process group under a wrapper.
+    fn signal(&self, child: &Child, signal: &str) {
+        let target = if self.own_group {
+            format!("-{}", child.id())
+        } else {
+            child.id().to_string()
+        };
+        let _ = Command::new("kill")
+            .arg(signal)
+            .arg("--")
+            .arg(target)
+            .status();
     }
 }
 
 impl Drop for AgentChild {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if self.own_group {
+                self.signal(&c, "-KILL");
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -1074,6 +1158,18 @@ fn print_table(r: &BenchReport) {
                 .map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
                 .unwrap_or_else(|| "-".into()),
         );
+    }
+    for p in r
+        .phases
+        .iter()
+        .filter(|p| !p.agent_cpu_us_per_reading_by_thread.is_empty())
+    {
+        let split: Vec<String> = p
+            .agent_cpu_us_per_reading_by_thread
+            .iter()
+            .map(|(name, us)| format!("{name} {us:.2}"))
+            .collect();
+        println!("  {}: CPU us/rdg by thread: {}", p.name, split.join(", "));
     }
     println!();
     println!(

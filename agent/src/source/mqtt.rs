@@ -86,9 +86,10 @@ pub enum RejectReason {
 /// them queued for acknowledgement would keep those buffers alive (seen: ~90 MiB RSS when a
 /// broker with no in-flight limit floods the agent).
 fn ack_token(p: &rumqttc::Publish) -> Ack {
-    let mut token = rumqttc::Publish::new("", p.qos, Vec::new());
-    token.pkid = p.pkid;
-    Ack::Mqtt(token)
+    Ack::Mqtt {
+        pkid: p.pkid,
+        qos: p.qos,
+    }
 }
 
 /// The protocol's one naming rule (`edgestream_protocol::types::check_name`), plus its length

@@ -246,23 +246,27 @@ async fn alpn_is_negotiated_as_configured_and_a_mismatch_is_refused() {
 
     // 1. The agent offers exactly what the terminator wants: delivers, and the handshake
     //    negotiated that protocol (not merely "some TLS").
-    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-alpn")
-        .await
-        .expect("collector");
-    let dir = tempfile::tempdir().unwrap();
-    let tls = format!(
-        "ca_file = \"{}\"\nalpn = [\"{AWS_ALPN}\"]",
-        certs.server.ca.display()
-    );
-    let cfg = tls_config(
-        "gw-alpn",
-        &dir.path().join("data"),
-        local.port(),
-        terminator.port,
-        &tls,
-    );
-    let mut agent = AgentProcess::start(dir.path(), &cfg);
-    agent.wait_subscribed().await;
+    let start = |gateway: &'static str, alpn: &'static str| {
+        let (ca, local_port, cloud_port) = (certs.server.ca.clone(), local.port(), cloud.port());
+        async move {
+            let collector = CloudCollector::connect("127.0.0.1", cloud_port, "edgestream", gateway)
+                .await
+                .expect("collector");
+            let dir = tempfile::tempdir().unwrap();
+            let tls = format!("ca_file = \"{}\"\nalpn = [\"{alpn}\"]", ca.display());
+            let cfg = tls_config(
+                gateway,
+                &dir.path().join("data"),
+                local_port,
+                terminator.port,
+                &tls,
+            );
+            let mut agent = AgentProcess::start(dir.path(), &cfg);
+            agent.wait_subscribed().await;
+            (collector, dir, agent)
+        }
+    };
+    let (collector, _dir, mut agent) = start("gw-alpn", AWS_ALPN).await;
     publish_samples(local.port(), &samples).await;
     assert!(
         wait_unique_readings(&collector, samples.len(), Duration::from_secs(30)).await,
@@ -282,23 +286,7 @@ async fn alpn_is_negotiated_as_configured_and_a_mismatch_is_refused() {
     // 2. Another protocol offered: every handshake is refused, nothing is delivered, and the
     //    log says why.
     let before = seen.len();
-    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-h2")
-        .await
-        .expect("collector");
-    let dir = tempfile::tempdir().unwrap();
-    let tls = format!(
-        "ca_file = \"{}\"\nalpn = [\"h2\"]",
-        certs.server.ca.display()
-    );
-    let cfg = tls_config(
-        "gw-h2",
-        &dir.path().join("data"),
-        local.port(),
-        terminator.port,
-        &tls,
-    );
-    let mut agent = AgentProcess::start(dir.path(), &cfg);
-    agent.wait_subscribed().await;
+    let (collector, _dir2, mut agent) = start("gw-h2", "h2").await;
     publish_samples(local.port(), &samples[..10]).await;
     agent
         .wait_log("cloud broker still unreachable", Duration::from_secs(10))

@@ -39,6 +39,7 @@ use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::record::{ControlRecord, Record};
 use crate::uplink::{InboundMsg, StatusInfo};
+use crate::wire::truncated;
 
 /// Capacity of the channel from the uplink to this consumer (full-policy: block the uplink;
 /// bundles are rare).
@@ -285,15 +286,6 @@ impl RemoteRules {
     }
 }
 
-/// `s` cut at a character boundary to fit a bounded protocol string.
-fn truncated<const N: usize>(s: &str) -> heapless::String<N> {
-    let mut end = s.len().min(N);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    heapless::String::try_from(&s[..end]).unwrap_or_default()
-}
-
 // Both limits are the same today; a reason may carry an error message.
 const _: () = assert!(MAX_REASON_LEN >= MAX_BUNDLE_ERROR_MESSAGE_LEN);
 
@@ -315,11 +307,5 @@ mod tests {
         };
         store.save(&state).unwrap();
         assert_eq!(store.load().unwrap(), state);
-    }
-
-    #[test]
-    fn truncation_respects_char_boundaries() {
-        let s: heapless::String<4> = truncated("aéé");
-        assert_eq!(s.as_str(), "aé");
     }
 }

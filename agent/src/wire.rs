@@ -5,6 +5,16 @@ use serde::Serialize;
 use crate::outbox::Stored;
 use crate::record::Record;
 
+/// `s` cut at a character boundary to fit a bounded protocol string (reasons and details the
+/// protocol caps, such as a rejected bundle's or command's).
+pub fn truncated<const N: usize>(s: &str) -> heapless::String<N> {
+    let mut end = s.len().min(N);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    heapless::String::try_from(&s[..end]).unwrap_or_default()
+}
+
 #[derive(Serialize)]
 struct TelemetryItem<'a> {
     device: &'a str,
@@ -90,4 +100,13 @@ pub fn single(gateway: &str, s: &Stored, out: &mut Vec<u8>) -> serde_json::Resul
         }),
     };
     serde_json::to_writer(&mut *out, &v)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn truncation_respects_char_boundaries() {
+        let s: heapless::String<4> = super::truncated("aéé");
+        assert_eq!(s.as_str(), "aé");
+    }
 }

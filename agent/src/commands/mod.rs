@@ -58,6 +58,7 @@ use crate::outbox::Outbox;
 use crate::record::{ControlRecord, Record};
 use crate::source::{now_ms, Ack};
 use crate::uplink::{InboundAck, InboundMsg};
+use crate::wire::truncated;
 
 /// Cloud commands waiting for the router (full-policy: block the uplink; commands are rare).
 pub const CLOUD_CAPACITY: usize = 16;
@@ -130,15 +131,6 @@ pub fn outcome_record(
         topic_suffix: OUTCOMES_SUFFIX.into(),
         payload,
     }))
-}
-
-/// `s` cut at a character boundary to fit a bounded protocol string.
-fn truncated<const N: usize>(s: &str) -> heapless::String<N> {
-    let mut end = s.len().min(N);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    heapless::String::try_from(&s[..end]).unwrap_or_default()
 }
 
 fn fingerprint(cmd: &Command) -> u32 {
@@ -262,6 +254,7 @@ struct Send {
 }
 
 /// Which outcomes of this turn went into the outbox (to mark them reported).
+#[derive(Debug)]
 enum Reported {
     Accepted(String),
     Finished(String),
@@ -283,14 +276,6 @@ pub struct CommandRouter {
     reported: Vec<Reported>,
     cloud_acks: Vec<InboundAck>,
     local_acks: Vec<Ack>,
-}
-
-impl std::fmt::Debug for Reported {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Reported::Accepted(id) | Reported::Finished(id) => f.write_str(id),
-        }
-    }
 }
 
 impl CommandRouter {

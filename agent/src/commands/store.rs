@@ -65,11 +65,19 @@ pub struct Table {
     pub recent: VecDeque<Finished>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct OnDisk {
     format: u32,
     #[serde(flatten)]
     table: Table,
+}
+
+/// [`OnDisk`] as written: borrows the table instead of copying it on every save.
+#[derive(Serialize)]
+struct OnDiskRef<'a> {
+    format: u32,
+    #[serde(flatten)]
+    table: &'a Table,
 }
 
 impl Table {
@@ -142,9 +150,9 @@ impl CommandStore {
     /// The table's bytes, made on the router's task (cheap) so that the blocking write can
     /// run elsewhere.
     pub fn encode(table: &Table) -> std::io::Result<Vec<u8>> {
-        serde_json::to_vec(&OnDisk {
+        serde_json::to_vec(&OnDiskRef {
             format: FORMAT,
-            table: table.clone(),
+            table,
         })
         .map_err(std::io::Error::other)
     }

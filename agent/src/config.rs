@@ -416,9 +416,7 @@ impl SerialConfig {
                 "binary frames name their own device; remove `device`",
             ),
             (Some(d), _) => {
-                if d.len() > edgestream_protocol::limits::MAX_DEVICE_LEN
-                    || edgestream_protocol::types::check_name("device", d).is_err()
-                {
+                if !valid_name(d, edgestream_protocol::limits::MAX_DEVICE_LEN) {
                     bad(
                         p,
                         &at("device"),
@@ -432,9 +430,7 @@ impl SerialConfig {
             (None, _) => {}
         }
         for (j, d) in self.devices.iter().enumerate() {
-            if d.len() > edgestream_protocol::limits::MAX_DEVICE_LEN
-                || edgestream_protocol::types::check_name("device", d).is_err()
-            {
+            if !valid_name(d, edgestream_protocol::limits::MAX_DEVICE_LEN) {
                 bad(
                     p,
                     &at(&format!("devices[{j}]")),
@@ -856,6 +852,12 @@ impl RulesConfig {
             }),
         }
     }
+}
+
+/// The protocol's one naming rule (`edgestream_protocol::types::check_name`: printable ASCII
+/// without spaces, '/', '+' or '#', not empty) within `max` bytes.
+pub fn valid_name(s: &str, max: usize) -> bool {
+    s.len() <= max && edgestream_protocol::types::check_name("name", s).is_ok()
 }
 
 fn bad(p: &mut Vec<Problem>, path: &str, message: impl Into<String>) {

@@ -21,10 +21,10 @@ use std::collections::BTreeMap;
 use edgestream_protocol::limits::{
     MAX_ARG_KEY_LEN, MAX_COMMAND_ARGS, MAX_COMMAND_NAME_LEN, MAX_DEVICE_LEN,
 };
-use edgestream_protocol::types::{check_name, ArgValue, Command};
+use edgestream_protocol::types::{ArgValue, Command};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Problem;
+use crate::config::{valid_name, Problem};
 
 /// Most `[[commands.allow]]` entries.
 pub const MAX_ALLOW_ENTRIES: usize = 256;
@@ -136,10 +136,6 @@ fn bad(p: &mut Vec<Problem>, path: String, message: impl Into<String>) {
         path,
         message: message.into(),
     });
-}
-
-fn valid_name(s: &str, max: usize) -> bool {
-    !s.is_empty() && s.len() <= max && check_name("name", s).is_ok()
 }
 
 impl CommandsConfig {

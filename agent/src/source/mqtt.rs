@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::{now_ms, Ack, Reading, SourceMsg};
 use crate::backoff::Backoff;
 use crate::commands::DeviceEvent;
-use crate::config::Config;
+use crate::config::{valid_name, Config};
 use crate::deadletter::RejectSampler;
 use crate::metrics::Metrics;
 use crate::topics::device_metric;
@@ -92,16 +92,10 @@ fn ack_token(p: &rumqttc::Publish) -> Ack {
     }
 }
 
-/// The protocol's one naming rule (`edgestream_protocol::types::check_name`), plus its length
-/// limit.
-fn valid_name(s: &str) -> bool {
-    s.len() <= MAX_NAME && edgestream_protocol::types::check_name("name", s).is_ok()
-}
-
 /// Turns one publish into a reading or a rejection reason.
 pub fn decode(topic: &str, payload: &[u8]) -> Result<Reading, RejectReason> {
     let (device, metric) = device_metric(topic).ok_or(RejectReason::Topic)?;
-    if !valid_name(device) || !valid_name(metric) {
+    if !valid_name(device, MAX_NAME) || !valid_name(metric, MAX_NAME) {
         return Err(RejectReason::Name);
     }
     let r =

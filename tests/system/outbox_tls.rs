@@ -116,12 +116,7 @@ async fn mutual_tls_delivers_and_a_server_cert_from_another_ca_is_refused() {
     let mut agent = AgentProcess::start(dir.path(), &cfg);
     agent.wait_subscribed().await;
     publish_samples(local.port(), &samples[..10]).await;
-    // Several connection attempts (backoff 100 ms .. 1 s).
-    agent
-        .wait_log("cloud broker still unreachable", Duration::from_secs(10))
-        .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let logs = agent.logs();
+    let logs = refusal_logs(&mut agent).await;
     assert_refused(&logs, "certificate", &collector);
     agent.terminate(Duration::from_secs(15));
 }
@@ -276,11 +271,7 @@ async fn alpn_is_negotiated_as_configured_and_a_mismatch_is_refused() {
     let before = seen.len();
     let (collector, _dir2, mut agent) = start("gw-h2", "h2").await;
     publish_samples(local.port(), &samples[..10]).await;
-    agent
-        .wait_log("cloud broker still unreachable", Duration::from_secs(10))
-        .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let logs = agent.logs();
+    let logs = refusal_logs(&mut agent).await;
     let refused = terminator.handshakes()[before..].to_vec();
     assert!(
         !refused.is_empty() && refused.iter().all(|h| h.is_err()),
@@ -288,6 +279,15 @@ async fn alpn_is_negotiated_as_configured_and_a_mismatch_is_refused() {
     );
     assert_refused(&logs, "NoApplicationProtocol", &collector);
     agent.terminate(Duration::from_secs(15));
+}
+
+/// The agent's log after several refused connection attempts (backoff 100 ms .. 1 s).
+async fn refusal_logs(agent: &mut AgentProcess) -> String {
+    agent
+        .wait_log("cloud broker still unreachable", Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    agent.logs()
 }
 
 /// The agent never connected, its log says `why`, and nothing reached the cloud.

@@ -17,6 +17,17 @@ fn edgestream(args: &[&str]) -> std::process::Output {
         .expect("run edgestream")
 }
 
+/// `edgestream rules test RULES --input INPUT`.
+fn rules_test(rules: &std::path::Path, input: &std::path::Path) -> std::process::Output {
+    edgestream(&[
+        "rules",
+        "test",
+        rules.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ])
+}
+
 #[test]
 fn check_reports_the_plan_or_every_error_with_its_position() {
     let dir = tempfile::tempdir().unwrap();
@@ -61,13 +72,7 @@ fn test_replays_readings_and_prints_the_alerts_they_raise() {
         ));
     }
     std::fs::write(&input, lines).unwrap();
-    let out = edgestream(&[
-        "rules",
-        "test",
-        rules.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-    ]);
+    let out = rules_test(&rules, &input);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -100,13 +105,7 @@ fn test_replays_readings_and_prints_the_alerts_they_raise() {
         "{\"device\":\"b\",\"metric\":\"t\",\"value\":1,\"ts\":1}\nnot json\n",
     )
     .unwrap();
-    let out = edgestream(&[
-        "rules",
-        "test",
-        rules.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-    ]);
+    let out = rules_test(&rules, &input);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("readings.jsonl:2"),

@@ -1,14 +1,12 @@
 //! `edgestream rules check` and `edgestream rules test`: the operator's offline tools.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::process::Command;
 
-const RULES: &str = r#"
-rule overheat
-  on device "boiler-*"
-  when temperature > 80 for 30s
-  clear when temperature < 75
-  alert critical "boiler overheating"
-"#;
+/// The canonical alert rule the other system tests use too.
+const RULES: &str = common::OVERHEAT_RULES;
 
 fn edgestream(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_edgestream"))

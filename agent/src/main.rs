@@ -178,7 +178,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
     edgestream_agent::logging::init(&config.log.level);
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(config.gateway.worker_threads)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

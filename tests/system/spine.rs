@@ -300,6 +300,7 @@ fn check_reports_every_mistake_with_its_field_path() {
 [gateway]
 id = "gw 1/bad"
 data_dir = "/tmp/x"
+worker_threads = 0
 
 [cloud]
 host = "127.0.0.1"
@@ -320,11 +321,12 @@ max_bites = 5
     assert!(!out.status.success(), "check passed a bad config");
     assert!(stderr.contains("gateway.id"), "{stderr}");
     assert!(stderr.contains("cloud.batch_size"), "{stderr}");
+    assert!(stderr.contains("gateway.worker_threads"), "{stderr}");
     assert!(
         stderr.contains("outbox") && stderr.contains("max_bites"),
         "{stderr}"
     );
-    assert!(stderr.contains("3 problem(s)"), "{stderr}");
+    assert!(stderr.contains("4 problem(s)"), "{stderr}");
 
     std::fs::write(
         &path,

@@ -34,6 +34,7 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    #[cfg(feature = "tools")]
     /// The whole data path with nothing installed: in-process brokers, simulated devices,
     /// demo rules and a cloud subscriber, with a live status line.
     Demo {
@@ -41,9 +42,11 @@ enum Command {
         #[arg(long)]
         duration: Option<u64>,
     },
+    #[cfg(feature = "tools")]
     /// End-to-end load benchmark: brokers, simulated devices, the agent (as a child process)
     /// and a cloud subscriber; prints throughput, latency, CPU, memory and disk figures.
     Bench(edgestream_agent::bench::BenchOptions),
+    #[cfg(feature = "tools")]
     /// Run simulated devices against a broker (and/or on pseudo-terminals) to try a setup.
     Simulate {
         /// Broker the MQTT devices publish to.
@@ -104,8 +107,11 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => report(run(config)),
+        #[cfg(feature = "tools")]
         Command::Demo { duration } => report(edgestream_agent::demo::main(duration)),
+        #[cfg(feature = "tools")]
         Command::Bench(opts) => report(edgestream_agent::bench::main(opts)),
+        #[cfg(feature = "tools")]
         Command::Simulate {
             host,
             port,
@@ -136,6 +142,7 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+#[cfg(feature = "tools")]
 fn simulate(
     host: String,
     port: u16,

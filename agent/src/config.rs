@@ -25,6 +25,8 @@ pub const MIN_OUTBOX_AGE_SECS: u64 = 1;
 pub const MAX_OUTBOX_AGE_SECS: u64 = 10 * 365 * 24 * 3600;
 /// Longest accepted gateway id; it becomes part of every cloud topic.
 pub const MAX_GATEWAY_ID_LEN: usize = 64;
+/// Most async runtime threads `gateway.worker_threads` accepts.
+pub const MAX_WORKER_THREADS: usize = 64;
 
 /// One problem found in a configuration, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -511,7 +513,6 @@ impl MetricsConfig {
 fn default_worker_threads() -> usize {
     1
 }
-pub const MAX_WORKER_THREADS: usize = 64;
 fn default_shutdown_timeout_ms() -> u64 {
     5_000
 }

@@ -374,7 +374,7 @@ impl Uplink {
             .is_cancelled()
             .then(|| Instant::now() + self.shutdown_timeout);
         let mut buf = Vec::with_capacity(self.cloud.batch_size);
-        loop {
+        let exit = loop {
             if s.acked.len() >= ACK_GROUP_MAX
                 || s.acked_since.is_some_and(|t| t.elapsed() >= ACK_LINGER)
                 || deadline.is_some()
@@ -394,8 +394,7 @@ impl Uplink {
                         tracing::warn!(remaining = self.outbox.depth(), "shutdown deadline reached before the outbox drained; the rest is sent on next start");
                     }
                     self.goodbye(&mut s, events).await;
-                    self.remove_acked(&mut s);
-                    return Exit::Done;
+                    break Exit::Done;
                 }
             }
             let linger = s
@@ -432,10 +431,7 @@ impl Uplink {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {}
                     Ok(Event::Incoming(_)) => s.last_progress = Instant::now(),
                     Ok(Event::Outgoing(_)) => {}
-                    Err(e) => {
-                        self.remove_acked(&mut s);
-                        return Exit::Lost(e.to_string());
-                    }
+                    Err(e) => break Exit::Lost(e.to_string()),
                 },
                 _ = self.outbox.appended() => s.unseen_appends = true,
                 _ = sleep_until(s.acked_since.map(|t| t + ACK_LINGER)) => {}
@@ -444,8 +440,7 @@ impl Uplink {
                 _ = health.tick() => self.publish_health(&mut s),
                 _ = watchdog.tick() => {
                     if !s.inflight.is_empty() && s.last_progress.elapsed() > WEDGED_AFTER {
-                        self.remove_acked(&mut s);
-                        return Exit::Lost(format!("no packet from the broker for {WEDGED_AFTER:?} with {} publishes in flight", s.inflight.len()));
+                        break Exit::Lost(format!("no packet from the broker for {WEDGED_AFTER:?} with {} publishes in flight", s.inflight.len()));
                     }
                 }
                 _ = shutdown.cancelled(), if deadline.is_none() => {
@@ -453,7 +448,11 @@ impl Uplink {
                     deadline = Some(Instant::now() + self.shutdown_timeout);
                 }
             }
-        }
+        };
+        // Whatever ended the session, what the broker acknowledged leaves the outbox now, so
+        // that the next connection does not send it again.
+        self.remove_acked(&mut s);
+        exit
     }
 
     /// Removes the acknowledged records waiting in `s.acked` from the outbox.
@@ -678,10 +677,9 @@ impl Uplink {
                         }
                     }
                     Ok(Event::Incoming(Packet::PubAck(a))) => {
+                        // Removed with the rest when the session ends.
                         if let Some(keys) = s.inflight.remove(&a.pkid) {
-                            if let Ok(n) = self.outbox.remove(&keys) {
-                                Metrics::add(&self.metrics.outbox_acked, n as u64);
-                            }
+                            s.acked.extend_from_slice(&keys);
                         }
                     }
                     Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,

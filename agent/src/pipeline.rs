@@ -238,7 +238,10 @@ impl Agent {
             )?;
             serial_threads.push(thread);
         }
-        let source = LocalMqttSource::new(&config).with_replies(device_tx);
+        let (acks_tx, acks_rx) = mpsc::channel(crate::source::ACK_BATCHES);
+        let source = LocalMqttSource::new(&config)
+            .with_replies(device_tx)
+            .with_acks(acks_rx);
         let local_span = tracing::info_span!("local_mqtt", broker = %format!("{}:{}", config.local.host, config.local.port));
         let uplink_span = tracing::info_span!("uplink", broker = %format!("{}:{}", config.cloud.host, config.cloud.port));
         let (local_client, local_events) = source.client_pair();
@@ -275,7 +278,7 @@ impl Agent {
         let stage = RulesStage::new(
             Engine::new(plan),
             outbox.clone(),
-            Some(local_client),
+            Some(acks_tx),
             metrics.clone(),
         )
         .with_plan_updates(plans_rx)

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgestream_rules::{AlertState, Disposition, Engine, Output, Plan};
-use rumqttc::AsyncClient;
 use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
@@ -43,14 +42,15 @@ pub const TICK: Duration = Duration::from_secs(1);
 pub struct RulesStage {
     engine: Engine,
     outbox: Outbox,
-    local_acker: Option<AsyncClient>,
+    /// Where acknowledgements go: the local source, which writes them to its broker.
+    local_acker: Option<mpsc::Sender<Vec<Ack>>>,
     metrics: Arc<Metrics>,
     plan_updates: Option<mpsc::Receiver<Plan>>,
-    /// Acknowledgements not yet taken by the local client's request channel, oldest first.
-    /// Never awaited: the local source stops polling its event loop (which drains that channel)
-    /// while our input channel is full, so an awaited ack would deadlock the two under a
-    /// burst. Bounded by the messages the broker has in flight to us.
-    unacked: std::collections::VecDeque<Ack>,
+    /// Acknowledgements not yet taken by the local source's channel, oldest first.
+    /// Never awaited: the local source stops taking them while our input channel is full, so
+    /// an awaited ack would deadlock the two under a burst. Bounded by the messages the broker
+    /// has in flight to us.
+    unacked: Vec<Ack>,
     /// Bumped on every turn of the loop and every retry: the systemd watchdog's evidence
     /// that the stage is not wedged.
     heartbeat: Arc<AtomicU64>,
@@ -62,7 +62,7 @@ impl RulesStage {
     pub fn new(
         engine: Engine,
         outbox: Outbox,
-        local_acker: Option<AsyncClient>,
+        local_acker: Option<mpsc::Sender<Vec<Ack>>>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -71,7 +71,7 @@ impl RulesStage {
             local_acker,
             metrics,
             plan_updates: None,
-            unacked: std::collections::VecDeque::new(),
+            unacked: Vec::new(),
             heartbeat: Arc::default(),
             commands: None,
         }
@@ -174,7 +174,7 @@ impl RulesStage {
                 continue;
             }
             self.commit(&mut records).await;
-            self.unacked.extend(acks.drain(..));
+            self.unacked.append(&mut acks);
             self.send_acks();
             last_group = group_inputs;
             group_inputs = 0;
@@ -182,7 +182,7 @@ impl RulesStage {
         }
         if !records.is_empty() || !acks.is_empty() {
             self.commit(&mut records).await;
-            self.unacked.extend(acks.drain(..));
+            self.unacked.append(&mut acks);
         }
         // The source keeps polling until we are done: give the last acknowledgements a bounded
         // chance; any left over are redelivered by the broker (duplicates, not losses).
@@ -287,25 +287,28 @@ impl RulesStage {
         }
     }
 
-    /// Hands queued acknowledgements to the local client, in order, until its request channel
-    /// is full; the rest wait for the next group or [`ACK_RETRY`].
+    /// Hands the queued acknowledgements, as one batch, to the local source; if its channel
+    /// is full they wait for the next group or [`ACK_RETRY`].
     fn send_acks(&mut self) {
-        let Some(client) = &self.local_acker else {
+        let Some(acker) = &self.local_acker else {
             self.unacked.clear();
             return;
         };
-        while let Some(&ack) = self.unacked.front() {
-            match client.try_ack(&ack.to_publish()) {
-                Ok(()) => {}
-                // Full (or, at the very end, closed): offer it again later.
-                Err(rumqttc::ClientError::TryRequest(_)) => return,
-                Err(e) => {
-                    // The local connection is gone; the broker will redeliver (a duplicate
-                    // in the outbox, never a loss).
-                    tracing::debug!(error = %e, "PUBACK not queued");
-                }
+        if self.unacked.is_empty() {
+            return;
+        }
+        match acker.try_reserve() {
+            Ok(permit) => permit.send(std::mem::take(&mut self.unacked)),
+            Err(mpsc::error::TrySendError::Full(())) => {}
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                // The local source is gone; the broker will redeliver (a duplicate in the
+                // outbox, never a loss).
+                tracing::debug!(
+                    count = self.unacked.len(),
+                    "PUBACKs not queued: local source stopped"
+                );
+                self.unacked.clear();
             }
-            self.unacked.pop_front();
         }
     }
 }

@@ -23,14 +23,18 @@ pub struct Reading {
     pub ts_ms: u64,
 }
 
+/// Capacity, in batches, of the channel that carries the rules stage's acknowledgements to the
+/// local source, which writes each batch's PUBACKs with one socket write. Full-policy: the stage
+/// keeps them, in order, and offers them again (never awaits: see `RulesStage::unacked`).
+pub const ACK_BATCHES: usize = 64;
+
 /// Acknowledges an input once the outbox holds what came of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ack {
     /// A QoS 1 publish from the local broker: its packet id and QoS are all its PUBACK needs.
-    /// Four bytes, because the rules stage may hold a great many of them: rumqttc writes one
-    /// PUBACK per turn of its event loop, and a broker with no in-flight limit keeps sending
-    /// meanwhile (seen: 68-81 MiB peak RSS against mosquitto with a whole, empty
-    /// `rumqttc::Publish` per queued acknowledgement).
+    /// Four bytes, because the rules stage may hold a great many of them while a broker with
+    /// no in-flight limit keeps sending (seen: 68-81 MiB peak RSS against mosquitto with a
+    /// whole, empty `rumqttc::Publish` per queued acknowledgement).
     Mqtt { pkid: u16, qos: rumqttc::QoS },
 }
 
@@ -42,6 +46,16 @@ impl Ack {
         let mut p = rumqttc::Publish::new("", qos, Vec::new());
         p.pkid = pkid;
         p
+    }
+
+    /// The packet that acknowledges it: PUBACK for QoS 1, PUBREC for QoS 2, none for QoS 0.
+    pub fn to_request(self) -> Option<rumqttc::Request> {
+        let Ack::Mqtt { pkid, qos } = self;
+        match qos {
+            rumqttc::QoS::AtMostOnce => None,
+            rumqttc::QoS::AtLeastOnce => Some(rumqttc::Request::PubAck(rumqttc::PubAck::new(pkid))),
+            rumqttc::QoS::ExactlyOnce => Some(rumqttc::Request::PubRec(rumqttc::PubRec::new(pkid))),
+        }
     }
 }
 

@@ -4,8 +4,10 @@
 //! Delivery contract with the local broker (PITFALLS.md, rumqttc):
 //! - fixed client id and `clean_session = false`, so the broker keeps our subscription and
 //!   queues readings while the agent is down or restarting;
-//! - manual acknowledgements: a QoS 1 reading is PUBACKed by the rules stage only after what
-//!   came of it is durable in the outbox, so a crash before that makes the broker redeliver it;
+//! - manual acknowledgements: a QoS 1 reading is PUBACKed only after what came of it is
+//!   durable in the outbox, so a crash before that makes the broker redeliver it; the rules
+//!   stage sends each group commit's acknowledgements here, and this task writes them in bulk
+//!   ([`write_acks`]);
 //! - every publish, accepted or rejected, is acknowledged in arrival order (MQTT 3.1.1 §4.6);
 //! - device replies to commands (`devices/{device}/replies`) go to the command router, which
 //!   acknowledges each once its outcome is stored; the agent's own commands
@@ -40,13 +42,15 @@ const MAX_NAME: usize = edgestream_protocol::limits::MAX_DEVICE_LEN;
 /// Filter for device replies to commands (README, "Topics").
 pub const REPLY_FILTER: &str = "devices/+/replies";
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LocalMqttSource {
     options: MqttOptions,
     topics: Vec<String>,
     qos: QoS,
     /// Where device replies go (`None`: they are not subscribed to).
     replies: Option<mpsc::Sender<DeviceEvent>>,
+    /// Acknowledgement batches from the rules stage (`None`: nobody acknowledges here).
+    acks: Option<mpsc::Receiver<Vec<Ack>>>,
 }
 
 /// What a local topic carries.
@@ -92,6 +96,100 @@ fn ack_token(p: &rumqttc::Publish) -> Ack {
     }
 }
 
+/// Writes the PUBACKs of `batch`, and of any further batches already queued, in two socket
+/// writes.
+///
+/// rumqttc's own path (`AsyncClient::ack`) takes one request per turn of its event loop and
+/// writes each PUBACK with its own syscall; the rules stage acknowledges a whole group commit
+/// at once (about a hundred readings under load), so this saves a write, a turn of the event
+/// loop and a wake-up of the broker per reading. The event loop is not being polled here, so
+/// its connection and state can be used directly.
+///
+/// The last PUBACK goes in a write of its own: rumqttd 0.20 (the in-process broker of `demo`
+/// and `bench`) acts on the acknowledgements of one read only when the connection's next
+/// packet arrives, so with all of them in one write the window it frees (a fixed 100
+/// publishes) was refilled one commit late, and the bench fell from ~105,000 to ~14,000
+/// readings/s. The lone PUBACK is that next packet.
+///
+/// Acknowledgements that cannot be written (no connection, or it failed) are dropped: the
+/// broker redelivers those publishes (a duplicate in the outbox, never a loss).
+async fn write_acks(
+    eventloop: &mut rumqttc::EventLoop,
+    mut acks: Vec<Ack>,
+    more: &mut mpsc::Receiver<Vec<Ack>>,
+) {
+    while let Ok(next) = more.try_recv() {
+        acks.extend(next);
+    }
+    let Some(network) = eventloop.network.as_mut() else {
+        return;
+    };
+    let mut packets = Vec::with_capacity(acks.len());
+    let mut result = Ok(());
+    for request in acks.into_iter().filter_map(Ack::to_request) {
+        match eventloop.state.handle_outgoing_packet(request) {
+            Ok(Some(packet)) => packets.push(packet),
+            Ok(None) => {}
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    // Each acknowledgement left an `Outgoing` event that nobody reads: drop them rather than
+    // spend a turn of the event loop on each.
+    let events = &mut eventloop.state.events;
+    while matches!(
+        events.back(),
+        Some(Event::Outgoing(
+            rumqttc::Outgoing::PubAck(_) | rumqttc::Outgoing::PubRec(_)
+        ))
+    ) {
+        events.pop_back();
+    }
+    if result.is_ok() {
+        let write = async {
+            let last = packets.pop();
+            let batched = !packets.is_empty();
+            for packet in packets {
+                network.write(packet).await?;
+            }
+            if batched {
+                network.flush().await?;
+            }
+            if let Some(packet) = last {
+                network.write(packet).await?;
+                network.flush().await?;
+            }
+            Ok(())
+        };
+        result = match tokio::time::timeout(ACK_WRITE_TIMEOUT, write).await {
+            Ok(r) => r,
+            Err(_) => Err(rumqttc::StateError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "writing acknowledgements timed out",
+            ))),
+        };
+    }
+    if let Err(e) = result {
+        // Drop the connection the way rumqttc does after an error, so that the next poll
+        // reconnects (and reports it) instead of writing into a broken socket.
+        tracing::warn!(error = %e, "cannot write acknowledgements; reconnecting");
+        eventloop.clean();
+    }
+}
+
+async fn recv_acks(rx: &mut Option<mpsc::Receiver<Vec<Ack>>>) -> Option<Vec<Ack>> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How long writing one round of acknowledgements may take before the connection is dropped
+/// (as rumqttc does for its own writes).
+const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Turns one publish into a reading or a rejection reason.
 pub fn decode(topic: &str, payload: &[u8]) -> Result<Reading, RejectReason> {
     let (device, metric) = device_metric(topic).ok_or(RejectReason::Topic)?;
@@ -130,12 +228,19 @@ impl LocalMqttSource {
                 QoS::AtLeastOnce
             },
             replies: None,
+            acks: None,
         }
     }
 
     /// Subscribes to device replies ([`REPLY_FILTER`], QoS 1) and hands them to `tx`.
     pub fn with_replies(mut self, tx: mpsc::Sender<DeviceEvent>) -> Self {
         self.replies = Some(tx);
+        self
+    }
+
+    /// Writes the acknowledgements the rules stage sends on `rx` (see [`write_acks`]).
+    pub fn with_acks(mut self, rx: mpsc::Receiver<Vec<Ack>>) -> Self {
+        self.acks = Some(rx);
         self
     }
 
@@ -147,7 +252,7 @@ impl LocalMqttSource {
 
     /// Runs until `stop_intake` and then `release` are cancelled (see the module doc).
     pub async fn run(
-        self,
+        mut self,
         client: AsyncClient,
         mut eventloop: rumqttc::EventLoop,
         out: mpsc::Sender<SourceMsg>,
@@ -156,6 +261,7 @@ impl LocalMqttSource {
         release: CancellationToken,
     ) {
         let mut out = Some(out);
+        let mut acks = self.acks.take();
         let mut sampler = RejectSampler::new(SOURCE);
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut connected = false;
@@ -168,6 +274,13 @@ impl LocalMqttSource {
                 _ = stop_intake.cancelled(), if out.is_some() => {
                     // Dropping our sender lets the rules stage drain and finish.
                     out = None;
+                    continue;
+                }
+                batch = recv_acks(&mut acks) => {
+                    match (batch, acks.as_mut()) {
+                        (Some(batch), Some(rx)) => write_acks(&mut eventloop, batch, rx).await,
+                        _ => acks = None,
+                    }
                     continue;
                 }
                 ev = eventloop.poll() => ev,
@@ -289,6 +402,12 @@ impl LocalMqttSource {
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
+            }
+        }
+        // The rules stage has finished: its last acknowledgements are queued by now.
+        if let Some(rx) = acks.as_mut() {
+            while let Ok(batch) = rx.try_recv() {
+                write_acks(&mut eventloop, batch, rx).await;
             }
         }
         if connected {

@@ -53,7 +53,7 @@ pub const WEDGED_AFTER: Duration = Duration::from_secs(45);
 /// instead of reconnecting at the minimum delay forever.
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// Acknowledged records are removed from the outbox together, at most this long after the
-/// first PUBACK of a group: one sled batch (and at most one rewrite per segment) for a burst of
+/// first PUBACK of a group: one removal (and at most one rewrite per segment) for a burst of
 /// PUBACKs instead of one per publish. Removal is not flushed by itself anyway (the next group
 /// commit makes it durable), so this adds no new window: a crash may resend what was
 /// acknowledged in the last few milliseconds, as it could before.

@@ -246,8 +246,16 @@ impl LocalMqttSource {
 
     /// The client and event loop for [`LocalMqttSource::run`]; the rules stage acknowledges
     /// through a clone of the client.
+    ///
+    /// The connection sets `TCP_NODELAY`: the agent writes its PUBACKs in bulk itself
+    /// ([`write_acks`]), and with Nagle's algorithm the second of two back-to-back small writes
+    /// waits for the peer's ACK of the first, which delayed ACKs can hold for tens of ms.
     pub fn client_pair(&self) -> (AsyncClient, rumqttc::EventLoop) {
-        AsyncClient::new(self.options.clone(), 1024)
+        let (client, mut eventloop) = AsyncClient::new(self.options.clone(), 1024);
+        let mut net = eventloop.network_options();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
+        (client, eventloop)
     }
 
     /// Runs until `stop_intake` and then `release` are cancelled (see the module doc).

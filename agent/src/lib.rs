@@ -22,6 +22,7 @@ pub mod remote_rules;
 pub mod rules_cli;
 pub mod sdnotify;
 pub mod source;
+pub mod timer;
 pub mod topics;
 pub mod uplink;
 pub mod wire;

@@ -111,8 +111,10 @@ impl RulesStage {
         let mut group_inputs = 0usize;
         let mut group_since: Option<Instant> = None;
         let mut last_group = 0usize;
+        let mut linger_ends = crate::timer::Deadline::new();
         loop {
             self.beat();
+            linger_ends.set(group_since.map(|t| t + COMMIT_LINGER));
             tokio::select! {
                 n = input.recv_many(&mut msgs, MAX_GROUP.saturating_sub(group_inputs).max(1)) => {
                     if n == 0 {
@@ -120,7 +122,7 @@ impl RulesStage {
                     }
                 }
                 // The linger ran out: commit what the group holds.
-                _ = sleep_until(group_since.map(|t| t + COMMIT_LINGER)), if group_since.is_some() => {}
+                _ = linger_ends.elapsed() => {}
                 _ = tick.tick() => {
                     self.engine.on_tick(now_ms(), &mut out);
                     self.collect(&out, None, &mut records);
@@ -319,13 +321,6 @@ const ACK_RETRY: Duration = Duration::from_millis(5);
 async fn recv_plan(rx: &mut Option<mpsc::Receiver<Plan>>) -> Option<Plan> {
     match rx {
         Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(t: Option<Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(t.into()).await,
         None => std::future::pending().await,
     }
 }

@@ -374,6 +374,8 @@ impl Uplink {
             .is_cancelled()
             .then(|| Instant::now() + self.shutdown_timeout);
         let mut buf = Vec::with_capacity(self.cloud.batch_size);
+        let mut acks_linger_ends = crate::timer::Deadline::new();
+        let mut batch_linger_ends = crate::timer::Deadline::new();
         let exit = loop {
             if s.acked.len() >= ACK_GROUP_MAX
                 || s.acked_since.is_some_and(|t| t.elapsed() >= ACK_LINGER)
@@ -397,9 +399,15 @@ impl Uplink {
                     break Exit::Done;
                 }
             }
-            let linger = s
-                .partial_since
-                .map(|t| t + Duration::from_millis(self.cloud.linger_ms));
+            // A lingering partial batch matters only while the window has room: with the
+            // window full, a passed linger would wake this loop on every turn until a PUBACK.
+            let room = s.queued.len() + s.inflight.len() < self.cloud.max_inflight as usize;
+            batch_linger_ends.set(
+                s.partial_since
+                    .filter(|_| room)
+                    .map(|t| t + Duration::from_millis(self.cloud.linger_ms)),
+            );
+            acks_linger_ends.set(s.acked_since.map(|t| t + ACK_LINGER));
             // Cancellation safety of each branch: `poll()` keeps partial reads in rumqttc's
             // buffers; `appended()` and the timers lose nothing when dropped.
             tokio::select! {
@@ -434,8 +442,8 @@ impl Uplink {
                     Err(e) => break Exit::Lost(e.to_string()),
                 },
                 _ = self.outbox.appended() => s.unseen_appends = true,
-                _ = sleep_until(s.acked_since.map(|t| t + ACK_LINGER)) => {}
-                _ = sleep_until(linger) => {}
+                _ = acks_linger_ends.elapsed() => {}
+                _ = batch_linger_ends.elapsed() => {}
                 _ = self.status.changed() => self.publish_status(&mut s, "online"),
                 _ = health.tick() => self.publish_health(&mut s),
                 _ = watchdog.tick() => {
@@ -698,13 +706,6 @@ async fn wait_connack(events: &mut rumqttc::EventLoop) -> Result<(), String> {
             Ok(_) => {}
             Err(e) => return Err(e.to_string()),
         }
-    }
-}
-
-async fn sleep_until(t: Option<Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(t.into()).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -315,7 +315,7 @@ impl RulesStage {
     }
 }
 
-/// How soon acknowledgements refused by a full request channel are offered again.
+/// How soon acknowledgements refused by a full channel to the local source are offered again.
 const ACK_RETRY: Duration = Duration::from_millis(5);
 
 async fn recv_plan(rx: &mut Option<mpsc::Receiver<Plan>>) -> Option<Plan> {

@@ -133,6 +133,22 @@ fn readings(range: std::ops::Range<u64>) -> Vec<Sample> {
         .collect()
 }
 
+/// Publishes `samples` to the local broker and waits until all of them reached the cloud.
+async fn deliver(
+    local: &edgestream_sim::Mosquitto,
+    collector: &edgestream_sim::CloudCollector,
+    agent: &AgentProcess,
+    samples: &[Sample],
+) {
+    publish_samples(local.port(), samples).await;
+    assert!(
+        wait_unique_readings(collector, samples.len(), Duration::from_secs(30)).await,
+        "the first {} readings did not arrive\n{}",
+        samples.len(),
+        agent.logs()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_everything_after_the_cloud_was_unreachable() {
     let rig = Rig::start("gw-outage", OVERHEAT_RULES, true).await;
@@ -146,12 +162,7 @@ async fn delivers_everything_after_the_cloud_was_unreachable() {
     let proxy = proxy.expect("proxy");
 
     let first = readings(0..200);
-    publish_samples(local.port(), &first).await;
-    assert!(
-        wait_unique_readings(&collector, first.len(), Duration::from_secs(30)).await,
-        "before the outage\n{}",
-        agent.logs()
-    );
+    deliver(&local, &collector, &agent, &first).await;
 
     proxy.cut();
     let during = readings(200..700);
@@ -189,33 +200,18 @@ async fn delivers_everything_after_the_cloud_was_unreachable() {
 /// window); nothing may be missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_local_link_loses_nothing_the_local_broker_accepted() {
-    use edgestream_sim::{CloudCollector, FaultProxy, Mosquitto};
-    let gateway = "gw-local-cut";
-    let local = Mosquitto::start().await.expect("local broker");
-    let cloud = Mosquitto::start().await.expect("cloud broker");
-    let proxy = FaultProxy::start(local.addr()).await.expect("proxy");
-    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", gateway)
-        .await
-        .expect("collector");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = config_toml(
-        gateway,
-        &dir.path().join("data"),
-        proxy.port(),
-        cloud.port(),
-        OVERHEAT_RULES,
-        "",
-    );
-    let mut agent = AgentProcess::start(dir.path(), &config);
-    agent.wait_subscribed().await;
-
+    // Bound first: the fields left out (the cloud broker, the data directory) must live on.
+    let rig = Rig::start_with("gw-local-cut", OVERHEAT_RULES, ProxyIn::Local).await;
+    let Rig {
+        local,
+        proxy,
+        collector,
+        agent,
+        ..
+    } = rig;
+    let proxy = proxy.expect("proxy");
     let first = readings(0..300);
-    publish_samples(local.port(), &first).await;
-    assert!(
-        wait_unique_readings(&collector, first.len(), Duration::from_secs(30)).await,
-        "before the cut\n{}",
-        agent.logs()
-    );
+    deliver(&local, &collector, &agent, &first).await;
 
     // The cut lands while the agent is taking readings and acknowledging them in bulk.
     let during = readings(300..2300);

@@ -41,25 +41,48 @@ pub struct Rig {
     pub agent: AgentProcess,
 }
 
+/// Which broker the agent reaches through the [`FaultProxy`], if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyIn {
+    Neither,
+    Cloud,
+    Local,
+}
+
 impl Rig {
+    /// Both brokers, the agent, and the cloud collector; `via_proxy` puts the fault proxy
+    /// between the agent and the cloud broker.
     pub async fn start(gateway: &str, rules: &str, via_proxy: bool) -> Rig {
+        let proxy_in = if via_proxy {
+            ProxyIn::Cloud
+        } else {
+            ProxyIn::Neither
+        };
+        Self::start_with(gateway, rules, proxy_in).await
+    }
+
+    /// [`Rig::start`] with the fault proxy in front of the broker `proxy_in` names.
+    pub async fn start_with(gateway: &str, rules: &str, proxy_in: ProxyIn) -> Rig {
         let local = Mosquitto::start().await.expect("local broker");
         let cloud = Mosquitto::start().await.expect("cloud broker");
-        let proxy = if via_proxy {
-            Some(FaultProxy::start(cloud.addr()).await.expect("proxy"))
-        } else {
-            None
+        let proxy = match proxy_in {
+            ProxyIn::Neither => None,
+            ProxyIn::Cloud => Some(FaultProxy::start(cloud.addr()).await.expect("proxy")),
+            ProxyIn::Local => Some(FaultProxy::start(local.addr()).await.expect("proxy")),
         };
         let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", gateway)
             .await
             .expect("collector");
         let dir = tempfile::tempdir().expect("temp dir");
-        let cloud_port = proxy.as_ref().map_or(cloud.port(), |p| p.port());
+        let proxied = |side: ProxyIn, port: u16| match &proxy {
+            Some(p) if proxy_in == side => p.port(),
+            _ => port,
+        };
         let config = config_toml(
             gateway,
             &dir.path().join("data"),
-            local.port(),
-            cloud_port,
+            proxied(ProxyIn::Local, local.port()),
+            proxied(ProxyIn::Cloud, cloud.port()),
             rules,
             "",
         );

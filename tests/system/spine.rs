@@ -133,36 +133,34 @@ fn readings(range: std::ops::Range<u64>) -> Vec<Sample> {
         .collect()
 }
 
-/// Publishes `samples` to the local broker and waits until all of them reached the cloud.
-async fn deliver(
-    local: &edgestream_sim::Mosquitto,
-    collector: &edgestream_sim::CloudCollector,
-    agent: &AgentProcess,
-    samples: &[Sample],
-) {
-    publish_samples(local.port(), samples).await;
+/// A rig with the fault proxy in front of `proxy_in`, once `first` has reached the cloud.
+async fn proxied_rig(
+    gateway: &str,
+    proxy_in: ProxyIn,
+    first: &[Sample],
+) -> (Rig, edgestream_sim::FaultProxy) {
+    let mut rig = Rig::start_with(gateway, OVERHEAT_RULES, proxy_in).await;
+    let proxy = rig.proxy.take().expect("proxy");
+    publish_samples(rig.local.port(), first).await;
     assert!(
-        wait_unique_readings(collector, samples.len(), Duration::from_secs(30)).await,
+        wait_unique_readings(&rig.collector, first.len(), Duration::from_secs(30)).await,
         "the first {} readings did not arrive\n{}",
-        samples.len(),
-        agent.logs()
+        first.len(),
+        rig.agent.logs()
     );
+    (rig, proxy)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_everything_after_the_cloud_was_unreachable() {
-    let rig = Rig::start("gw-outage", OVERHEAT_RULES, true).await;
+    let first = readings(0..200);
+    let (rig, proxy) = proxied_rig("gw-outage", ProxyIn::Cloud, &first).await;
     let Rig {
         local,
-        proxy,
         collector,
         agent,
         ..
-    } = rig;
-    let proxy = proxy.expect("proxy");
-
-    let first = readings(0..200);
-    deliver(&local, &collector, &agent, &first).await;
+    } = &rig;
 
     proxy.cut();
     let during = readings(200..700);
@@ -179,7 +177,7 @@ async fn delivers_everything_after_the_cloud_was_unreachable() {
     proxy.restore();
     let all: Vec<Sample> = first.iter().chain(during.iter()).cloned().collect();
     assert!(
-        wait_unique_readings(&collector, all.len(), Duration::from_secs(30)).await,
+        wait_unique_readings(collector, all.len(), Duration::from_secs(30)).await,
         "only {} of {} readings after the outage\n{}",
         collector.telemetry_readings().len(),
         all.len(),
@@ -200,18 +198,14 @@ async fn delivers_everything_after_the_cloud_was_unreachable() {
 /// window); nothing may be missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_local_link_loses_nothing_the_local_broker_accepted() {
-    // Bound first: the fields left out (the cloud broker, the data directory) must live on.
-    let rig = Rig::start_with("gw-local-cut", OVERHEAT_RULES, ProxyIn::Local).await;
+    let first = readings(0..300);
+    let (rig, proxy) = proxied_rig("gw-local-cut", ProxyIn::Local, &first).await;
     let Rig {
         local,
-        proxy,
         collector,
         agent,
         ..
-    } = rig;
-    let proxy = proxy.expect("proxy");
-    let first = readings(0..300);
-    deliver(&local, &collector, &agent, &first).await;
+    } = &rig;
 
     // The cut lands while the agent is taking readings and acknowledging them in bulk.
     let during = readings(300..2300);

@@ -121,62 +121,70 @@ async fn write_acks(
     while let Ok(next) = more.try_recv() {
         acks.extend(next);
     }
-    let Some(network) = eventloop.network.as_mut() else {
+    if eventloop.network.is_none() {
         return;
-    };
-    let mut packets = Vec::with_capacity(acks.len());
-    let mut result = Ok(());
-    for request in acks.into_iter().filter_map(Ack::to_request) {
-        match eventloop.state.handle_outgoing_packet(request) {
-            Ok(Some(packet)) => packets.push(packet),
-            Ok(None) => {}
-            Err(e) => {
-                result = Err(e);
-                break;
+    }
+    let result = match ack_packets(&mut eventloop.state, acks) {
+        Ok(packets) => {
+            let write = write_last_alone(eventloop, packets);
+            match tokio::time::timeout(ACK_WRITE_TIMEOUT, write).await {
+                Ok(r) => r,
+                Err(_) => Err(rumqttc::StateError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "writing acknowledgements timed out",
+                ))),
             }
         }
-    }
-    // Each acknowledgement left an `Outgoing` event that nobody reads: drop them rather than
-    // spend a turn of the event loop on each.
-    let events = &mut eventloop.state.events;
-    while matches!(
-        events.back(),
-        Some(Event::Outgoing(
-            rumqttc::Outgoing::PubAck(_) | rumqttc::Outgoing::PubRec(_)
-        ))
-    ) {
-        events.pop_back();
-    }
-    if result.is_ok() {
-        let write = async {
-            let last = packets.pop();
-            let batched = !packets.is_empty();
-            for packet in packets {
-                network.write(packet).await?;
-            }
-            if batched {
-                network.flush().await?;
-            }
-            if let Some(packet) = last {
-                network.write(packet).await?;
-                network.flush().await?;
-            }
-            Ok(())
-        };
-        result = match tokio::time::timeout(ACK_WRITE_TIMEOUT, write).await {
-            Ok(r) => r,
-            Err(_) => Err(rumqttc::StateError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "writing acknowledgements timed out",
-            ))),
-        };
-    }
+        Err(e) => Err(e),
+    };
     if let Err(e) = result {
         // Drop the connection the way rumqttc does after an error, so that the next poll
         // reconnects (and reports it) instead of writing into a broken socket.
         tracing::warn!(error = %e, "cannot write acknowledgements; reconnecting");
         eventloop.clean();
     }
+}
+
+/// The packets that acknowledge `acks`, registered with rumqttc's state (QoS 2 needs that).
+fn ack_packets(
+    state: &mut rumqttc::MqttState,
+    acks: Vec<Ack>,
+) -> Result<Vec<Packet>, rumqttc::StateError> {
+    let packets = acks
+        .into_iter()
+        .filter_map(Ack::to_request)
+        .filter_map(|request| state.handle_outgoing_packet(request).transpose())
+        .collect();
+    // Each acknowledgement left an `Outgoing` event that nobody reads: drop them rather than
+    // spend a turn of the event loop on each.
+    while matches!(
+        state.events.back(),
+        Some(Event::Outgoing(
+            rumqttc::Outgoing::PubAck(_) | rumqttc::Outgoing::PubRec(_)
+        ))
+    ) {
+        state.events.pop_back();
+    }
+    packets
+}
+
+/// Writes `packets` with one flush, then the last of them with a flush of its own (see
+/// [`write_acks`]).
+async fn write_last_alone(
+    eventloop: &mut rumqttc::EventLoop,
+    mut packets: Vec<Packet>,
+) -> Result<(), rumqttc::StateError> {
+    let (Some(network), Some(last)) = (eventloop.network.as_mut(), packets.pop()) else {
+        return Ok(());
+    };
+    if !packets.is_empty() {
+        for packet in packets {
+            network.write(packet).await?;
+        }
+        network.flush().await?;
+    }
+    network.write(last).await?;
+    network.flush().await
 }
 
 async fn recv_acks(rx: &mut Option<mpsc::Receiver<Vec<Ack>>>) -> Option<Vec<Ack>> {
@@ -244,8 +252,8 @@ impl LocalMqttSource {
         self
     }
 
-    /// The client and event loop for [`LocalMqttSource::run`]; the rules stage acknowledges
-    /// through a clone of the client.
+    /// The client and event loop for [`LocalMqttSource::run`]; the command router acknowledges
+    /// device replies through a clone of the client (the rules stage through [`Self::with_acks`]).
     ///
     /// The connection sets `TCP_NODELAY`: the agent writes its PUBACKs in bulk itself
     /// ([`write_acks`]), and with Nagle's algorithm the second of two back-to-back small writes

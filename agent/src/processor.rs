@@ -111,7 +111,7 @@ impl RulesStage {
         let mut group_inputs = 0usize;
         let mut group_since: Option<Instant> = None;
         let mut last_group = 0usize;
-        let mut linger_ends = crate::timer::Deadline::new();
+        let mut linger_ends = crate::select_loop::Deadline::new();
         loop {
             self.beat();
             linger_ends.set(group_since.map(|t| t + COMMIT_LINGER));
@@ -131,7 +131,7 @@ impl RulesStage {
                     self.send_acks();
                     continue;
                 }
-                Some(plan) = recv_plan(&mut self.plan_updates) => {
+                Some(plan) = crate::select_loop::recv_or_pending(&mut self.plan_updates) => {
                     tracing::info!(rules = plan.rule_count(), "swapping rule plan");
                     self.engine.swap_plan(plan);
                     continue;
@@ -317,10 +317,3 @@ impl RulesStage {
 
 /// How soon acknowledgements refused by a full channel to the local source are offered again.
 const ACK_RETRY: Duration = Duration::from_millis(5);
-
-async fn recv_plan(rx: &mut Option<mpsc::Receiver<Plan>>) -> Option<Plan> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}

@@ -374,8 +374,8 @@ impl Uplink {
             .is_cancelled()
             .then(|| Instant::now() + self.shutdown_timeout);
         let mut buf = Vec::with_capacity(self.cloud.batch_size);
-        let mut acks_linger_ends = crate::timer::Deadline::new();
-        let mut batch_linger_ends = crate::timer::Deadline::new();
+        let mut acks_linger_ends = crate::select_loop::Deadline::new();
+        let mut batch_linger_ends = crate::select_loop::Deadline::new();
         let exit = loop {
             if s.acked.len() >= ACK_GROUP_MAX
                 || s.acked_since.is_some_and(|t| t.elapsed() >= ACK_LINGER)

@@ -187,13 +187,6 @@ async fn write_last_alone(
     network.flush().await
 }
 
-async fn recv_acks(rx: &mut Option<mpsc::Receiver<Vec<Ack>>>) -> Option<Vec<Ack>> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
 /// How long writing one round of acknowledgements may take before the connection is dropped
 /// (as rumqttc does for its own writes).
 const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -292,7 +285,7 @@ impl LocalMqttSource {
                     out = None;
                     continue;
                 }
-                batch = recv_acks(&mut acks) => {
+                batch = crate::select_loop::recv_or_pending(&mut acks) => {
                     match (batch, acks.as_mut()) {
                         (Some(batch), Some(rx)) => write_acks(&mut eventloop, batch, rx).await,
                         _ => acks = None,

@@ -1,7 +1,19 @@
-//! A deadline for `select!` loops.
+//! Building blocks of the agent's `select!` loops: a deadline kept across turns, and a
+//! channel that may not be there.
 
 use std::pin::Pin;
 use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+/// The next message of `rx`, or never if there is no channel (a branch that stays quiet
+/// instead of a `select!` precondition). `None` once the channel has closed.
+pub async fn recv_or_pending<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// A timer kept across the turns of a `select!` loop and re-armed only when its deadline
 /// changes, instead of a fresh `tokio::time::sleep_until` (a timer-wheel insert and removal)

@@ -488,12 +488,7 @@ impl Outbox {
             META_NEXT_SEQ.into(),
             Some(next_seq.to_be_bytes()[..].into()),
         ));
-        for (k, v) in ops {
-            match v {
-                Some(v) => inner.tree.insert(k, v)?,
-                None => inner.tree.remove(k)?,
-            };
-        }
+        apply_in_order(&inner.tree, ops).map_err(|(_, e)| e)?;
         outcome.stored = encoded.len();
         // Every change to the tree holds `append_lock`, so these cannot race.
         let bytes = (held_bytes + added).saturating_sub(freed);
@@ -862,8 +857,10 @@ impl Outbox {
         let mut sorted = keys.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
-        // Per value: its key, what replaces it (`None`: removed), records and bytes it frees.
-        let mut changes_to_apply: Vec<(sled::IVec, Option<Vec<u8>>, u64, u64)> = Vec::new();
+        // Per value: its key and what replaces it (`None`: removed), in the order applied,
+        // and beside it the records and bytes that change frees.
+        let mut ops: Vec<(sled::IVec, Option<sled::IVec>)> = Vec::new();
+        let mut frees: Vec<(u64, u64)> = Vec::new();
         let mut corrupt = Vec::new();
         let mut i = 0;
         while i < sorted.len() {
@@ -917,26 +914,20 @@ impl Outbox {
             }
             let rest = match &h.segment {
                 Some(seg) if !keep.is_empty() => {
-                    Some(rewrite(&k, &v, seg, |j| keep.binary_search(&j).is_ok()))
+                    Some(rewrite(&k, &v, seg, |j| keep.binary_search(&j).is_ok()).into())
                 }
                 _ => None,
             };
-            changes_to_apply.push((k, rest, records, bytes));
+            ops.push((k, rest));
+            frees.push((records, bytes));
         }
-        let (mut removed, mut freed) = (0u64, 0u64);
-        let mut failed = None;
-        for (k, rest, records, bytes) in changes_to_apply {
-            let done = match rest {
-                Some(rest) => inner.tree.insert(k, rest).map(|_| ()),
-                None => inner.tree.remove(k).map(|_| ()),
-            };
-            if let Err(e) = done {
-                failed = Some(e);
-                break;
-            }
-            removed += records;
-            freed += bytes;
-        }
+        let (applied, failed) = match apply_in_order(&inner.tree, ops) {
+            Ok(()) => (frees.len(), None),
+            Err((n, e)) => (n, Some(e)),
+        };
+        let (removed, freed) = frees[..applied]
+            .iter()
+            .fold((0u64, 0u64), |(r, b), (x, y)| (r + x, b + y));
         // The counters follow what was applied, also when a change failed.
         let bytes = inner.bytes.load(Ordering::Acquire).saturating_sub(freed);
         let depth = inner.depth.load(Ordering::Acquire).saturating_sub(removed);
@@ -971,6 +962,22 @@ impl Outbox {
     pub fn size_on_disk(&self) -> u64 {
         self.inner.db.size_on_disk().unwrap_or(0)
     }
+}
+
+/// Applies `ops` to `tree` one operation at a time, in order (`None` removes the key). On a
+/// failure, how many were applied before it, with the error.
+fn apply_in_order(
+    tree: &sled::Tree,
+    ops: Vec<(sled::IVec, Option<sled::IVec>)>,
+) -> Result<(), (usize, sled::Error)> {
+    for (n, (k, v)) in ops.into_iter().enumerate() {
+        let done = match v {
+            Some(v) => tree.insert(k, v).map(drop),
+            None => tree.remove(k).map(drop),
+        };
+        done.map_err(|e| (n, e))?;
+    }
+    Ok(())
 }
 
 /// The segment stored under `k` as `v`, without the records whose index `keep` refuses. Keeps

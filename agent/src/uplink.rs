@@ -177,6 +177,14 @@ struct Session {
     acked_since: Option<Instant>,
 }
 
+impl Session {
+    /// Publishes taking a place in the in-flight window: queued with rumqttc or awaiting
+    /// their PUBACK.
+    fn in_window(&self) -> usize {
+        self.queued.len() + self.inflight.len()
+    }
+}
+
 impl Uplink {
     pub fn new(
         config: &Config,
@@ -401,7 +409,7 @@ impl Uplink {
             }
             // A lingering partial batch matters only while the window has room: with the
             // window full, a passed linger would wake this loop on every turn until a PUBACK.
-            let room = s.queued.len() + s.inflight.len() < self.cloud.max_inflight as usize;
+            let room = s.in_window() < self.cloud.max_inflight as usize;
             batch_linger_ends.set(
                 s.partial_since
                     .filter(|_| room)
@@ -528,7 +536,7 @@ impl Uplink {
         let batch = self.cloud.batch_size;
         let linger = Duration::from_millis(self.cloud.linger_ms);
         let mut payload = Vec::new();
-        while s.queued.len() + s.inflight.len() < window {
+        while s.in_window() < window {
             // Nothing appended since the outbox was found with no alert and a partial batch
             // (or none): only the end of a linger can change what to send.
             let lingering = s
@@ -539,7 +547,7 @@ impl Uplink {
                 break;
             }
             buf.clear();
-            let room = window - (s.queued.len() + s.inflight.len());
+            let room = window - s.in_window();
             self.outbox
                 .read_after(Priority::High, s.high_after, room, buf)?;
             if !buf.is_empty() {

@@ -12,9 +12,10 @@
 //!
 //! Guarantees:
 //! - **A record leaves the outbox only on its own PUBACK.** Each publish is remembered with the
-//!   outbox keys it carries; rumqttc reports the packet id it assigned
-//!   (`Outgoing::Publish(pkid)`) in the order publishes were queued, and the keys are removed
-//!   when `Incoming::PubAck(pkid)` arrives.
+//!   outbox keys it carries under the packet id rumqttc's state assigned it (at once for the
+//!   outbox's publishes, which the uplink hands to that state itself and writes in bulk; from
+//!   `Outgoing::Publish(pkid)`, in order, for those sent through rumqttc's request channel),
+//!   and the keys are removed when `Incoming::PubAck(pkid)` arrives.
 //! - **Everything unacknowledged is resent after every reconnect, whatever the broker says
 //!   about its session.** Each connection gets a fresh client and event loop (so nothing stale
 //!   is replayed by rumqttc itself) and starts reading the outbox from its beginning.
@@ -151,8 +152,16 @@ enum Exit {
 /// State of one connection; thrown away when it ends.
 struct Session {
     client: AsyncClient,
-    /// Publishes handed to rumqttc whose packet id is not known yet, in order.
+    /// Publishes handed to rumqttc's request channel (status and health) whose packet id is
+    /// not known yet, in order.
     queued: VecDeque<Vec<Key>>,
+    /// Outbox publishes built by [`Uplink::fill_window`] and not yet handed to rumqttc's state;
+    /// [`send_staged`] writes them, all in one flush.
+    staged: VecDeque<(rumqttc::Publish, Vec<Key>)>,
+    /// The keys of a staged publish whose packet id was still in flight (a collision, after
+    /// out-of-order PUBACKs): rumqttc holds it and sends it when that id is acknowledged,
+    /// reporting `Outgoing::Publish`, and takes no other publish meanwhile.
+    collided: Option<Vec<Key>>,
     inflight: HashMap<u16, Vec<Key>>,
     high_after: Option<u64>,
     low_after: Option<u64>,
@@ -178,10 +187,65 @@ struct Session {
 }
 
 impl Session {
+    /// A session that starts reading the outbox from its beginning; `backlog` is the outbox's
+    /// depth at connect time.
+    fn new(client: AsyncClient, backlog: u64, batch_size: usize) -> Session {
+        Session {
+            client,
+            queued: VecDeque::new(),
+            staged: VecDeque::new(),
+            collided: None,
+            inflight: HashMap::new(),
+            high_after: None,
+            low_after: None,
+            partial_since: None,
+            last_progress: Instant::now(),
+            draining: (backlog > 0).then(|| (Instant::now(), backlog)),
+            unseen_appends: true,
+            low_pending: Vec::with_capacity(batch_size),
+            acked: Vec::new(),
+            acked_since: None,
+        }
+    }
+
+    /// The broker acknowledged `pkid`: its records wait in `acked` for removal.
+    fn on_puback(&mut self, pkid: u16) {
+        self.last_progress = Instant::now();
+        if let Some(keys) = self.inflight.remove(&pkid) {
+            self.acked.extend_from_slice(&keys);
+            self.acked_since.get_or_insert_with(Instant::now);
+        }
+    }
+
     /// Publishes taking a place in the in-flight window: queued with rumqttc or awaiting
     /// their PUBACK.
     fn in_window(&self) -> usize {
-        self.queued.len() + self.inflight.len()
+        self.queued.len()
+            + self.staged.len()
+            + usize::from(self.collided.is_some())
+            + self.inflight.len()
+    }
+
+    /// rumqttc wrote a publish that went through its request channel, or one it held after a
+    /// collision: it now awaits the PUBACK for `pkid` (0 for QoS 0, which awaits none).
+    fn on_outgoing_publish(&mut self, pkid: u16) {
+        // While a collided publish is held, rumqttc takes no request from its channel, so the
+        // next publish it reports is that one.
+        let Some(keys) = self.collided.take().or_else(|| self.queued.pop_front()) else {
+            return;
+        };
+        if pkid != 0 {
+            self.await_ack(pkid, keys);
+        }
+    }
+
+    fn await_ack(&mut self, pkid: u16, keys: Vec<Key>) {
+        if self.inflight.is_empty() {
+            // The watchdog measures silence while waiting, not idle time before: start its
+            // clock now.
+            self.last_progress = Instant::now();
+        }
+        self.inflight.insert(pkid, keys);
     }
 }
 
@@ -310,20 +374,7 @@ impl Uplink {
                     };
                     tracing::info!(?mode, backlog, "connected to cloud broker");
                     was_online = true;
-                    let session = Session {
-                        client,
-                        queued: VecDeque::new(),
-                        inflight: HashMap::new(),
-                        high_after: None,
-                        low_after: None,
-                        partial_since: None,
-                        last_progress: Instant::now(),
-                        draining: (backlog > 0).then(|| (Instant::now(), backlog)),
-                        unseen_appends: true,
-                        low_pending: Vec::with_capacity(self.cloud.batch_size),
-                        acked: Vec::new(),
-                        acked_since: None,
-                    };
+                    let session = Session::new(client, backlog, self.cloud.batch_size);
                     let exit = self
                         .online(session, &mut events, &shutdown, &stages_done)
                         .await;
@@ -391,8 +442,15 @@ impl Uplink {
             {
                 self.remove_acked(&mut s);
             }
-            if let Err(e) = self.fill_window(&mut s, &mut buf, deadline.is_some()) {
-                tracing::error!(error = %e, "cannot read the outbox");
+            // Events rumqttc has buffered (a read brings many PUBACKs) are taken first: the
+            // window they free is then filled with one write, not one write per PUBACK.
+            if events.state.events.is_empty() {
+                if let Err(e) = self.fill_window(&mut s, &mut buf, deadline.is_some()) {
+                    tracing::error!(error = %e, "cannot read the outbox");
+                }
+                if let Err(e) = send_staged(&mut s, events).await {
+                    break Exit::Lost(e);
+                }
             }
             if let Some(d) = deadline {
                 let drained = stages_done.is_cancelled()
@@ -421,25 +479,8 @@ impl Uplink {
             tokio::select! {
                 biased;
                 ev = events.poll() => match ev {
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(keys) = s.queued.pop_front() {
-                            if pkid != 0 {
-                                if s.inflight.is_empty() {
-                                    // The watchdog measures silence while waiting, not idle
-                                    // time before: start its clock now.
-                                    s.last_progress = Instant::now();
-                                }
-                                s.inflight.insert(pkid, keys);
-                            }
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        s.last_progress = Instant::now();
-                        if let Some(keys) = s.inflight.remove(&ack.pkid) {
-                            s.acked.extend_from_slice(&keys);
-                            s.acked_since.get_or_insert_with(Instant::now);
-                        }
-                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => s.on_outgoing_publish(pkid),
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => s.on_puback(ack.pkid),
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         s.last_progress = Instant::now();
                         self.deliver_inbound(&s, p).await;
@@ -630,23 +671,18 @@ impl Uplink {
         self.publish(s, topic, payload, vec![st.key], 1);
     }
 
+    /// Stages one publish of outbox records for [`send_staged`].
     fn publish(&self, s: &mut Session, topic: &str, payload: &[u8], keys: Vec<Key>, records: u64) {
-        match s
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
-        {
-            Ok(()) => {
-                s.queued.push_back(keys);
-                Metrics::inc(&self.metrics.uplink_publishes);
-                Metrics::add(&self.metrics.uplink_records_sent, records);
-                Metrics::add(&self.metrics.uplink_bytes, payload.len() as u64);
-            }
-            Err(e) => {
-                // Cannot happen while the window is smaller than the request channel; the
-                // records stay in the outbox and go out after the next reconnect.
-                tracing::error!(error = %e, "publish not queued");
-            }
+        if !rumqttc::valid_topic(topic) {
+            // Cannot happen with a validated topic prefix; the records stay in the outbox.
+            tracing::error!(topic, "not a valid topic to publish on; records kept");
+            return;
         }
+        let publish = rumqttc::Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+        s.staged.push_back((publish, keys));
+        Metrics::inc(&self.metrics.uplink_publishes);
+        Metrics::add(&self.metrics.uplink_records_sent, records);
+        Metrics::add(&self.metrics.uplink_bytes, payload.len() as u64);
     }
 
     fn publish_status(&self, s: &mut Session, state: &str) {
@@ -687,23 +723,64 @@ impl Uplink {
                     sent_disconnect = s.client.try_disconnect().is_ok();
                 }
                 match events.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(keys) = s.queued.pop_front() {
-                            s.inflight.insert(pkid, keys);
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(a))) => {
-                        // Removed with the rest when the session ends.
-                        if let Some(keys) = s.inflight.remove(&a.pkid) {
-                            s.acked.extend_from_slice(&keys);
-                        }
-                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => s.on_outgoing_publish(pkid),
+                    // Removed with the rest when the session ends.
+                    Ok(Event::Incoming(Packet::PubAck(a))) => s.on_puback(a.pkid),
                     Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
                     Ok(_) => {}
                 }
             }
         })
         .await;
+    }
+}
+
+/// Hands the staged publishes to rumqttc's state and writes them with one flush.
+///
+/// A turn of rumqttc's event loop writes one request per flush. A commit group's alerts, each
+/// a publish of its own, went out as that many socket writes and turns; they now go in one.
+/// Packet ids come from rumqttc's state, as for its own requests, and each publish awaits its
+/// PUBACK under that id at once. A publish whose id is still in flight (a collision) is held by
+/// rumqttc ([`Session::collided`]); the rest wait in `staged` until it has gone out.
+async fn send_staged(s: &mut Session, events: &mut rumqttc::EventLoop) -> Result<(), String> {
+    if s.staged.is_empty() || events.network.is_none() {
+        return Ok(());
+    }
+    let mut packets = Vec::with_capacity(s.staged.len());
+    while s.collided.is_none() && events.state.collision.is_none() {
+        let Some((publish, keys)) = s.staged.pop_front() else {
+            break;
+        };
+        let packet = events
+            .state
+            .handle_outgoing_packet(rumqttc::Request::Publish(publish))
+            .map_err(|e| format!("cannot send a publish: {e}"))?;
+        // The event rumqttc queued for this publish is answered here, not by a later turn.
+        match events.state.events.pop_back() {
+            Some(Event::Outgoing(Outgoing::Publish(pkid))) => s.await_ack(pkid, keys),
+            Some(Event::Outgoing(Outgoing::AwaitAck(_))) => s.collided = Some(keys),
+            other => {
+                return Err(format!(
+                    "unexpected event after a publish: {other:?}; reconnecting"
+                ))
+            }
+        }
+        packets.extend(packet);
+    }
+    let timeout = Duration::from_secs(events.network_options.connection_timeout());
+    let Some(network) = events.network.as_mut() else {
+        return Ok(());
+    };
+    let write = async {
+        for packet in packets {
+            network.write(packet).await?;
+        }
+        network.flush().await
+    };
+    match tokio::time::timeout(timeout, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("cannot write publishes: {e}")),
+        Err(_) => Err(format!("writing publishes took over {timeout:?}")),
     }
 }
 
@@ -745,4 +822,44 @@ fn build_transport(c: &CloudConfig) -> Result<Transport, UplinkError> {
         alpn,
         client_auth,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three publishes staged at once with room for two packet ids: the third collides with
+    /// the first, rumqttc holds it until the first is acknowledged, and every record must
+    /// still be acknowledged under its own publish.
+    #[tokio::test]
+    async fn staged_publishes_keep_their_records_through_a_packet_id_collision() {
+        let broker = edgestream_sim::InProcessBroker::start().await.unwrap();
+        let mut o = MqttOptions::new("collision-test", "127.0.0.1", broker.port());
+        o.set_inflight(2);
+        let (client, mut events) = AsyncClient::new(o, 10);
+        wait_connack(&mut events).await.unwrap();
+        let mut s = Session::new(client, 0, 10);
+        let keys: Vec<Key> = (1..=3u8).map(|i| [i; 9]).collect();
+        for k in &keys {
+            let p = rumqttc::Publish::new("t/collision", QoS::AtLeastOnce, k.to_vec());
+            s.staged.push_back((p, vec![*k]));
+        }
+        send_staged(&mut s, &mut events).await.unwrap();
+        assert_eq!(s.inflight.len(), 2, "two publishes fit the two packet ids");
+        assert_eq!(s.collided, Some(vec![keys[2]]), "the third waits for an id");
+        assert_eq!(s.in_window(), 3);
+        let done = tokio::time::timeout(Duration::from_secs(10), async {
+            while s.acked.len() < 3 {
+                match events.poll().await.unwrap() {
+                    Event::Outgoing(Outgoing::Publish(pkid)) => s.on_outgoing_publish(pkid),
+                    Event::Incoming(Packet::PubAck(a)) => s.on_puback(a.pkid),
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        assert!(done.is_ok(), "not all acknowledged: {:?}", s.acked);
+        assert_eq!(s.acked, keys, "each record acknowledged once, in order");
+        assert!(s.inflight.is_empty() && s.collided.is_none() && s.queued.is_empty());
+    }
 }

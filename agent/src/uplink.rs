@@ -353,6 +353,12 @@ impl Uplink {
             tracing::debug!(mode = ?Mode::Connecting);
             let (client, mut events) =
                 AsyncClient::new(self.options(), self.cloud.max_inflight as usize * 2 + 16);
+            // The uplink coalesces its publishes itself (`send_staged`); Nagle's algorithm
+            // would hold each write until the broker ACKs the one before, which delayed ACKs
+            // can stretch to hundreds of ms.
+            let mut net = events.network_options();
+            net.set_tcp_nodelay(true);
+            events.set_network_options(net);
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => continue,
                 r = tokio::time::timeout(CONNECT_TIMEOUT, wait_connack(&mut events)) => match r {

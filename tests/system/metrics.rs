@@ -107,11 +107,16 @@ async fn scraped_counters_match_what_was_sent() {
     );
 
     let n = samples.len() as f64;
+    // CPU time counts in clock ticks (10 ms): a fast agent can finish this work within one,
+    // so the scrape also waits for the first tick to show.
     let v = scrape_until(port, Duration::from_secs(10), |v| {
         v["edgestream_outbox_records"] == 0.0
             && v[r#"edgestream_parse_errors_total{source="mqtt"}"#] == 3.0
+            && v.get("process_cpu_seconds_total").is_some_and(|c| *c > 0.0)
     })
     .await;
+    let kernel_cpu =
+        edgestream_agent::health::cpu_seconds(edgestream_agent::health::Pid::Other(agent.pid()));
     let get = |k: &str| *v.get(k).unwrap_or_else(|| panic!("{k} not scraped"));
     assert_eq!(get(r#"edgestream_readings_in_total{source="mqtt"}"#), n);
     assert_eq!(get(r#"edgestream_parse_errors_total{source="mqtt"}"#), 3.0);
@@ -144,7 +149,11 @@ async fn scraped_counters_match_what_was_sent() {
     assert_eq!(get("edgestream_uplink_connects_total"), 1.0);
     let rss = get("process_resident_memory_bytes");
     assert!(rss > 1e6 && rss < 64e6, "RSS {rss}");
-    assert!(get("process_cpu_seconds_total") > 0.0);
+    let cpu = get("process_cpu_seconds_total");
+    assert!(
+        cpu > 0.0 && cpu <= kernel_cpu,
+        "agent CPU {cpu} s, kernel says {kernel_cpu} s since"
+    );
 
     // The health message (every second in this config) carries the same figures.
     assert!(

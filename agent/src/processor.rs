@@ -33,12 +33,8 @@ pub const MAX_GROUP: usize = 1024;
 /// Longest a group waits after its first input for more to share its flush (module doc).
 /// Bounds the latency and the acknowledgement delay that grouping adds. Measured at 10,000
 /// readings/s on the bench: agent CPU per reading 62 -> 36 us at 4 ms; later, with removals
-/// grouped, 19.1 -> 13.3-14.6 us from 4 to 8 ms, p99 latency 25 -> 29-30 ms; from 8 to 16 ms
-/// (with the uplink's publishes written in bulk), 8.4-8.9 -> 6.8-7.7 us, p50 latency 17 -> 20-21
-/// ms and p99 30-31 -> 38 ms on rumqttd. Every flush costs two sled I/O threads a wake-up each and
-/// the runtime one more, which is what the longer wait saves; it applies only while the input
-/// rate keeps groups filling (a lone reading still commits at once).
-pub const COMMIT_LINGER: Duration = Duration::from_millis(16);
+/// grouped, 19.1 -> 13.3-14.6 us from 4 to 8 ms, p99 latency 25 -> 29-30 ms.
+pub const COMMIT_LINGER: Duration = Duration::from_millis(8);
 /// How often time-driven rules (missing data, durations, downsampling windows) are ticked.
 pub const TICK: Duration = Duration::from_secs(1);
 

@@ -287,6 +287,12 @@ impl Brokers {
     }
 }
 
+/// mosquitto's own default, which Debian's packaged config keeps: the in-memory database is
+/// saved every 30 minutes. The test harness saves it every second (its restart tests need
+/// that), and mosquitto, single-threaded, stops serving while it writes and syncs the file:
+/// with the agent's session queue in it, that put 250-450 ms stalls into the bench's latency.
+const DEBIAN_AUTOSAVE: &str = "autosave_interval 1800";
+
 async fn start_brokers(opts: &BenchOptions) -> anyhow::Result<Brokers> {
     Ok(match opts.broker {
         BrokerKind::InProcess => Brokers::InProcess(
@@ -296,10 +302,17 @@ async fn start_brokers(opts: &BenchOptions) -> anyhow::Result<Brokers> {
         BrokerKind::Mosquitto => {
             let local = edgestream_sim::Mosquitto::start_with(edgestream_sim::MosquittoOptions {
                 tls: None,
-                extra_config: vec![format!("max_inflight_messages {}", opts.local_max_inflight)],
+                extra_config: vec![
+                    format!("max_inflight_messages {}", opts.local_max_inflight),
+                    DEBIAN_AUTOSAVE.to_string(),
+                ],
             })
             .await?;
-            let cloud = edgestream_sim::Mosquitto::start().await?;
+            let cloud = edgestream_sim::Mosquitto::start_with(edgestream_sim::MosquittoOptions {
+                tls: None,
+                extra_config: vec![DEBIAN_AUTOSAVE.to_string()],
+            })
+            .await?;
             Brokers::Mosquitto(Box::new((local, cloud)))
         }
     })

@@ -13,6 +13,7 @@ pub mod durable_file;
 pub mod health;
 pub mod logging;
 pub mod metrics;
+pub mod mqtt_link;
 pub mod outbox;
 pub mod pipeline;
 pub mod processor;

@@ -353,12 +353,8 @@ impl Uplink {
             tracing::debug!(mode = ?Mode::Connecting);
             let (client, mut events) =
                 AsyncClient::new(self.options(), self.cloud.max_inflight as usize * 2 + 16);
-            // The uplink coalesces its publishes itself (`send_staged`); Nagle's algorithm
-            // would hold each write until the broker ACKs the one before, which delayed ACKs
-            // can stretch to hundreds of ms.
-            let mut net = events.network_options();
-            net.set_tcp_nodelay(true);
-            events.set_network_options(net);
+            // The uplink coalesces its publishes itself (`send_staged`).
+            crate::mqtt_link::set_nodelay(&mut events);
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => continue,
                 r = tokio::time::timeout(CONNECT_TIMEOUT, wait_connack(&mut events)) => match r {
@@ -774,16 +770,7 @@ async fn send_staged(s: &mut Session, events: &mut rumqttc::EventLoop) -> Result
         packets.extend(packet);
     }
     let timeout = Duration::from_secs(events.network_options.connection_timeout());
-    let Some(network) = events.network.as_mut() else {
-        return Ok(());
-    };
-    let write = async {
-        for packet in packets {
-            network.write(packet).await?;
-        }
-        network.flush().await
-    };
-    match tokio::time::timeout(timeout, write).await {
+    match tokio::time::timeout(timeout, crate::mqtt_link::write_flushed(events, packets)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("cannot write publishes: {e}")),
         Err(_) => Err(format!("writing publishes took over {timeout:?}")),

@@ -29,6 +29,7 @@ use crate::commands::DeviceEvent;
 use crate::config::{valid_name, Config};
 use crate::deadletter::RejectSampler;
 use crate::metrics::Metrics;
+use crate::mqtt_link::{set_nodelay, write_flushed};
 use crate::topics::device_metric;
 
 /// Largest packet rumqttc will read from the local broker. Larger ones make rumqttc drop the
@@ -174,17 +175,13 @@ async fn write_last_alone(
     eventloop: &mut rumqttc::EventLoop,
     mut packets: Vec<Packet>,
 ) -> Result<(), rumqttc::StateError> {
-    let (Some(network), Some(last)) = (eventloop.network.as_mut(), packets.pop()) else {
+    let Some(last) = packets.pop() else {
         return Ok(());
     };
     if !packets.is_empty() {
-        for packet in packets {
-            network.write(packet).await?;
-        }
-        network.flush().await?;
+        write_flushed(eventloop, packets).await?;
     }
-    network.write(last).await?;
-    network.flush().await
+    write_flushed(eventloop, [last]).await
 }
 
 /// How long writing one round of acknowledgements may take before the connection is dropped
@@ -253,9 +250,7 @@ impl LocalMqttSource {
     /// waits for the peer's ACK of the first, which delayed ACKs can hold for tens of ms.
     pub fn client_pair(&self) -> (AsyncClient, rumqttc::EventLoop) {
         let (client, mut eventloop) = AsyncClient::new(self.options.clone(), 1024);
-        let mut net = eventloop.network_options();
-        net.set_tcp_nodelay(true);
-        eventloop.set_network_options(net);
+        set_nodelay(&mut eventloop);
         (client, eventloop)
     }
 

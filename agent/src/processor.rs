@@ -7,10 +7,11 @@
 //! largest per-group cost (sled's log write, fsync and thread hand-offs), so a group may wait
 //! up to [`COMMIT_LINGER`] after its first input to share it, but only while that is likely to
 //! fill it: while more input is already waiting, or while the group is smaller than 3/4 of the
-//! previous one. The second rule adapts to the source: when idle, single readings commit at
-//! once (the previous group was one reading); when a broker's in-flight window (mosquitto's
-//! default is 20) is what bounds a group, the group commits as soon as it holds about a
-//! window's worth, instead of lingering for input the broker will not send before its acks.
+//! size groups are expected to reach ([`next_expected_group`]). The second rule adapts to the
+//! source: when idle, single readings commit at once (a lone reading that lingered sets the
+//! expectation to one); when a broker's in-flight window (rumqttd's is a fixed 100) is what
+//! bounds a group, the group commits as soon as it holds about a window's worth, instead of
+//! lingering for input the broker will not send before its acks.
 //!
 //! If the outbox cannot store a group (disk full, I/O error) the stage retries it with backoff
 //! and acknowledges nothing meanwhile: sources block, brokers hold the data, nothing is lost.
@@ -40,6 +41,36 @@ pub const MAX_GROUP: usize = 1024;
 pub const COMMIT_LINGER: Duration = Duration::from_millis(8);
 /// How often time-driven rules (missing data, durations, downsampling windows) are ticked.
 pub const TICK: Duration = Duration::from_secs(1);
+
+/// Whether a group of `inputs`, still inside its linger, should wait for more input to share
+/// its flush: while more is already waiting, or while it holds less than 3/4 of the size
+/// groups are expected to reach. Never beyond [`MAX_GROUP`].
+fn wait_for_more(inputs: usize, expected: usize, input_waiting: bool) -> bool {
+    inputs < MAX_GROUP && (input_waiting || inputs * 4 < expected * 3)
+}
+
+/// The size the next group is expected to reach, after a group of `committed` inputs that
+/// committed `early` (before [`COMMIT_LINGER`] ran out) or not.
+///
+/// A group that took the whole linger shows what the source delivers in that time: it becomes
+/// the expectation, so a source that slows down or goes idle is followed at once (one group
+/// lingers). An early group can only raise it. Taking every early group as the expectation, as
+/// this stage once did, ratchets it down under a steady rate: each group commits as soon as it
+/// holds 3/4 of the previous one and the channel is momentarily empty, so the groups shrink
+/// until a single delivery burst fills one. Measured at 10,000 readings/s behind mosquitto
+/// without an in-flight window: 37 readings per flush (274 flushes/s) with that rule, 66 with
+/// this one; disk bytes per reading 280-320 -> 205-245, agent CPU 10.0-10.5 -> 8.6-9.2 us.
+/// The expectation before any group: the first group takes the whole linger, and so measures
+/// what the source delivers in it.
+const FIRST_EXPECTED_GROUP: usize = MAX_GROUP;
+
+fn next_expected_group(expected: usize, committed: usize, early: bool) -> usize {
+    if early {
+        committed.max(expected)
+    } else {
+        committed
+    }
+}
 
 #[derive(Debug)]
 pub struct RulesStage {
@@ -110,10 +141,10 @@ impl RulesStage {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Inputs evaluated since the last commit, when the first of them was taken, and the
-        // size of the last group committed.
+        // size a group is expected to reach.
         let mut group_inputs = 0usize;
         let mut group_since: Option<Instant> = None;
-        let mut last_group = 0usize;
+        let mut expected_group = FIRST_EXPECTED_GROUP;
         let mut linger_ends = crate::select_loop::Deadline::new();
         loop {
             self.beat();
@@ -171,17 +202,14 @@ impl RulesStage {
                 continue;
             }
             // Share the flush with more input if that is likely to come (module doc).
-            let likely_more = !input.is_empty() || group_inputs * 4 < last_group * 3;
-            if likely_more
-                && group_inputs < MAX_GROUP
-                && group_since.is_some_and(|t| t.elapsed() < COMMIT_LINGER)
-            {
+            let lingering = group_since.is_some_and(|t| t.elapsed() < COMMIT_LINGER);
+            if lingering && wait_for_more(group_inputs, expected_group, !input.is_empty()) {
                 continue;
             }
             self.commit(&mut records).await;
             self.unacked.append(&mut acks);
             self.send_acks();
-            last_group = group_inputs;
+            expected_group = next_expected_group(expected_group, group_inputs, lingering);
             group_inputs = 0;
             group_since = None;
         }
@@ -320,3 +348,73 @@ impl RulesStage {
 
 /// How soon acknowledgements refused by a full channel to the local source are offered again.
 const ACK_RETRY: Duration = Duration::from_millis(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the stage's grouping decisions over a source that offers `offered(t)` inputs at
+    /// each millisecond `t`, of which at most `window` may be delivered and not yet committed
+    /// (a broker's in-flight window; commits acknowledge at once). Returns each group's size
+    /// and whether it ran out its linger.
+    fn simulate(ms: u64, window: usize, offered: impl Fn(u64) -> usize) -> Vec<(usize, bool)> {
+        let linger = u64::try_from(COMMIT_LINGER.as_millis()).unwrap();
+        let mut expected = FIRST_EXPECTED_GROUP;
+        let (mut held, mut group, mut since) = (0usize, 0usize, None);
+        let mut groups = Vec::new();
+        for t in 0..ms {
+            held += offered(t);
+            let delivered = held.min(window - group);
+            held -= delivered;
+            group += delivered;
+            if delivered > 0 {
+                since.get_or_insert(t);
+            }
+            let Some(first) = since else { continue };
+            let lingering = t - first < linger;
+            if lingering && wait_for_more(group, expected, false) {
+                continue;
+            }
+            groups.push((group, !lingering));
+            expected = next_expected_group(expected, group, lingering);
+            (group, since) = (0, None);
+        }
+        groups
+    }
+
+    #[test]
+    fn groups_keep_their_size_under_a_steady_rate() {
+        // 10 inputs every millisecond, no window: the first group measures the linger's worth
+        // (9 ms of input), and no later group shrinks below 3/4 of it.
+        let groups = simulate(2_000, usize::MAX, |_| 10);
+        assert_eq!(groups[0], (90, true));
+        assert!(groups.len() > 100, "{groups:?}");
+        for &(size, _) in &groups[1..] {
+            assert!((68..=90).contains(&size), "{groups:?}");
+        }
+    }
+
+    #[test]
+    fn window_bound_groups_commit_without_lingering() {
+        // The source could deliver 50 a millisecond, but its broker stops at 100 unacknowledged:
+        // after the first group has measured that, groups commit as soon as the window is full.
+        let groups = simulate(2_000, 100, |_| 50);
+        assert_eq!(groups[0], (100, true));
+        assert!(groups.len() > 500, "{groups:?}");
+        assert!(groups[1..].iter().all(|&g| g == (100, false)), "{groups:?}");
+    }
+
+    #[test]
+    fn sparse_input_after_load_commits_at_once_after_one_linger() {
+        // Load for 100 ms, then one reading every 50 ms: one lone reading waits out the linger,
+        // the others commit as they come.
+        let groups = simulate(2_100, usize::MAX, |t| match t {
+            0..100 => 10,
+            t if t % 50 == 0 => 1,
+            _ => 0,
+        });
+        let sparse: Vec<_> = groups.iter().filter(|g| g.0 == 1).collect();
+        assert_eq!(sparse.len(), 40, "{groups:?}");
+        assert_eq!(sparse.iter().filter(|g| g.1).count(), 1, "{groups:?}");
+    }
+}

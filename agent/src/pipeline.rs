@@ -1,7 +1,7 @@
 //! Wires the whole graph in one place:
 //!
 //! ```text
-//!  LocalMqttSource --(SourceMsg, 4096, block)--> RulesStage --(group commit)--> Outbox
+//!  LocalMqttSource --(SourceMsg, 512, block)--> RulesStage --(group commit)--> Outbox
 //!        ^                                          |                           |
 //!        +------------- PUBACK after flush ---------+                 Uplink --(QoS 1)--> cloud
 //!  SerialSource (one OS thread per port) --(same channel, blocking_send, no ack)--> RulesStage

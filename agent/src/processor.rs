@@ -59,7 +59,7 @@ fn wait_for_more(inputs: usize, expected: usize, input_waiting: bool) -> bool {
 /// holds 3/4 of the previous one and the channel is momentarily empty, so the groups shrink
 /// until a single delivery burst fills one. Measured at 10,000 readings/s behind mosquitto
 /// without an in-flight window: 37 readings per flush (274 flushes/s) with that rule, 66 with
-/// this one; disk bytes per reading 280-320 -> 205-245, agent CPU 10.0-10.5 -> 8.6-9.2 us.
+/// this one; disk bytes per reading 280-370 -> 212-243, agent CPU 10.0-12.3 -> 8.6-10.3 us.
 /// The expectation before any group: the first group takes the whole linger, and so measures
 /// what the source delivers in it.
 const FIRST_EXPECTED_GROUP: usize = MAX_GROUP;

@@ -17,7 +17,7 @@ use crate::record::DeadLetterRecord;
 /// what is queued while the previous group's flush runs, and a broker holds the rest. Every
 /// queued reading is live memory (its message, its two strings) that, under a flood, also
 /// fragments the allocator: measured flat out behind mosquitto, peak RSS 20.3-24.5 MiB at
-/// 4096, 19.7-22.4 at 1024, 19.0-19.2 at 512 and 19.0-19.6 at 256, with throughput unchanged
+/// 4096, 19.7-22.4 at 1024, 17.8-19.6 at 512 and 19.0-19.6 at 256, with throughput unchanged
 /// (100-101 % of the broker's limit with its in-flight window of 20).
 pub const SOURCE_CHANNEL_CAPACITY: usize = 512;
 

@@ -40,7 +40,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::{Pid, ProcessStats};
+use crate::health::{cpu_seconds, Pid, ProcessStats};
 
 /// Twenty rules over every bench device: thresholds with hysteresis, window aggregates and
 /// anomaly detectors on both metrics. None drops or tags readings, so every reading is
@@ -208,6 +208,11 @@ pub struct PhaseResult {
     pub agent_disk_bytes_per_reading: Option<f64>,
     /// Highest agent RSS sampled after warm-up.
     pub agent_peak_rss_bytes: Option<u64>,
+    /// The local broker's CPU seconds per million delivered readings, when it runs as a process
+    /// of its own (mosquitto): what the broker spends on each reading it takes and delivers.
+    pub local_broker_cpu_us_per_reading: Option<f64>,
+    /// The local broker's CPU use over the phase, in cores (mosquitto only).
+    pub local_broker_cpu_cores: Option<f64>,
     /// [`Self::agent_cpu_us_per_reading`] split by the agent's threads, by name: the tokio
     /// runtime (`tokio-rt-worker`: sources, rules, uplink, sled inserts and reads), sled's
     /// own I/O pool (`sled-io`: log writes and flushes), `main`; `exited` is time of threads
@@ -285,6 +290,14 @@ impl Brokers {
             Brokers::Mosquitto(b) => (b.0.port(), b.1.port()),
         }
     }
+
+    /// The local broker's process, when it is one (mosquitto; rumqttd runs in this process).
+    fn local_pid(&self) -> Option<u32> {
+        match self {
+            Brokers::InProcess(..) => None,
+            Brokers::Mosquitto(b) => b.0.pid(),
+        }
+    }
 }
 
 /// mosquitto's own default, which Debian's packaged config keeps: the in-memory database is
@@ -336,7 +349,7 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     ));
     bare.wait_ready().await?;
     let load = Load::start(&opts, local_port, None, &bare).await?;
-    let limit = measure(half, &load, &bare, None, None).await;
+    let limit = measure(half, &load, &bare, None, None, brokers.local_pid()).await;
     load.stop().await;
     bare_task.abort();
     phases.push(PhaseResult {
@@ -359,7 +372,15 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     // Phase 2: fixed rate, latency.
     let load = Load::start(&opts, local_port, Some(opts.rate), &cloud).await?;
     cloud.record_latency(true);
-    let lat = measure(half, &load, &cloud, Some(&agent), Some(&cloud)).await;
+    let lat = measure(
+        half,
+        &load,
+        &cloud,
+        Some(&agent),
+        Some(&cloud),
+        brokers.local_pid(),
+    )
+    .await;
     cloud.record_latency(false);
     load.stop().await;
     cloud.wait_quiet(DRAIN_TIMEOUT).await;
@@ -370,7 +391,7 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
 
     // Phase 3: flat out.
     let load = Load::start(&opts, local_port, None, &cloud).await?;
-    let flat = measure(full, &load, &cloud, Some(&agent), None).await;
+    let flat = measure(full, &load, &cloud, Some(&agent), None, brokers.local_pid()).await;
     load.stop().await;
     phases.push(PhaseResult {
         name: "agent flat out".into(),
@@ -429,9 +450,11 @@ async fn measure(
     delivered: &Counter,
     agent: Option<&AgentChild>,
     latency: Option<&Counter>,
+    local_broker: Option<u32>,
 ) -> PhaseResult {
     tokio::time::sleep(WARMUP).await;
     let t0 = Instant::now();
+    let b0 = local_broker.map(|pid| cpu_seconds(Pid::Other(pid)));
     let (o0, d0) = (load.acked(), delivered.count());
     let p0 = agent.map(|a| ProcessStats::read(Pid::Other(a.pid())));
     let t0_threads = agent.map(|a| thread_cpu(a.pid())).unwrap_or_default();
@@ -454,6 +477,11 @@ async fn measure(
         delivered_per_s: n / secs,
         ..PhaseResult::default()
     };
+    if let (Some(pid), Some(b0)) = (local_broker, b0) {
+        let cpu = cpu_seconds(Pid::Other(pid)) - b0;
+        r.local_broker_cpu_us_per_reading = Some(cpu * 1e6 / n.max(1.0));
+        r.local_broker_cpu_cores = Some(cpu / secs);
+    }
     if let (Some(a), Some(p0)) = (agent, p0) {
         let p1 = ProcessStats::read(Pid::Other(a.pid()));
         let cpu = p1.cpu_seconds - p0.cpu_seconds;
@@ -1183,6 +1211,18 @@ fn print_table(r: &BenchReport) {
             .map(|(name, us)| format!("{name} {us:.2}"))
             .collect();
         println!("  {}: CPU us/rdg by thread: {}", p.name, split.join(", "));
+    }
+    let broker: Vec<String> = r
+        .phases
+        .iter()
+        .filter_map(|p| {
+            let us = p.local_broker_cpu_us_per_reading?;
+            let cores = p.local_broker_cpu_cores?;
+            Some(format!("{} {us:.2} us/rdg ({cores:.2} cores)", p.name))
+        })
+        .collect();
+    if !broker.is_empty() {
+        println!("  local broker CPU: {}", broker.join("; "));
     }
     println!();
     println!(

@@ -349,6 +349,11 @@ impl Mosquitto {
         self.port
     }
 
+    /// The broker process's id while it runs (for reading its CPU time from `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `127.0.0.1:port()`.
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))

@@ -1,0 +1,108 @@
+//! `edgestream bench` must run from a fresh build, with nothing installed for the in-process
+//! brokers, and report every figure the README's performance section is made of. The figures
+//! themselves are the benchmark's business; this only checks that each one is measured.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Runs a short bench and returns its stdout.
+fn bench(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_edgestream"))
+        .args(["bench", "--duration", "4", "--rate", "1000"])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run edgestream bench");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed\n{stdout}\n{stderr}");
+    stdout
+}
+
+fn number(v: &Value, field: &str) -> f64 {
+    v[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no number {field:?} in {v:#}"))
+}
+
+/// Checks the report of a JSON run; `broker_process` says whether the local broker ran as a
+/// process of its own (mosquitto), whose CPU the bench then reports.
+fn check_report(stdout: &str, broker_process: bool) {
+    let r: Value = serde_json::from_str(stdout)
+        .unwrap_or_else(|e| panic!("--json did not print one JSON object ({e}):\n{stdout}"));
+    let phases = r["phases"].as_array().expect("phases");
+    let names: Vec<&str> = phases.iter().filter_map(|p| p["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "broker limit (bare subscriber)",
+            "agent at 1000 readings/s",
+            "agent flat out"
+        ],
+        "{r:#}"
+    );
+    for p in phases {
+        assert!(number(p, "delivered_per_s") > 0.0, "{p:#}");
+        assert!(number(p, "offered_per_s") > 0.0, "{p:#}");
+        assert_eq!(
+            p["local_broker_cpu_us_per_reading"].is_f64(),
+            broker_process,
+            "{p:#}"
+        );
+        assert_eq!(
+            p["local_broker_cpu_cores"].is_f64(),
+            broker_process,
+            "{p:#}"
+        );
+    }
+    let (limit, latency, flat) = (&phases[0], &phases[1], &phases[2]);
+    assert!(limit["agent_cpu_us_per_reading"].is_null(), "{limit:#}");
+    for field in ["latency_p50_ms", "latency_p99_ms", "latency_max_ms"] {
+        assert!(number(latency, field) > 0.0, "{latency:#}");
+    }
+    assert!(number(latency, "latency_p50_ms") <= number(latency, "latency_p99_ms"));
+    assert!(number(latency, "latency_p99_ms") <= number(latency, "latency_max_ms"));
+    for p in [latency, flat] {
+        for field in [
+            "agent_cpu_us_per_reading",
+            "agent_cpu_cores",
+            "agent_disk_bytes_per_reading",
+            "agent_peak_rss_bytes",
+        ] {
+            assert!(number(p, field) > 0.0, "{field}: {p:#}");
+        }
+        let threads = p["agent_cpu_us_per_reading_by_thread"]
+            .as_object()
+            .expect("CPU by thread");
+        assert!(threads.contains_key("tokio-rt-worker"), "{p:#}");
+    }
+    assert!(number(&r, "agent_to_limit_ratio") > 0.0, "{r:#}");
+    assert!(number(&r, "agent_vm_hwm_bytes") >= number(flat, "agent_peak_rss_bytes"));
+    assert!(number(&r, "agent_readings_per_flush") >= 1.0, "{r:#}");
+}
+
+#[test]
+fn bench_reports_every_figure_with_in_process_brokers() {
+    check_report(&bench(&["--json"]), false);
+}
+
+#[test]
+fn bench_reports_every_figure_and_the_broker_cpu_with_mosquitto() {
+    check_report(&bench(&["--json", "--broker", "mosquitto"]), true);
+}
+
+#[test]
+fn bench_prints_the_table_with_the_ratio_to_the_broker_limit() {
+    let out = bench(&[]);
+    for line in [
+        "broker limit (bare subscriber)",
+        "agent at 1000 readings/s",
+        "agent flat out ",
+        "CPU us/rdg by thread",
+        "agent flat out / broker limit:",
+        "readings per outbox flush",
+    ] {
+        assert!(out.contains(line), "no {line:?} in\n{out}");
+    }
+}

@@ -7,7 +7,7 @@
 //! largest per-group cost (sled's log write, fsync and thread hand-offs), so a group may wait
 //! up to [`COMMIT_LINGER`] after its first input to share it, but only while that is likely to
 //! fill it: while more input is already waiting, or while the group is smaller than 3/4 of the
-//! size groups are expected to reach ([`next_expected_group`]). The second rule adapts to the
+//! size groups are expected to reach (`next_expected_group`). The second rule adapts to the
 //! source: when idle, single readings commit at once (a lone reading that lingered sets the
 //! expectation to one); when a broker's in-flight window (rumqttd's is a fixed 100) is what
 //! bounds a group, the group commits as soon as it holds about a window's worth, instead of

@@ -78,7 +78,9 @@ fn check_report(stdout: &str, broker_process: bool) {
         assert!(threads.contains_key("tokio-rt-worker"), "{p:#}");
     }
     assert!(number(&r, "agent_to_limit_ratio") > 0.0, "{r:#}");
-    assert!(number(&r, "agent_vm_hwm_bytes") >= number(flat, "agent_peak_rss_bytes"));
+    // Not compared with the sampled peak: the kernel updates `VmHWM` only on some paths
+    // (unmapping, exit), so a transient peak that `VmRSS` showed can be missing from it.
+    assert!(number(&r, "agent_vm_hwm_bytes") > 0.0, "{r:#}");
     assert!(number(&r, "agent_readings_per_flush") >= 1.0, "{r:#}");
 }
 

@@ -51,8 +51,8 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 
 fn reading(i: usize) -> Record {
     Record::Reading(ReadingRecord {
-        device: format!("boiler-{}", i % 16),
-        metric: "temperature".into(),
+        device: format!("boiler-{}", i % 16).as_str().try_into().unwrap(),
+        metric: "temperature".try_into().unwrap(),
         value: 20.0 + (i % 1000) as f64 / 10.0,
         ts_ms: 1_700_000_000_000 + i as u64 * 100,
         tags: vec![("site".into(), "plant-3".into())],

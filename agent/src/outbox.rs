@@ -1195,12 +1195,13 @@ mod tests {
                 message: pad,
             })
         } else {
+            // Names are bounded (48 bytes): the padding that varies the size goes in a tag.
             Record::Reading(ReadingRecord {
-                device: format!("d{i}{pad}"),
-                metric: "t".into(),
+                device: format!("d{i}").as_str().try_into().unwrap(),
+                metric: "t".try_into().unwrap(),
                 value: i as f64,
                 ts_ms: i as u64,
-                tags: vec![],
+                tags: vec![("pad".into(), pad)],
             })
         }
     }

@@ -17,6 +17,7 @@
 //! segment, all its records). Changing [`Record`] in a way postcard cannot read back needs a new
 //! version and a reader for the old one.
 
+use edgestream_protocol::types::{DeviceId, MetricName};
 use serde::{Deserialize, Serialize};
 
 /// Version byte of the on-disk single-record form.
@@ -55,8 +56,10 @@ pub struct ControlRecord {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReadingRecord {
-    pub device: String,
-    pub metric: String,
+    /// Inline, like the reading's: decoding a stored reading allocates nothing for its names
+    /// (the on-disk form is the same as a `String`'s).
+    pub device: DeviceId,
+    pub metric: MetricName,
     pub value: f64,
     pub ts_ms: u64,
     pub tags: Vec<(String, String)>,
@@ -322,8 +325,8 @@ mod tests {
 
     fn reading() -> Record {
         Record::Reading(ReadingRecord {
-            device: "boiler-1".into(),
-            metric: "temperature".into(),
+            device: "boiler-1".try_into().unwrap(),
+            metric: "temperature".try_into().unwrap(),
             value: 21.5,
             ts_ms: 1_700_000_000_123,
             tags: vec![("site".into(), "plant-3".into())],

@@ -19,6 +19,7 @@
 
 use std::time::Duration;
 
+use edgestream_protocol::types::{DeviceId, MetricName};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -196,9 +197,12 @@ pub fn decode(topic: &str, payload: &[u8]) -> Result<Reading, RejectReason> {
     }
     let r =
         edgestream_protocol::json::decode_local_reading(payload).map_err(RejectReason::Payload)?;
+    // `valid_name` bounds both names to what the protocol's types hold.
+    let device = DeviceId::try_from(device).map_err(|_| RejectReason::Name)?;
+    let metric = MetricName::try_from(metric).map_err(|_| RejectReason::Name)?;
     Ok(Reading {
-        device: device.to_string(),
-        metric: metric.to_string(),
+        device,
+        metric,
         value: r.value,
         ts_ms: r.ts.unwrap_or_else(now_ms),
     })

@@ -277,8 +277,8 @@ fn unit_bytes<'a>(before: &'a [u8], remaining: &[u8]) -> &'a [u8] {
 fn frame_readings(message: DeviceMessage, unit: u64, bytes: &[u8], out: &mut Vec<Decoded>) {
     let reading = |r: edgestream_protocol::types::Reading| {
         Decoded::Reading(Reading {
-            device: r.device.to_string(),
-            metric: r.metric.to_string(),
+            device: r.device,
+            metric: r.metric,
             value: r.value,
             ts_ms: r.ts.unwrap_or_else(now_ms),
         })
@@ -313,8 +313,8 @@ fn line_readings(
     let ts_ms = rec.ts.unwrap_or_else(now_ms);
     out.extend(rec.values.iter().map(|(metric, value)| {
         Decoded::Reading(Reading {
-            device: device.to_string(),
-            metric: metric.to_string(),
+            device: device.clone(),
+            metric: metric.clone(),
             value: *value,
             ts_ms,
         })
@@ -664,7 +664,9 @@ mod tests {
     fn readings(d: &[Decoded]) -> Vec<(String, String, f64, u64)> {
         d.iter()
             .filter_map(|d| match d {
-                Decoded::Reading(r) => Some((r.device.clone(), r.metric.clone(), r.value, r.ts_ms)),
+                Decoded::Reading(r) => {
+                    Some((r.device.to_string(), r.metric.to_string(), r.value, r.ts_ms))
+                }
                 _ => None,
             })
             .collect()

@@ -44,6 +44,7 @@
 //!   new telemetry goes into segments beside them; a format marker records that the store may
 //!   now hold segments (`outbox::tests::a_store_left_by_the_previous_release_...`).
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -404,12 +405,17 @@ impl Outbox {
     ) -> Result<AppendOutcome, OutboxError> {
         let inner = &*self.inner;
         let mut outcome = AppendOutcome::default();
-        // Single-record form; a segment stores the body after its 5-byte header.
-        let mut encoded: Vec<(Priority, Vec<u8>)> = Vec::with_capacity(records.len());
+        // Single-record form; a segment stores the body after its 5-byte header. All of them in
+        // one buffer, each a range of it: one allocation per group instead of one per record
+        // (those were 8 % of the agent's calls to `malloc` flat out).
+        let mut bytes = Vec::with_capacity(records.len() * 64);
+        let mut encoded: Vec<(Priority, Range<usize>)> = Vec::with_capacity(records.len());
         for r in records {
-            encoded.push((r.priority(), r.encode()?));
+            let start = bytes.len();
+            r.encode_into(&mut bytes)?;
+            encoded.push((r.priority(), start..bytes.len()));
         }
-        let size = |v: &Vec<u8>| (v.len() + KEY_LEN) as u64;
+        let size = |v: &Range<usize>| (v.len() + KEY_LEN) as u64;
         let mut next_seq = inner.append_lock.lock().unwrap_or_else(|p| p.into_inner());
         // Expired telemetry goes first: it must not take room (or cause drops) from new records.
         self.expire_locked(now)?;
@@ -463,13 +469,14 @@ impl Outbox {
         let mut added = 0u64;
         let appended_at = now;
         let mut segment: Option<(Key, SegmentWriter)> = None;
-        for (prio, v) in &encoded {
+        for (prio, range) in &encoded {
+            let v = &bytes[range.clone()];
             let seq = *next_seq;
             *next_seq += 1;
-            added += size(v);
+            added += size(range);
             let k = key(*prio, seq);
             if *prio == Priority::High {
-                ops.push((k[..].into(), Some(v.as_slice().into())));
+                ops.push((k[..].into(), Some(v.into())));
                 continue;
             }
             let body = &v[SINGLE_OVERHEAD..];
@@ -527,7 +534,7 @@ impl Outbox {
     fn plan_room(
         &self,
         mut excess: u64,
-        encoded: &mut Vec<(Priority, Vec<u8>)>,
+        encoded: &mut Vec<(Priority, Range<usize>)>,
     ) -> Result<RoomPlan, OutboxError> {
         let inner = &*self.inner;
         let mut plan = RoomPlan::default();

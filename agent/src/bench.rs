@@ -184,6 +184,11 @@ pub struct BenchOptions {
     /// Agent `cloud.max_inflight`.
     #[arg(long, default_value_t = 16)]
     pub cloud_inflight: u16,
+    /// The `edgestream` binary to run as the agent; by default this one. A gateway runs a
+    /// build without the `tools` feature (`scripts/cross-build`, the .deb), which has about
+    /// 1 MiB less code resident than this binary, where `bench` itself lives.
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<std::path::PathBuf>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -258,6 +263,9 @@ pub fn main(opts: BenchOptions) -> anyhow::Result<()> {
     }
     if opts.devices == 0 || opts.connections == 0 || opts.connections > opts.devices {
         anyhow::bail!("need 1 <= --connections <= --devices");
+    }
+    if let Some(agent) = opts.agent.as_ref().filter(|a| !a.is_file()) {
+        anyhow::bail!("--agent {}: no such file", agent.display());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -1032,7 +1040,10 @@ level = "warn,edgestream_agent::source=info,edgestream_agent::prometheus=info"
         let path = dir.join("edgestream.toml");
         std::fs::write(&path, config).context("writing the agent config")?;
         let log = dir.join("agent.log");
-        let exe = std::env::current_exe().context("cannot find this executable")?;
+        let exe = match &opts.agent {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().context("cannot find this executable")?,
+        };
         // `EDGESTREAM_BENCH_AGENT_WRAPPER="heaptrack -o /tmp/agent"` (split on spaces) runs the
         // agent under a tool for diagnosis; its CPU and memory figures are then the tool's.
         // The tool runs the agent as its own child, so the agent is started in a process
@@ -1044,11 +1055,11 @@ level = "warn,edgestream_agent::source=info,edgestream_agent::prometheus=info"
             Some(w) => {
                 let mut words = w.split_whitespace();
                 let mut c = Command::new(words.next().unwrap_or_default());
-                c.args(words).arg(exe);
+                c.args(words).arg(&exe);
                 std::os::unix::process::CommandExt::process_group(&mut c, 0);
                 c
             }
-            None => Command::new(exe),
+            None => Command::new(&exe),
         };
         let child = cmd
             .arg("run")
@@ -1059,7 +1070,7 @@ level = "warn,edgestream_agent::source=info,edgestream_agent::prometheus=info"
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).context("agent log")?)
             .spawn()
-            .context("cannot start the agent")?;
+            .with_context(|| format!("cannot start the agent {}", exe.display()))?;
         Ok(AgentChild {
             child: Some(child),
             log,
@@ -1169,6 +1180,9 @@ fn print_table(r: &BenchReport) {
         },
         r.cores,
     );
+    if let Some(agent) = &o.agent {
+        println!("agent: {}", agent.display());
+    }
     println!();
     println!(
         "{:<32} {:>10} {:>11} {:>7} {:>7} {:>7} {:>10} {:>6} {:>9} {:>9}",

@@ -6,8 +6,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
-/// Runs a short bench and returns its stdout.
-fn bench(args: &[&str]) -> String {
+/// Runs a short bench and returns its exit status, stdout and stderr.
+fn run_bench(args: &[&str]) -> (std::process::ExitStatus, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_edgestream"))
         .args(["bench", "--duration", "4", "--rate", "1000"])
         .args(args)
@@ -15,8 +15,14 @@ fn bench(args: &[&str]) -> String {
         .output()
         .expect("run edgestream bench");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench failed\n{stdout}\n{stderr}");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status, stdout, stderr)
+}
+
+/// Runs a short bench that must succeed and returns its stdout.
+fn bench(args: &[&str]) -> String {
+    let (status, stdout, stderr) = run_bench(args);
+    assert!(status.success(), "bench failed\n{stdout}\n{stderr}");
     stdout
 }
 
@@ -107,4 +113,38 @@ fn bench_prints_the_table_with_the_ratio_to_the_broker_limit() {
     ] {
         assert!(out.contains(line), "no {line:?} in\n{out}");
     }
+}
+
+/// `--agent` measures another build (a board build without `tools`): the bench must run that
+/// file as the agent, not itself. The file here is a script that leaves a mark and then runs
+/// this build, so the figures are real and the mark shows which file was started.
+#[test]
+fn bench_runs_the_agent_binary_it_is_given() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("started");
+    let agent = dir.path().join("edgestream-board");
+    std::fs::write(
+        &agent,
+        format!(
+            "#!/bin/sh\necho \"$@\" > '{}'\nexec '{}' \"$@\"\n",
+            mark.display(),
+            env!("CARGO_BIN_EXE_edgestream")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = bench(&["--json", "--agent", agent.to_str().unwrap()]);
+    check_report(&out, false);
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["options"]["agent"].as_str(), agent.to_str(), "{r:#}");
+    let args = std::fs::read_to_string(&mark).expect("the bench did not start the given agent");
+    assert!(args.starts_with("run --config "), "{args}");
+
+    let (status, _, stderr) = run_bench(&["--agent", "/nonexistent/edgestream"]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("--agent /nonexistent/edgestream: no such file"),
+        "{stderr}"
+    );
 }

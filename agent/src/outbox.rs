@@ -1193,9 +1193,9 @@ mod tests {
         let pad = "x".repeat(len);
         if alert {
             Record::Alert(AlertRecord {
-                rule: "r".into(),
-                device: format!("d{i}"),
-                severity: "critical".into(),
+                rule: "r".try_into().unwrap(),
+                device: format!("d{i}").as_str().try_into().unwrap(),
+                severity: "critical".try_into().unwrap(),
                 raised: i % 2 == 0,
                 value: i as f64,
                 ts_ms: i as u64,

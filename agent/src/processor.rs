@@ -245,9 +245,9 @@ impl RulesStage {
                 &m.alerts_cleared
             });
             records.push(Record::Alert(AlertRecord {
-                rule: a.rule.to_string(),
-                device: a.device.to_string(),
-                severity: a.severity.as_str().to_string(),
+                rule: crate::wire::truncated(&a.rule),
+                device: a.device.clone(),
+                severity: crate::wire::truncated(a.severity.as_str()),
                 raised,
                 value: a.value,
                 ts_ms: a.ts_ms,

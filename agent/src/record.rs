@@ -17,7 +17,7 @@
 //! segment, all its records). Changing [`Record`] in a way postcard cannot read back needs a new
 //! version and a reader for the old one.
 
-use edgestream_protocol::types::{DeviceId, MetricName};
+use edgestream_protocol::types::{DeviceId, MetricName, RuleName};
 use serde::{Deserialize, Serialize};
 
 /// Version byte of the on-disk single-record form.
@@ -67,10 +67,13 @@ pub struct ReadingRecord {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlertRecord {
-    pub rule: String,
-    pub device: String,
+    /// Names inline, like a reading's (the rules compiler bounds rule names to the same 48
+    /// bytes); the on-disk form is a string either way. The message stays a `String`: it may
+    /// be 128 bytes, and every record in a group would pay for that room.
+    pub rule: RuleName,
+    pub device: DeviceId,
     /// `info`, `warning` or `critical`.
-    pub severity: String,
+    pub severity: heapless::String<16>,
     /// `true` for raised, `false` for cleared.
     pub raised: bool,
     pub value: f64,

@@ -225,15 +225,15 @@ impl Det {
         match spec.kind {
             DetKind::Agg(f) => Det::Agg {
                 f,
-                ring: Ring::new(w.cap, w.horizon_ms > 0, w.sorted),
+                ring: Ring::new(w.cap, w.horizon_ms > 0, w.sorted, f != AggFn::Count),
                 horizon_ms: w.horizon_ms,
             },
             DetKind::ZScore => Det::ZScore {
-                ring: Ring::new(w.cap, false, false),
+                ring: Ring::new(w.cap, false, false, true),
                 out: f64::NAN,
             },
             DetKind::MadScore => Det::Mad {
-                ring: Ring::new(w.cap, false, true),
+                ring: Ring::new(w.cap, false, true, true),
                 out: f64::NAN,
             },
             DetKind::EwmaDev { alpha } => Det::EwmaDev {
@@ -454,7 +454,12 @@ pub(crate) fn slot_bytes(inputs: usize, dets: &[DetSpec], _forward: bool) -> usi
     for d in dets {
         b += std::mem::size_of::<Det>()
             + if d.window.cap > 0 {
-                Ring::heap_bytes(d.window.cap, d.window.horizon_ms > 0, d.window.sorted)
+                Ring::heap_bytes(
+                    d.window.cap,
+                    d.window.horizon_ms > 0,
+                    d.window.sorted,
+                    d.kind != DetKind::Agg(AggFn::Count),
+                )
             } else {
                 0
             };

@@ -109,6 +109,69 @@ fn stream() -> impl Strategy<Value = Vec<(u64, f64)>> {
     prop::collection::vec((0u64..3000, value), 1..300)
 }
 
+/// Streams of readings 1 to 12 hours apart, now and then a burst of them milliseconds
+/// apart: 250-400 readings span about 80 days on average (up to 200).
+fn long_stream() -> impl Strategy<Value = Vec<(u64, f64)>> {
+    let gap = prop_oneof![1 => 0u64..3000, 9 => 3_600_000u64..43_200_000];
+    let value = prop_oneof![(-3i32..4).prop_map(f64::from), -1000.0f64..1000.0];
+    prop::collection::vec((gap, value), 250..400)
+}
+
+/// Runs `name` over a time window of `window` (rule text) spanning `horizon` ms against
+/// the reference, probing at each reading and `probe` ms after it.
+fn check_time_window(
+    s: &[(u64, f64)],
+    window: &str,
+    horizon: u64,
+    name: &str,
+    p: u32,
+    probe: u64,
+) -> Result<(), TestCaseError> {
+    let call = if name == "percentile" {
+        format!("percentile(x, {p}, {window})")
+    } else {
+        format!("{name}(x, {window})")
+    };
+    let mut det = Det::new(&spec(&call), 0);
+    let mut hist: Vec<(u64, f64)> = Vec::new();
+    let mut ts = 0;
+    for &(dt, x) in s {
+        ts += dt;
+        det.update(ts, x);
+        hist.push((ts, x));
+        // Probe at the reading, and a little later as a tick or another metric would.
+        for now in [ts, ts + probe] {
+            let live: Vec<f64> = hist
+                .iter()
+                .filter(|(t, _)| t + horizon > now)
+                .map(|(_, v)| *v)
+                .collect();
+            let w = &live[live.len().saturating_sub(CAP)..];
+            // Samples evicted early for room never come back, even if later ones expire.
+            let kept: Vec<f64> = hist[hist.len().saturating_sub(CAP)..]
+                .iter()
+                .filter(|(t, _)| t + horizon > now)
+                .map(|(_, v)| *v)
+                .collect();
+            prop_assert_eq!(w.len(), kept.len());
+            let want = agg(name, w, f64::from(p) / 100.0);
+            let got = det.value(now);
+            let recent: Vec<f64> = hist[hist.len().saturating_sub(2 * CAP)..]
+                .iter()
+                .map(|(_, v)| *v)
+                .collect();
+            let tol = tolerance(name, &recent);
+            prop_assert!(
+                close(got, want, tol),
+                "{call} at {now}: got {got}, want {want}"
+            );
+        }
+        // The probe moved time forward for the detector; keep the stream monotonic.
+        ts += probe;
+    }
+    Ok(())
+}
+
 const AGGS: &[&str] = &[
     "avg",
     "min",
@@ -144,32 +207,15 @@ proptest! {
 
     #[test]
     fn time_window_aggregates(s in stream(), secs in 1u64..20, which in 0..AGGS.len(), p in 0u32..=100, probe in 0u64..5000) {
-        let name = AGGS[which];
-        let call = if name == "percentile" { format!("percentile(x, {p}, {secs}s)") } else { format!("{name}(x, {secs}s)") };
-        let horizon = secs * 1000;
-        let mut det = Det::new(&spec(&call), 0);
-        let mut hist: Vec<(u64, f64)> = Vec::new();
-        let mut ts = 0;
-        for (dt, x) in s {
-            ts += dt;
-            det.update(ts, x);
-            hist.push((ts, x));
-            // Probe at the reading, and a little later as a tick or another metric would.
-            for now in [ts, ts + probe] {
-                let live: Vec<f64> = hist.iter().filter(|(t, _)| t + horizon > now).map(|(_, v)| *v).collect();
-                let w = &live[live.len().saturating_sub(CAP)..];
-                // Samples evicted early for room never come back, even if later ones expire.
-                let kept: Vec<f64> = hist[hist.len().saturating_sub(CAP)..].iter().filter(|(t, _)| t + horizon > now).map(|(_, v)| *v).collect();
-                prop_assert_eq!(w.len(), kept.len());
-                let want = agg(name, w, f64::from(p) / 100.0);
-                let got = det.value(now);
-                let recent: Vec<f64> = hist[hist.len().saturating_sub(2 * CAP)..].iter().map(|(_, v)| *v).collect();
-                let tol = tolerance(name, &recent);
-                prop_assert!(close(got, want, tol), "{call} at {now}: got {got}, want {want}");
-            }
-            // The probe moved time forward for the detector; keep the stream monotonic.
-            ts += probe;
-        }
+        check_time_window(&s, &format!("{secs}s"), secs * 1000, AGGS[which], p, probe)?;
+    }
+
+    /// Streams spanning months, with windows of half a day up to the longest allowed (a
+    /// day), longer than the gaps: the rings store timestamps as 32-bit offsets (49 days)
+    /// from a base, so most of these cross the offset range with live samples on both sides.
+    #[test]
+    fn time_window_aggregates_over_months(s in long_stream(), hours in 12u64..=24, which in 0..AGGS.len(), p in 0u32..=100, probe in 0u64..3_600_000) {
+        check_time_window(&s, &format!("{hours}h"), hours * 3_600_000, AGGS[which], p, probe)?;
     }
 
     #[test]

@@ -14,11 +14,18 @@
 
 #[derive(Debug, Clone)]
 pub(crate) struct Ring {
+    /// The samples' values; empty for a ring that only counts (`count(x, 10s)` reads the
+    /// number of live samples and nothing else).
     vals: Box<[f64]>,
-    /// Timestamps, only for time windows (empty otherwise).
-    ts: Box<[u64]>,
+    /// Timestamps, only for time windows (empty otherwise), as offsets in ms from `base`:
+    /// 32 bits hold 49 days, and no window may span more than a day
+    /// ([`Limits::max_window_ms`](crate::Limits)).
+    ts: Box<[u32]>,
     /// Sorted copy of the live values, only for quantile windows (empty otherwise).
     sorted: Box<[f64]>,
+    /// Time the offsets in `ts` count from. Moves forward when a new offset would not fit.
+    base: u64,
+    cap: usize,
     head: usize,
     len: usize,
     mean: f64,
@@ -31,20 +38,28 @@ pub(crate) struct Ring {
 }
 
 impl Ring {
-    pub(crate) fn new(cap: usize, timed: bool, sorted: bool) -> Ring {
+    /// A ring of `cap` samples. `timed` keeps timestamps (time windows), `sorted` a sorted
+    /// copy (order statistics), and `values` the values themselves: a ring that only counts
+    /// keeps none, and answers [`len`](Ring::len) only.
+    pub(crate) fn new(cap: usize, timed: bool, sorted: bool, values: bool) -> Ring {
         let cap = cap.max(1);
+        let boxed = |on: bool| {
+            if on {
+                vec![0.0; cap].into_boxed_slice()
+            } else {
+                Box::default()
+            }
+        };
         Ring {
-            vals: vec![0.0; cap].into_boxed_slice(),
+            vals: boxed(values || sorted),
             ts: if timed {
                 vec![0; cap].into_boxed_slice()
             } else {
                 Box::default()
             },
-            sorted: if sorted {
-                vec![0.0; cap].into_boxed_slice()
-            } else {
-                Box::default()
-            },
+            sorted: boxed(sorted),
+            base: 0,
+            cap,
             head: 0,
             len: 0,
             mean: 0.0,
@@ -55,8 +70,11 @@ impl Ring {
     }
 
     /// Bytes this ring allocates on the heap, for the compile-time budget.
-    pub(crate) fn heap_bytes(cap: usize, timed: bool, sorted: bool) -> usize {
-        cap * (8 + if timed { 8 } else { 0 } + if sorted { 8 } else { 0 })
+    pub(crate) fn heap_bytes(cap: usize, timed: bool, sorted: bool, values: bool) -> usize {
+        let per_sample = if values || sorted { 8 } else { 0 }
+            + if timed { 4 } else { 0 }
+            + if sorted { 8 } else { 0 };
+        cap.max(1) * per_sample
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -64,12 +82,15 @@ impl Ring {
     }
 
     pub(crate) fn is_full(&self) -> bool {
-        self.len == self.vals.len()
+        self.len == self.cap
     }
 
     /// Adds `x` (at time `ts`), returning true if an older sample had to leave to make room.
     pub(crate) fn push(&mut self, ts: u64, x: f64) -> bool {
-        let cap = self.vals.len();
+        let cap = self.cap;
+        if self.vals.is_empty() {
+            return self.push_count_only(ts);
+        }
         let evicted = self.len == cap;
         if evicted {
             // Replacing the oldest sample in the sorted copy moves only the values between
@@ -97,9 +118,7 @@ impl Ring {
             1
         };
         self.vals[idx] = x;
-        if !self.ts.is_empty() {
-            self.ts[idx] = ts;
-        }
+        self.stamp(idx, ts);
         self.len += 1;
         if !self.sorted.is_empty() && !evicted {
             let n = self.len - 1;
@@ -118,14 +137,71 @@ impl Ring {
         evicted
     }
 
+    /// [`push`](Ring::push) for a ring that keeps no values.
+    fn push_count_only(&mut self, ts: u64) -> bool {
+        let evicted = self.len == self.cap;
+        if evicted {
+            self.head = (self.head + 1) % self.cap;
+            self.len -= 1;
+        }
+        let idx = (self.head + self.len) % self.cap;
+        self.stamp(idx, ts);
+        self.len += 1;
+        evicted
+    }
+
+    /// Records `ts` as the timestamp of slot `idx`, which is about to become the newest
+    /// sample (time windows only). The live samples are at `head..head + len`.
+    fn stamp(&mut self, idx: usize, ts: u64) {
+        if self.ts.is_empty() {
+            return;
+        }
+        if self.len == 0 {
+            self.base = ts;
+        } else if ts - self.base.min(ts) > u64::from(u32::MAX) {
+            self.rebase(ts);
+        }
+        // A timestamp older than the base (the engine passes only in-order readings of a
+        // metric, but not every metric is tracked) counts as the base: the oldest live time.
+        self.ts[idx] = u32::try_from(ts.saturating_sub(self.base)).unwrap_or(u32::MAX);
+    }
+
+    /// Moves the base up to the oldest live sample so that `ts` fits in 32 bits, first
+    /// dropping live samples 49 days or more older than `ts` (no window spans more than a
+    /// day, so a caller that expires before pushing never has any).
+    fn rebase(&mut self, ts: u64) {
+        let limit = u64::from(u32::MAX);
+        while self.len > 0 && ts - self.time(self.head).min(ts) > limit {
+            self.pop_oldest();
+        }
+        if self.len == 0 {
+            self.base = ts;
+            return;
+        }
+        let shift = self.ts[self.head];
+        for i in 0..self.len {
+            let at = (self.head + i) % self.cap;
+            self.ts[at] -= shift;
+        }
+        self.base += u64::from(shift);
+    }
+
+    /// Timestamp of slot `idx` (time windows only).
+    fn time(&self, idx: usize) -> u64 {
+        self.base + u64::from(self.ts[idx])
+    }
+
     fn pop_oldest(&mut self) {
         if self.len == 0 {
             return;
         }
-        let cap = self.vals.len();
-        let y = self.vals[self.head];
+        let cap = self.cap;
         self.head = (self.head + 1) % cap;
         self.len -= 1;
+        if self.vals.is_empty() {
+            return;
+        }
+        let y = self.vals[(self.head + cap - 1) % cap];
         if !self.sorted.is_empty() {
             let n = self.len + 1;
             let at = self.sorted[..n].partition_point(|v| *v < y).min(n - 1);
@@ -147,7 +223,7 @@ impl Ring {
         if self.ts.is_empty() {
             return;
         }
-        while self.len > 0 && self.ts[self.head].saturating_add(horizon_ms) <= now {
+        while self.len > 0 && self.time(self.head).saturating_add(horizon_ms) <= now {
             self.pop_oldest();
         }
     }
@@ -169,7 +245,7 @@ impl Ring {
 
     /// The live values, oldest first, as two slices.
     pub(crate) fn slices(&self) -> (&[f64], &[f64]) {
-        let cap = self.vals.len();
+        let cap = self.cap;
         let end = self.head + self.len;
         if end <= cap {
             (&self.vals[self.head..end], &[])
@@ -180,7 +256,7 @@ impl Ring {
 
     fn constant(&self) -> Option<f64> {
         (self.len > 0 && self.same >= self.len)
-            .then(|| self.vals[(self.head + self.len - 1) % self.vals.len()])
+            .then(|| self.vals[(self.head + self.len - 1) % self.cap])
     }
 
     pub(crate) fn mean(&self) -> f64 {

@@ -118,3 +118,20 @@ fn state_budget_is_computed_per_rule_and_device() {
     );
     eprintln!("per device: canonical {per_device} B, zscore(256) {per_device_z} B");
 }
+
+#[test]
+fn time_windows_keep_32_bit_times_and_counts_keep_no_values() {
+    let per_device = |cond: &str| {
+        let src = format!("rule r\n when {cond}\n alert info \"x\"\n max_devices 10");
+        compile(&src).unwrap().state_bytes() / 10
+    };
+    // A 10 s window keeps up to 512 samples (`Limits::time_window_samples`): 8 bytes of
+    // value and 4 of time offset each; a count keeps the times only.
+    let avg = per_device("avg(temperature, 10s) > 95");
+    let count = per_device("count(temperature, 10s) > 100");
+    let count_samples = per_device("count(temperature, 100 samples) > 50");
+    assert!((512 * 12..512 * 13).contains(&avg), "avg(10s): {avg} B");
+    assert!((512 * 4..512 * 5).contains(&count), "count(10s): {count} B");
+    assert!(count_samples < 512, "count(100 samples): {count_samples} B");
+    eprintln!("per device: avg(10s) {avg} B, count(10s) {count} B, count(100) {count_samples} B");
+}

@@ -81,7 +81,10 @@ struct AlertJson<'a> {
     device: &'a str,
     severity: &'a str,
     state: &'a str,
-    value: f64,
+    /// Left out when the rule's first metric had no reading yet (NaN in the record), as the
+    /// protocol's alert JSON says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<f64>,
     ts: u64,
     message: &'a str,
 }
@@ -136,7 +139,7 @@ pub fn single(gateway: &str, s: &Stored, out: &mut Vec<u8>) -> serde_json::Resul
                 device: &a.device,
                 severity: &a.severity,
                 state: if a.raised { "raised" } else { "cleared" },
-                value: a.value,
+                value: (!a.value.is_nan()).then_some(a.value),
                 ts: a.ts_ms,
                 message: &a.message,
             },
@@ -227,6 +230,21 @@ mod tests {
         assert_eq!(a.state, edgestream_protocol::types::AlertState::Cleared);
         assert_eq!((a.value, a.ts), (91.5, 1_700_000_000_123));
         assert_eq!(a.message.as_str(), "too hot \"now\"");
+
+        // `missing(vibration, 30s)` on a device that never sent `vibration`: no value.
+        let out = single_json(Record::Alert(AlertRecord {
+            rule: "silent".try_into().unwrap(),
+            device: "boiler-1".try_into().unwrap(),
+            severity: "warning".try_into().unwrap(),
+            raised: true,
+            value: f64::NAN,
+            ts_ms: 1_700_000_000_123,
+            message: "vibration silent".into(),
+        }));
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(!text.contains("value"), "{text}");
+        let (_, a) = json::decode_alert(&out).unwrap();
+        assert!(a.value.is_nan() && a.state == edgestream_protocol::types::AlertState::Raised);
 
         let out = single_json(Record::Aggregate(AggregateRecord {
             rule: "avg_1m".into(),

@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::*;
 use crate::types::{
-    check_name, AggregateRecord, AlertEvent, BundleError, BundleStatus, Command, CommandOutcome,
-    GatewayId, InvalidField, TelemetryReading,
+    check_name, AggregateRecord, AlertEvent, AlertState, BundleError, BundleStatus, Command,
+    CommandOutcome, DeviceId, GatewayId, InvalidField, RuleName, Severity, TelemetryReading,
 };
 
 /// Why a JSON payload was refused (or could not be written).
@@ -600,7 +600,37 @@ fn check_gateway(gateway: &str) -> Result<(), JsonError> {
 
 // ---------------------------------------------------------------- alerts, aggregates
 
-/// Writes `{"v":1,"gateway":..,"seq":..,"rule":..,...}` into `out`.
+/// An alert's JSON fields, written. `value` is left out when the alert has none (NaN in
+/// [`AlertEvent`]).
+#[derive(Serialize)]
+struct AlertOut<'a> {
+    seq: u64,
+    rule: &'a str,
+    device: &'a str,
+    severity: Severity,
+    state: AlertState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<f64>,
+    ts: u64,
+    message: &'a str,
+}
+
+/// An alert's JSON fields, read. A missing or `null` value is none.
+#[derive(Deserialize)]
+struct AlertIn {
+    seq: u64,
+    rule: RuleName,
+    device: DeviceId,
+    severity: Severity,
+    state: AlertState,
+    #[serde(default)]
+    value: Option<f64>,
+    ts: u64,
+    message: heapless::String<MAX_ALERT_MESSAGE_LEN>,
+}
+
+/// Writes `{"v":1,"gateway":..,"seq":..,"rule":..,...}` into `out`. An alert without a value
+/// (NaN) is written without the `value` field.
 pub fn encode_alert(gateway: &str, alert: &AlertEvent, out: &mut Vec<u8>) -> Result<(), JsonError> {
     check_gateway(gateway)?;
     alert.validate()?;
@@ -608,15 +638,35 @@ pub fn encode_alert(gateway: &str, alert: &AlertEvent, out: &mut Vec<u8>) -> Res
         &V1Gateway {
             v: JSON_SCHEMA_VERSION,
             gateway,
-            body: alert,
+            body: &AlertOut {
+                seq: alert.seq,
+                rule: &alert.rule,
+                device: &alert.device,
+                severity: alert.severity,
+                state: alert.state,
+                value: (!alert.value.is_nan()).then_some(alert.value),
+                ts: alert.ts,
+                message: &alert.message,
+            },
         },
         out,
     )
 }
 
-/// Reads an alert; returns the gateway id and the alert.
+/// Reads an alert; returns the gateway id and the alert. A missing or `null` `value` reads
+/// as NaN (the alert has none).
 pub fn decode_alert(payload: &[u8]) -> Result<(GatewayId, AlertEvent), JsonError> {
-    let alert: AlertEvent = decode_versioned(payload, MAX_CLOUD_JSON_LEN)?;
+    let a: AlertIn = decode_versioned(payload, MAX_CLOUD_JSON_LEN)?;
+    let alert = AlertEvent {
+        seq: a.seq,
+        rule: a.rule,
+        device: a.device,
+        severity: a.severity,
+        state: a.state,
+        value: a.value.unwrap_or(f64::NAN),
+        ts: a.ts,
+        message: a.message,
+    };
     alert.validate()?;
     Ok((decode_gateway(payload)?, alert))
 }

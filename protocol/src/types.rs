@@ -581,7 +581,9 @@ pub struct AlertEvent {
     pub severity: Severity,
     /// Raised or cleared.
     pub state: AlertState,
-    /// The value that caused the transition (finite).
+    /// The latest value of the rule's first metric when the alert changed state. NaN when
+    /// that metric has no reading yet (say `missing(vibration, 30s)` on a device that never
+    /// sent `vibration`): JSON leaves the field out then. Never infinite.
     pub value: f64,
     /// When, ms since the Unix epoch.
     pub ts: u64,
@@ -590,11 +592,17 @@ pub struct AlertEvent {
 }
 
 impl AlertEvent {
-    /// Checks names and the value.
+    /// Checks names and the value (finite, or NaN for none).
     pub fn validate(&self) -> Result<(), InvalidField> {
         check_name("rule", &self.rule)?;
         check_name("device", &self.device)?;
-        check_finite("value", self.value)
+        if self.value.is_infinite() {
+            return Err(InvalidField {
+                field: "value",
+                reason: "must be a finite number, or NaN for none",
+            });
+        }
+        Ok(())
     }
 }
 

@@ -371,6 +371,37 @@ fn golden_json_shapes() {
         json::decode_alert(alert_json.as_bytes()).unwrap(),
         (s("gw-1"), alert())
     );
+    // An alert without a value (its rule's first metric had no reading yet) leaves the
+    // field out; a missing or null value reads back as NaN.
+    let no_value = AlertEvent {
+        value: f64::NAN,
+        ..alert()
+    };
+    let no_value_json = r#"{"v":1,"gateway":"gw-1","seq":43,"rule":"overheat","device":"boiler-1","severity":"critical","state":"raised","ts":1700000000123,"message":"boiler overheating"}"#;
+    assert_eq!(
+        encoded(|o| json::encode_alert("gw-1", &no_value, o)),
+        no_value_json
+    );
+    let null_json = no_value_json.replace(r#""ts""#, r#""value":null,"ts""#);
+    for text in [no_value_json, &null_json] {
+        let (gw, a) = json::decode_alert(text.as_bytes()).unwrap();
+        assert!(a.value.is_nan(), "{text}");
+        assert_eq!(
+            (gw, AlertEvent { value: 0.0, ..a }),
+            (
+                s("gw-1"),
+                AlertEvent {
+                    value: 0.0,
+                    ..alert()
+                }
+            )
+        );
+    }
+    let infinite = AlertEvent {
+        value: f64::INFINITY,
+        ..alert()
+    };
+    assert!(json::encode_alert("gw-1", &infinite, &mut Vec::new()).is_err());
 
     let agg = r#"{"v":1,"gateway":"gw-1","seq":44,"rule":"r","device":"d","metric":"m","start":1700000000000,"end":1700000060000,"count":60,"avg":20.5,"min":19.0,"max":22.0}"#;
     assert_eq!(

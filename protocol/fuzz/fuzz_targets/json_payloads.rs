@@ -3,6 +3,7 @@
 #![no_main]
 
 use edgestream_protocol::json;
+use edgestream_protocol::types::AlertEvent;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -32,7 +33,15 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok((gw, a)) = json::decode_alert(data) {
         json::encode_alert(&gw, &a, &mut out).unwrap();
-        assert_eq!(json::decode_alert(&out).unwrap(), (gw, a));
+        let (gw2, b) = json::decode_alert(&out).unwrap();
+        // An alert without a value holds NaN, which is not equal to itself.
+        assert_eq!(a.value.is_nan(), b.value.is_nan());
+        let known = |v: f64| if v.is_nan() { 0.0 } else { v };
+        let (a, b) = (
+            AlertEvent { value: known(a.value), ..a },
+            AlertEvent { value: known(b.value), ..b },
+        );
+        assert_eq!((gw2, b), (gw, a));
     }
     if let Ok((gw, a)) = json::decode_aggregate(data) {
         json::encode_aggregate(&gw, &a, &mut out).unwrap();

@@ -20,6 +20,10 @@
 //! - Phase 3 (**flat out**): the agent with the load as fast as the local broker takes it;
 //!   sustained readings/s delivered to the cloud (first distinct arrival of each `seq`).
 //!
+//! - `--soak SECONDS` replaces the three phases with one long run at `--rate`, sampled every
+//!   `--soak-every` seconds: readings/s, p99 latency, CPU, resident memory, outbox depth and
+//!   the store's size on disk. A leak shows as a second half higher than the first.
+//!
 //! The first second of each phase is warm-up and not counted. Load devices publish QoS 1
 //! readings `{"value":..,"ts":..}` on `sensors/dev-NNN/{temperature|vibration}`; the agent runs
 //! [`BENCH_RULES`] (20 rules over every device) with the durable outbox (`durability =
@@ -189,9 +193,37 @@ pub struct BenchOptions {
     /// 1 MiB less code resident than this binary, where `bench` itself lives.
     #[arg(long, value_name = "PATH")]
     pub agent: Option<std::path::PathBuf>,
+    /// Soak instead of the three phases: the agent at `--rate` for this many seconds,
+    /// sampled every `--soak-every` seconds (readings/s delivered, p99 latency, resident
+    /// memory, outbox depth, the store's size on disk), to show what grows with time. The
+    /// phase's p99 is then the highest of the samples'. 0: no soak.
+    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    pub soak: u64,
+    /// Seconds between soak samples.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub soak_every: u64,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// One sample of a soak (`--soak`): the interval since the previous sample.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SoakSample {
+    /// Seconds since the soak's load started (after the warm-up).
+    pub at_s: f64,
+    /// Readings/s delivered to the cloud over the interval.
+    pub delivered_per_s: f64,
+    /// p99 latency over the interval.
+    pub latency_p99_ms: Option<f64>,
+    /// Agent CPU microseconds per reading delivered over the interval.
+    pub agent_cpu_us_per_reading: f64,
+    /// Agent resident memory at the sample.
+    pub agent_rss_bytes: u64,
+    /// Records in the outbox at the sample (`edgestream_outbox_records`).
+    pub outbox_records: f64,
+    /// The outbox store's size on disk at the sample (`edgestream_outbox_disk_bytes`).
+    pub outbox_disk_bytes: f64,
 }
 
 /// Figures of one phase.
@@ -246,6 +278,8 @@ pub struct BenchReport {
     pub agent_uplink_bytes_per_reading: f64,
     /// The agent's counters at the end (Prometheus names), to see where a stall sits.
     pub agent_counters: std::collections::BTreeMap<String, f64>,
+    /// The samples of a soak (`--soak`); empty otherwise.
+    pub soak: Vec<SoakSample>,
 }
 
 fn load_average() -> f64 {
@@ -272,6 +306,9 @@ pub fn main(opts: BenchOptions) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    if opts.soak > 0 && opts.soak_every == 0 {
+        anyhow::bail!("--soak-every must be at least 1 second");
+    }
     let report = runtime.block_on(run(opts.clone()))?;
     if opts.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -343,6 +380,9 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let load_at_start = load_average();
     let brokers = start_brokers(&opts).await.context("starting brokers")?;
     let (local_port, cloud_port) = brokers.ports();
+    if opts.soak > 0 {
+        return soak(opts, brokers, load_at_start).await;
+    }
     let half = Duration::from_secs((opts.duration / 2).max(3));
     let full = Duration::from_secs(opts.duration.max(3));
     let mut phases = Vec::new();
@@ -365,17 +405,13 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         ..limit
     });
 
-    // The agent, as a child process.
-    let dir = tempfile::Builder::new()
-        .prefix("edgestream-bench-")
-        .tempdir()
-        .context("temp dir")?;
-    let mut agent = AgentChild::start(dir.path(), &opts, local_port, cloud_port)?;
-    let cloud = Counter::default();
-    let cloud_stop = CancellationToken::new();
-    let cloud_task = tokio::spawn(cloud_counter(cloud_port, cloud.clone(), cloud_stop.clone()));
-    cloud.wait_ready().await?;
-    agent.wait_ready().await?;
+    let Cloud {
+        _dir,
+        mut agent,
+        cloud,
+        cloud_stop,
+        cloud_task,
+    } = Cloud::start(&opts, local_port, cloud_port).await?;
 
     // Phase 2: fixed rate, latency.
     let load = Load::start(&opts, local_port, Some(opts.rate), &cloud).await?;
@@ -448,7 +484,167 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
             .filter(|(k, _)| k.starts_with("edgestream_"))
             .map(|(k, v)| (k.clone(), *v))
             .collect(),
+        soak: Vec::new(),
     })
+}
+
+/// The agent (a child process) and the cloud counter it delivers to.
+struct Cloud {
+    /// The agent's config and data; removed when dropped.
+    _dir: tempfile::TempDir,
+    agent: AgentChild,
+    cloud: Counter,
+    cloud_stop: CancellationToken,
+    cloud_task: tokio::task::JoinHandle<()>,
+}
+
+impl Cloud {
+    async fn start(opts: &BenchOptions, local_port: u16, cloud_port: u16) -> anyhow::Result<Cloud> {
+        let dir = tempfile::Builder::new()
+            .prefix("edgestream-bench-")
+            .tempdir()
+            .context("temp dir")?;
+        let mut agent = AgentChild::start(dir.path(), opts, local_port, cloud_port)?;
+        let cloud = Counter::default();
+        let cloud_stop = CancellationToken::new();
+        let cloud_task = tokio::spawn(cloud_counter(cloud_port, cloud.clone(), cloud_stop.clone()));
+        cloud.wait_ready().await?;
+        agent.wait_ready().await?;
+        Ok(Cloud {
+            _dir: dir,
+            agent,
+            cloud,
+            cloud_stop,
+            cloud_task,
+        })
+    }
+}
+
+/// `--soak`: the agent at `--rate` for `--soak` seconds, sampled every `--soak-every`.
+/// Latencies are taken per sample, so the bench's own memory stays flat however long it runs.
+async fn soak(
+    opts: BenchOptions,
+    brokers: Brokers,
+    load_at_start: f64,
+) -> anyhow::Result<BenchReport> {
+    let (local_port, cloud_port) = brokers.ports();
+    let Cloud {
+        _dir,
+        mut agent,
+        cloud,
+        cloud_stop,
+        cloud_task,
+    } = Cloud::start(&opts, local_port, cloud_port).await?;
+    let pid = Pid::Other(agent.pid());
+    let metrics_port = agent
+        .metrics_port()
+        .context("the agent did not log its metrics endpoint")?;
+    let load = Load::start(&opts, local_port, Some(opts.rate), &cloud).await?;
+    tokio::time::sleep(WARMUP).await;
+    cloud.clear_latencies();
+    cloud.record_latency(true);
+    let t0 = Instant::now();
+    let (o0, d0) = (load.acked(), cloud.count());
+    let first = ProcessStats::read(pid);
+    let mut prev = (0.0, d0, first.cpu_seconds);
+    let mut samples = Vec::new();
+    let length = Duration::from_secs(opts.soak);
+    let every = Duration::from_secs(opts.soak_every);
+    while t0.elapsed() < length {
+        tokio::time::sleep(every.min(length.saturating_sub(t0.elapsed()))).await;
+        let at = t0.elapsed().as_secs_f64();
+        let d = cloud.count();
+        let stats = ProcessStats::read(pid);
+        let mut lat = cloud.take_latencies();
+        lat.sort_unstable();
+        let counters = crate::prometheus::parse(&crate::prometheus::scrape(metrics_port).await?);
+        let gauge = |k: &str| counters.get(k).copied().unwrap_or(0.0);
+        let n = (d - prev.1) as f64;
+        let sample = SoakSample {
+            at_s: at,
+            delivered_per_s: n / (at - prev.0).max(1e-3),
+            latency_p99_ms: (!lat.is_empty())
+                .then(|| lat[((lat.len() - 1) as f64 * 0.99).round() as usize] as f64 / 1000.0),
+            agent_cpu_us_per_reading: (stats.cpu_seconds - prev.2) * 1e6 / n.max(1.0),
+            agent_rss_bytes: stats.rss_bytes,
+            outbox_records: gauge("edgestream_outbox_records"),
+            outbox_disk_bytes: gauge("edgestream_outbox_disk_bytes"),
+        };
+        if !opts.json {
+            eprintln!("{}", soak_row(&sample));
+        }
+        samples.push(sample);
+        prev = (at, d, stats.cpu_seconds);
+    }
+    cloud.record_latency(false);
+    let secs = t0.elapsed().as_secs_f64();
+    let (o1, d1) = (load.acked(), cloud.count());
+    load.stop().await;
+    let end = ProcessStats::read(pid);
+    let n = (d1 - d0) as f64;
+    let phase = PhaseResult {
+        name: format!("agent soak at {} readings/s", opts.rate),
+        offered_per_s: (o1 - o0) as f64 / secs,
+        delivered_per_s: n / secs,
+        latency_p99_ms: samples
+            .iter()
+            .filter_map(|s| s.latency_p99_ms)
+            .reduce(f64::max),
+        agent_cpu_us_per_reading: Some((end.cpu_seconds - first.cpu_seconds) * 1e6 / n.max(1.0)),
+        agent_cpu_cores: Some((end.cpu_seconds - first.cpu_seconds) / secs),
+        agent_disk_bytes_per_reading: Some(
+            end.disk_write_bytes.saturating_sub(first.disk_write_bytes) as f64 / n.max(1.0),
+        ),
+        agent_peak_rss_bytes: samples.iter().map(|s| s.agent_rss_bytes).max(),
+        ..PhaseResult::default()
+    };
+    let counters = crate::prometheus::parse(&crate::prometheus::scrape(metrics_port).await?);
+    let c = |k: &str| counters.get(k).copied().unwrap_or(0.0);
+    let evaluated = c("edgestream_rule_evaluations_total").max(1.0);
+    agent.stop();
+    cloud_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), cloud_task).await;
+    drop(brokers);
+    Ok(BenchReport {
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        rules: edgestream_rules::compile(BENCH_RULES)
+            .map(|p| p.rule_count())
+            .unwrap_or(0),
+        options: opts,
+        phases: vec![phase],
+        agent_to_limit_ratio: 0.0,
+        agent_vm_hwm_bytes: end.peak_rss_bytes,
+        agent_rss_at_end_bytes: end.rss_bytes,
+        load_average: [load_at_start, load_average()],
+        agent_readings_per_flush: evaluated / c("edgestream_outbox_flushes_total").max(1.0),
+        agent_readings_per_publish: c("edgestream_uplink_records_sent_total")
+            / c("edgestream_uplink_publishes_total").max(1.0),
+        agent_uplink_bytes_per_reading: c("edgestream_uplink_bytes_sent_total") / evaluated,
+        agent_counters: counters
+            .iter()
+            .filter(|(k, _)| k.starts_with("edgestream_"))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
+        soak: samples,
+    })
+}
+
+const SOAK_HEADER: &str =
+    "   at s  delivered/s  p99 ms  CPU us/rdg       RSS  outbox records  store on disk";
+
+fn soak_row(s: &SoakSample) -> String {
+    format!(
+        "{:>7.0} {:>12.0} {:>7} {:>11.2} {:>5.1} MiB {:>15.0} {:>10.1} MiB",
+        s.at_s,
+        s.delivered_per_s,
+        opt(s.latency_p99_ms, 1),
+        s.agent_cpu_us_per_reading,
+        s.agent_rss_bytes as f64 / 1048576.0,
+        s.outbox_records,
+        s.outbox_disk_bytes / 1048576.0,
+    )
 }
 
 /// Runs a phase for `length` and measures it after the warm-up.
@@ -1239,12 +1435,16 @@ fn print_table(r: &BenchReport) {
         println!("  local broker CPU: {}", broker.join("; "));
     }
     println!();
-    println!(
-        "agent flat out / broker limit: {:.0}%   agent VmHWM {:.1} MiB, RSS at end {:.1} MiB",
-        r.agent_to_limit_ratio * 100.0,
-        r.agent_vm_hwm_bytes as f64 / 1048576.0,
-        r.agent_rss_at_end_bytes as f64 / 1048576.0
-    );
+    if r.soak.is_empty() {
+        println!(
+            "agent flat out / broker limit: {:.0}%   agent VmHWM {:.1} MiB, RSS at end {:.1} MiB",
+            r.agent_to_limit_ratio * 100.0,
+            r.agent_vm_hwm_bytes as f64 / 1048576.0,
+            r.agent_rss_at_end_bytes as f64 / 1048576.0
+        );
+    } else {
+        print_soak(r);
+    }
     println!(
         "agent: {:.0} readings per outbox flush, {:.0} per cloud publish, {:.0} cloud payload bytes per reading",
         r.agent_readings_per_flush, r.agent_readings_per_publish, r.agent_uplink_bytes_per_reading
@@ -1254,6 +1454,30 @@ fn print_table(r: &BenchReport) {
         r.load_average[0], r.load_average[1]
     );
     println!("CPU us/rdg = agent CPU seconds per million readings delivered; latency = cloud arrival - reading ts (ms timestamps, may read up to 1 ms high)");
+}
+
+/// The soak's samples, and how the first half compares with the second: what a leak would
+/// show as a second half higher than the first.
+fn print_soak(r: &BenchReport) {
+    println!("soak samples (every {} s):", r.options.soak_every);
+    println!("{SOAK_HEADER}");
+    for s in &r.soak {
+        println!("{}", soak_row(s));
+    }
+    let mib = |b: f64| b / 1048576.0;
+    let (first, second) = r.soak.split_at(r.soak.len() / 2);
+    let highest =
+        |v: &[SoakSample], f: &dyn Fn(&SoakSample) -> f64| v.iter().map(f).fold(0.0, f64::max);
+    let rss = |s: &SoakSample| s.agent_rss_bytes as f64;
+    let disk = |s: &SoakSample| s.outbox_disk_bytes;
+    println!(
+        "soak: highest RSS {:.1} MiB in the first half, {:.1} MiB in the second; store on disk {:.1} and {:.1} MiB; agent VmHWM {:.1} MiB",
+        mib(highest(first, &rss)),
+        mib(highest(second, &rss)),
+        mib(highest(first, &disk)),
+        mib(highest(second, &disk)),
+        mib(r.agent_vm_hwm_bytes as f64),
+    );
 }
 
 #[cfg(test)]

@@ -148,3 +148,50 @@ fn bench_runs_the_agent_binary_it_is_given() {
         "{stderr}"
     );
 }
+
+/// `--soak` runs the agent at the rate for the given time and samples what could grow with
+/// it: resident memory, the outbox's depth and its store on disk, with the rate delivered
+/// and the latency of each interval.
+#[test]
+fn bench_soak_samples_memory_and_store_over_time() {
+    let out = bench(&["--json", "--soak", "6", "--soak-every", "2"]);
+    let r: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}:\n{out}"));
+    let phases = r["phases"].as_array().expect("phases");
+    assert_eq!(phases.len(), 1, "{r:#}");
+    assert_eq!(phases[0]["name"], "agent soak at 1000 readings/s", "{r:#}");
+    for field in [
+        "delivered_per_s",
+        "latency_p99_ms",
+        "agent_cpu_us_per_reading",
+        "agent_disk_bytes_per_reading",
+        "agent_peak_rss_bytes",
+    ] {
+        assert!(number(&phases[0], field) > 0.0, "{field}: {r:#}");
+    }
+    let samples = r["soak"].as_array().expect("soak samples");
+    assert_eq!(samples.len(), 3, "{r:#}");
+    let mut previous = 0.0;
+    for s in samples {
+        let at = number(s, "at_s");
+        assert!(at > previous + 1.5, "samples 2 s apart: {s:#}");
+        previous = at;
+        // The load runs at 1,000 readings/s; the agent keeps up at that rate.
+        let rate = number(s, "delivered_per_s");
+        assert!((500.0..1500.0).contains(&rate), "{s:#}");
+        assert!(number(s, "latency_p99_ms") > 0.0, "{s:#}");
+        assert!(number(s, "agent_rss_bytes") > 1e6, "{s:#}");
+        assert!(number(s, "outbox_disk_bytes") > 0.0, "{s:#}");
+        assert!(s["outbox_records"].is_f64(), "{s:#}");
+    }
+
+    let table = bench(&["--soak", "4", "--soak-every", "2"]);
+    for line in [
+        "agent soak at 1000 readings/s",
+        "soak samples (every 2 s):",
+        "outbox records  store on disk",
+        "soak: highest RSS",
+    ] {
+        assert!(table.contains(line), "no {line:?} in\n{table}");
+    }
+    assert!(!table.contains("broker limit"), "{table}");
+}

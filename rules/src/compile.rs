@@ -25,6 +25,9 @@ pub(crate) enum Node {
     Latest(u8),
     /// Current output of the rule's n-th detector.
     Det(u8),
+    /// Another aggregate over the n-th detector's window: `max(x, 100) - min(x, 100)` keeps
+    /// one ring, not two.
+    AggOf(u8, AggFn),
     Neg(Box<Node>),
     Not(Box<Node>),
     Abs(Box<Node>),
@@ -86,6 +89,8 @@ pub(crate) struct WindowSpec {
     pub horizon_ms: u64,
     /// Keeps a sorted copy for quantiles and MAD.
     pub sorted: bool,
+    /// Keeps the samples' values (everything but `count` reads them).
+    pub values: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -670,6 +675,22 @@ impl<'l, 'e, 'a> RuleCompiler<'l, 'e, 'a> {
         if let Some(i) = self.dets.iter().position(|d| *d == spec) {
             return Node::Det(i as u8);
         }
+        // Aggregates over the same metric and window share one ring, which keeps what each
+        // of them needs (a sorted copy for order statistics, the values unless all count).
+        if let DetKind::Agg(f) = spec.kind {
+            let same_window = |d: &DetSpec| {
+                matches!(d.kind, DetKind::Agg(_))
+                    && d.input == spec.input
+                    && d.window.cap == spec.window.cap
+                    && d.window.horizon_ms == spec.window.horizon_ms
+            };
+            if let Some(i) = self.dets.iter().position(same_window) {
+                let w = &mut self.dets[i].window;
+                w.sorted |= spec.window.sorted;
+                w.values |= spec.window.values;
+                return Node::AggOf(i as u8, f);
+            }
+        }
         if self.dets.len() == MAX_DETECTORS_PER_RULE {
             self.error(
                 pos,
@@ -920,7 +941,7 @@ impl<'l, 'e, 'a> RuleCompiler<'l, 'e, 'a> {
             let (input, w) = (input?, w?);
             // Order statistics (min, max, quantiles) read a sorted copy: O(1) instead of a scan.
             let sorted = matches!(f, AggFn::Quantile(_) | AggFn::Min | AggFn::Max);
-            let window = self.window_spec(w, sorted);
+            let window = self.window_spec(w, sorted, f != AggFn::Count);
             let node = self.detector(
                 DetSpec {
                     kind: DetKind::Agg(f),
@@ -945,7 +966,7 @@ impl<'l, 'e, 'a> RuleCompiler<'l, 'e, 'a> {
                 let p = self.const_num(name, "the percentile", &args[1], 0.0, 100.0, false);
                 let w = self.window_arg(name, &args[2]);
                 let (input, p, w) = (input?, p?, w?);
-                let window = self.window_spec(w, true);
+                let window = self.window_spec(w, true, true);
                 let node = self.detector(
                     DetSpec {
                         kind: DetKind::Agg(AggFn::Quantile(p / 100.0)),
@@ -1004,6 +1025,7 @@ impl<'l, 'e, 'a> RuleCompiler<'l, 'e, 'a> {
                     cap: n,
                     horizon_ms: 0,
                     sorted: mad,
+                    values: true,
                 };
                 let node = self.detector(
                     DetSpec {
@@ -1139,17 +1161,19 @@ impl<'l, 'e, 'a> RuleCompiler<'l, 'e, 'a> {
         }
     }
 
-    fn window_spec(&self, w: Window, sorted: bool) -> WindowSpec {
+    fn window_spec(&self, w: Window, sorted: bool, values: bool) -> WindowSpec {
         match w {
             Window::Samples(n) => WindowSpec {
                 cap: n,
                 horizon_ms: 0,
                 sorted,
+                values,
             },
             Window::Time(ms) => WindowSpec {
                 cap: self.limits.time_window_samples,
                 horizon_ms: ms,
                 sorted,
+                values,
             },
         }
     }
@@ -1159,4 +1183,5 @@ const NO_WINDOW: WindowSpec = WindowSpec {
     cap: 0,
     horizon_ms: 0,
     sorted: false,
+    values: false,
 };

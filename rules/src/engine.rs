@@ -225,7 +225,7 @@ impl Det {
         match spec.kind {
             DetKind::Agg(f) => Det::Agg {
                 f,
-                ring: Ring::new(w.cap, w.horizon_ms > 0, w.sorted, f != AggFn::Count),
+                ring: Ring::new(w.cap, w.horizon_ms > 0, w.sorted, w.values),
                 horizon_ms: w.horizon_ms,
             },
             DetKind::ZScore => Det::ZScore {
@@ -361,23 +361,32 @@ impl Det {
         }
     }
 
+    /// Aggregate `f` over this detector's window at `now` (aggregates only; the compiler
+    /// gave the window what `f` reads).
+    pub(crate) fn agg(&mut self, now: u64, f: AggFn) -> f64 {
+        let Det::Agg {
+            ring, horizon_ms, ..
+        } = self
+        else {
+            return f64::NAN;
+        };
+        ring.expire(now, *horizon_ms);
+        match f {
+            AggFn::Avg => ring.mean(),
+            AggFn::Min => ring.min(),
+            AggFn::Max => ring.max(),
+            AggFn::Sum => ring.sum(),
+            AggFn::Count => ring.len() as f64,
+            AggFn::Stddev => ring.stddev(),
+            AggFn::Quantile(q) => ring.quantile(q),
+        }
+    }
+
     pub(crate) fn value(&mut self, now: u64) -> f64 {
         match self {
-            Det::Agg {
-                f,
-                ring,
-                horizon_ms,
-            } => {
-                ring.expire(now, *horizon_ms);
-                match f {
-                    AggFn::Avg => ring.mean(),
-                    AggFn::Min => ring.min(),
-                    AggFn::Max => ring.max(),
-                    AggFn::Sum => ring.sum(),
-                    AggFn::Count => ring.len() as f64,
-                    AggFn::Stddev => ring.stddev(),
-                    AggFn::Quantile(q) => ring.quantile(*q),
-                }
+            Det::Agg { f, .. } => {
+                let f = *f;
+                self.agg(now, f)
             }
             Det::ZScore { out, .. }
             | Det::Mad { out, .. }
@@ -458,7 +467,7 @@ pub(crate) fn slot_bytes(inputs: usize, dets: &[DetSpec], _forward: bool) -> usi
                     d.window.cap,
                     d.window.horizon_ms > 0,
                     d.window.sorted,
-                    d.kind != DetKind::Agg(AggFn::Count),
+                    d.window.values,
                 )
             } else {
                 0
@@ -850,6 +859,7 @@ fn eval(n: &Node, latest: &[f64], dets: &mut [Det], now: u64) -> f64 {
         Node::Const(c) => *c,
         Node::Latest(i) => latest[*i as usize],
         Node::Det(i) => dets[*i as usize].value(now),
+        Node::AggOf(i, f) => dets[*i as usize].agg(now, *f),
         Node::Neg(a) => -eval(a, latest, dets, now),
         Node::Not(a) => {
             let v = eval(a, latest, dets, now);

@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 
-use crate::compile::{compile_with, DetSpec};
+use crate::compile::{compile_with, AggFn, DetSpec};
 use crate::engine::Det;
 use crate::window::quantile_sorted;
 use crate::Limits;
@@ -216,6 +216,53 @@ proptest! {
     #[test]
     fn time_window_aggregates_over_months(s in long_stream(), hours in 12u64..=24, which in 0..AGGS.len(), p in 0u32..=100, probe in 0u64..3_600_000) {
         check_time_window(&s, &format!("{hours}h"), hours * 3_600_000, AGGS[which], p, probe)?;
+    }
+
+    /// One rule with every aggregate over one window, the first of them a count (a ring
+    /// without values until the others join): the compiler keeps one ring, and each
+    /// aggregate read from it matches the reference.
+    #[test]
+    fn aggregates_over_one_window_share_its_ring(s in stream(), secs in 1u64..20, p in 0u32..=100) {
+        let window = format!("{secs}s");
+        let src = format!(
+            "rule r\n when count(x, {window}) + avg(x, {window}) + min(x, {window}) + max(x, {window}) + sum(x, {window}) + stddev(x, {window}) + median(x, {window}) + percentile(x, {p}, {window}) > 0\n alert info \"x\""
+        );
+        let limits = Limits { time_window_samples: CAP, ..Limits::default() };
+        let plan = compile_with(&src, &limits).unwrap_or_else(|e| panic!("{e}"));
+        let dets = &plan.inner.rules[0].dets;
+        prop_assert_eq!(dets.len(), 1);
+        prop_assert!(dets[0].window.sorted && dets[0].window.values);
+        let mut det = Det::new(&dets[0], 0);
+        let horizon = secs * 1000;
+        let q = f64::from(p) / 100.0;
+        let fns = [
+            ("count", AggFn::Count),
+            ("avg", AggFn::Avg),
+            ("min", AggFn::Min),
+            ("max", AggFn::Max),
+            ("sum", AggFn::Sum),
+            ("stddev", AggFn::Stddev),
+            ("median", AggFn::Quantile(0.5)),
+            ("percentile", AggFn::Quantile(q)),
+        ];
+        let mut hist: Vec<(u64, f64)> = Vec::new();
+        let mut ts = 0;
+        for (dt, x) in s {
+            ts += dt;
+            det.update(ts, x);
+            hist.push((ts, x));
+            let w: Vec<f64> = hist[hist.len().saturating_sub(CAP)..]
+                .iter()
+                .filter(|(t, _)| t + horizon > ts)
+                .map(|(_, v)| *v)
+                .collect();
+            let recent: Vec<f64> = hist[hist.len().saturating_sub(2 * CAP)..].iter().map(|(_, v)| *v).collect();
+            for (name, f) in fns {
+                let want = agg(name, &w, q);
+                let got = det.agg(ts, f);
+                prop_assert!(close(got, want, tolerance(name, &recent)), "{name} at {ts}: got {got}, want {want}");
+            }
+        }
     }
 
     #[test]

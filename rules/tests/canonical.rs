@@ -133,5 +133,34 @@ fn time_windows_keep_32_bit_times_and_counts_keep_no_values() {
     assert!((512 * 12..512 * 13).contains(&avg), "avg(10s): {avg} B");
     assert!((512 * 4..512 * 5).contains(&count), "count(10s): {count} B");
     assert!(count_samples < 512, "count(100 samples): {count_samples} B");
+    // Aggregates over one metric and window in one rule share a ring, which keeps what each
+    // needs: the count adds nothing to the average's ring, and a spread keeps one sorted ring
+    // of 100 samples (values and the sorted copy) instead of two.
+    let both = per_device("avg(temperature, 10s) > 95 and count(temperature, 10s) > 100");
+    assert_eq!(both, avg, "avg and count over one window");
+    let spread = per_device("max(temperature, 100) - min(temperature, 100) > 60");
+    let max_only = per_device("max(temperature, 100) > 60");
+    assert_eq!(spread, max_only, "max and min over one window");
+    assert!((1600..2100).contains(&spread), "spread: {spread} B");
     eprintln!("per device: avg(10s) {avg} B, count(10s) {count} B, count(100) {count_samples} B");
+}
+
+/// A spread (`max - min` over one window) reads both from one shared ring: it raises when
+/// the newest three samples span more than 10, and clears when the lowest has left.
+#[test]
+fn a_spread_over_one_shared_window_raises_and_clears() {
+    let plan = compile("rule spread\n when max(t, 3) - min(t, 3) > 10\n alert warning \"spread\"")
+        .unwrap();
+    let mut engine = Engine::new(plan);
+    let mut out = Output::default();
+    let mut states = Vec::new();
+    for (i, v) in [1.0, 5.0, 12.0, 13.0, 14.0, 15.0].into_iter().enumerate() {
+        engine.on_reading(&reading("d", "t", v, 1_000 * i as u64), &mut out);
+        states.extend(out.alerts.iter().map(|a| (i, a.state)));
+    }
+    assert_eq!(
+        states,
+        [(2, AlertState::Raised), (3, AlertState::Cleared)],
+        "raised at 1, 5, 12 (spread 11), cleared at 5, 12, 13 (spread 8)"
+    );
 }

@@ -245,6 +245,10 @@ pub struct PhaseResult {
     pub agent_disk_bytes_per_reading: Option<f64>,
     /// Highest agent RSS sampled after warm-up.
     pub agent_peak_rss_bytes: Option<u64>,
+    /// Highest agent RSS sampled in the phase's second half: its steady state, once the step
+    /// in load at the phase's start (flat out begins with a burst of 20,000 readings in
+    /// transit) has settled.
+    pub agent_steady_rss_bytes: Option<u64>,
     /// The local broker's CPU seconds per million delivered readings, when it runs as a process
     /// of its own (mosquitto): what the broker spends on each reading it takes and delivers.
     pub local_broker_cpu_us_per_reading: Option<f64>,
@@ -596,6 +600,10 @@ async fn soak(
             end.disk_write_bytes.saturating_sub(first.disk_write_bytes) as f64 / n.max(1.0),
         ),
         agent_peak_rss_bytes: samples.iter().map(|s| s.agent_rss_bytes).max(),
+        agent_steady_rss_bytes: samples[samples.len() / 2..]
+            .iter()
+            .map(|s| s.agent_rss_bytes)
+            .max(),
         ..PhaseResult::default()
     };
     let counters = crate::prometheus::parse(&crate::prometheus::scrape(metrics_port).await?);
@@ -665,12 +673,17 @@ async fn measure(
     if let Some(l) = latency {
         l.clear_latencies();
     }
-    let mut peak_rss = 0;
+    let (mut peak_rss, mut steady_rss) = (0, 0);
     let end = t0 + length.saturating_sub(WARMUP);
+    let second_half = t0 + length.saturating_sub(WARMUP) / 2;
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(250)).await;
         if let Some(a) = agent {
-            peak_rss = peak_rss.max(ProcessStats::read(Pid::Other(a.pid())).rss_bytes);
+            let rss = ProcessStats::read(Pid::Other(a.pid())).rss_bytes;
+            peak_rss = peak_rss.max(rss);
+            if Instant::now() >= second_half {
+                steady_rss = steady_rss.max(rss);
+            }
         }
     }
     let secs = t0.elapsed().as_secs_f64();
@@ -694,6 +707,7 @@ async fn measure(
         r.agent_disk_bytes_per_reading =
             Some(p1.disk_write_bytes.saturating_sub(p0.disk_write_bytes) as f64 / n.max(1.0));
         r.agent_peak_rss_bytes = Some(peak_rss);
+        r.agent_steady_rss_bytes = Some(steady_rss);
         let mut by_thread = std::collections::BTreeMap::new();
         let mut named = 0.0;
         for (name, t1) in thread_cpu(a.pid()) {
@@ -1381,7 +1395,7 @@ fn print_table(r: &BenchReport) {
     }
     println!();
     println!(
-        "{:<32} {:>10} {:>11} {:>7} {:>7} {:>7} {:>10} {:>6} {:>9} {:>9}",
+        "{:<32} {:>10} {:>11} {:>7} {:>7} {:>7} {:>10} {:>6} {:>9} {:>9} {:>10}",
         "phase",
         "offered/s",
         "delivered/s",
@@ -1391,11 +1405,16 @@ fn print_table(r: &BenchReport) {
         "CPU us/rdg",
         "cores",
         "disk B/rdg",
-        "peak RSS"
+        "peak RSS",
+        "steady RSS"
     );
+    let mib = |b: Option<u64>| {
+        b.map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
+            .unwrap_or_else(|| "-".into())
+    };
     for p in &r.phases {
         println!(
-            "{:<32} {:>10.0} {:>11.0} {:>7} {:>7} {:>7} {:>10} {:>6} {:>9} {:>9}",
+            "{:<32} {:>10.0} {:>11.0} {:>7} {:>7} {:>7} {:>10} {:>6} {:>9} {:>9} {:>10}",
             p.name,
             p.offered_per_s,
             p.delivered_per_s,
@@ -1405,9 +1424,8 @@ fn print_table(r: &BenchReport) {
             opt(p.agent_cpu_us_per_reading, 2),
             opt(p.agent_cpu_cores, 2),
             opt(p.agent_disk_bytes_per_reading, 0),
-            p.agent_peak_rss_bytes
-                .map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
-                .unwrap_or_else(|| "-".into()),
+            mib(p.agent_peak_rss_bytes),
+            mib(p.agent_steady_rss_bytes),
         );
     }
     for p in r
@@ -1453,7 +1471,7 @@ fn print_table(r: &BenchReport) {
         "load average (1 min) at start {:.1}, at end {:.1}",
         r.load_average[0], r.load_average[1]
     );
-    println!("CPU us/rdg = agent CPU seconds per million readings delivered; latency = cloud arrival - reading ts (ms timestamps, may read up to 1 ms high)");
+    println!("CPU us/rdg = agent CPU seconds per million readings delivered; latency = cloud arrival - reading ts (ms timestamps, may read up to 1 ms high); peak RSS = highest sampled after the first second, steady RSS = highest in the phase's second half");
 }
 
 /// The soak's samples, and how the first half compares with the second: what a leak would

@@ -75,9 +75,15 @@ fn check_report(stdout: &str, broker_process: bool) {
             "agent_cpu_cores",
             "agent_disk_bytes_per_reading",
             "agent_peak_rss_bytes",
+            "agent_steady_rss_bytes",
         ] {
             assert!(number(p, field) > 0.0, "{field}: {p:#}");
         }
+        // The second half's highest sample is one of the phase's samples.
+        assert!(
+            number(p, "agent_steady_rss_bytes") <= number(p, "agent_peak_rss_bytes"),
+            "{p:#}"
+        );
         let threads = p["agent_cpu_us_per_reading_by_thread"]
             .as_object()
             .expect("CPU by thread");
@@ -108,6 +114,7 @@ fn bench_prints_the_table_with_the_ratio_to_the_broker_limit() {
         "agent at 1000 readings/s",
         "agent flat out ",
         "CPU us/rdg by thread",
+        "steady RSS",
         "agent flat out / broker limit:",
         "readings per outbox flush",
     ] {

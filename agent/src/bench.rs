@@ -409,23 +409,18 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         ..limit
     });
 
-    let Cloud {
-        _dir,
-        mut agent,
-        cloud,
-        cloud_stop,
-        cloud_task,
-    } = Cloud::start(&opts, local_port, cloud_port).await?;
+    let c = Cloud::start(&opts, local_port, cloud_port).await?;
+    let (agent, cloud) = (&c.agent, &c.cloud);
 
     // Phase 2: fixed rate, latency.
-    let load = Load::start(&opts, local_port, Some(opts.rate), &cloud).await?;
+    let load = Load::start(&opts, local_port, Some(opts.rate), cloud).await?;
     cloud.record_latency(true);
     let lat = measure(
         half,
         &load,
-        &cloud,
-        Some(&agent),
-        Some(&cloud),
+        cloud,
+        Some(agent),
+        Some(cloud),
         brokers.local_pid(),
     )
     .await;
@@ -438,14 +433,13 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     });
 
     // Phase 3: flat out.
-    let load = Load::start(&opts, local_port, None, &cloud).await?;
-    let flat = measure(full, &load, &cloud, Some(&agent), None, brokers.local_pid()).await;
+    let load = Load::start(&opts, local_port, None, cloud).await?;
+    let flat = measure(full, &load, cloud, Some(agent), None, brokers.local_pid()).await;
     load.stop().await;
     phases.push(PhaseResult {
         name: "agent flat out".into(),
         ..flat.clone()
     });
-    let end = ProcessStats::read(Pid::Other(agent.pid()));
     if flat.delivered_per_s < flat.offered_per_s / 100.0 {
         let logs = agent.logs();
         let tail: Vec<&str> = logs.lines().rev().take(20).collect();
@@ -454,42 +448,76 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
             eprintln!("  {l}");
         }
     }
-    let counters = match agent.metrics_port() {
-        Some(port) => crate::prometheus::parse(&crate::prometheus::scrape(port).await?),
-        None => Default::default(),
-    };
-    let c = |k: &str| counters.get(k).copied().unwrap_or(0.0);
-    let evaluated = c("edgestream_rule_evaluations_total").max(1.0);
-    agent.stop();
-    cloud_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), cloud_task).await;
-    drop(brokers);
-
     let ratio = phases[2].delivered_per_s / phases[0].delivered_per_s.max(1.0);
-    Ok(BenchReport {
-        cores: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        rules: edgestream_rules::compile(BENCH_RULES)
-            .map(|p| p.rule_count())
-            .unwrap_or(0),
-        options: opts,
+    let report = Report {
         phases,
         agent_to_limit_ratio: ratio,
-        agent_vm_hwm_bytes: end.peak_rss_bytes,
-        agent_rss_at_end_bytes: end.rss_bytes,
-        load_average: [load_at_start, load_average()],
-        agent_readings_per_flush: evaluated / c("edgestream_outbox_flushes_total").max(1.0),
-        agent_readings_per_publish: c("edgestream_uplink_records_sent_total")
-            / c("edgestream_uplink_publishes_total").max(1.0),
-        agent_uplink_bytes_per_reading: c("edgestream_uplink_bytes_sent_total") / evaluated,
-        agent_counters: counters
-            .iter()
-            .filter(|(k, _)| k.starts_with("edgestream_"))
-            .map(|(k, v)| (k.clone(), *v))
-            .collect(),
         soak: Vec::new(),
-    })
+        load_at_start,
+    };
+    report.finish(opts, c, brokers).await
+}
+
+/// What a run measured, before the agent's own counters are read.
+struct Report {
+    phases: Vec<PhaseResult>,
+    agent_to_limit_ratio: f64,
+    soak: Vec<SoakSample>,
+    load_at_start: f64,
+}
+
+impl Report {
+    /// Reads the agent's end figures and counters, stops the agent, the cloud counter and the
+    /// brokers, and puts the report together.
+    async fn finish(
+        self,
+        opts: BenchOptions,
+        cloud: Cloud,
+        brokers: Brokers,
+    ) -> anyhow::Result<BenchReport> {
+        let Cloud {
+            _dir,
+            mut agent,
+            cloud_stop,
+            cloud_task,
+            ..
+        } = cloud;
+        let end = ProcessStats::read(Pid::Other(agent.pid()));
+        let counters = match agent.metrics_port() {
+            Some(port) => crate::prometheus::parse(&crate::prometheus::scrape(port).await?),
+            None => Default::default(),
+        };
+        let c = |k: &str| counters.get(k).copied().unwrap_or(0.0);
+        let evaluated = c("edgestream_rule_evaluations_total").max(1.0);
+        agent.stop();
+        cloud_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), cloud_task).await;
+        drop(brokers);
+        Ok(BenchReport {
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            rules: edgestream_rules::compile(BENCH_RULES)
+                .map(|p| p.rule_count())
+                .unwrap_or(0),
+            options: opts,
+            phases: self.phases,
+            agent_to_limit_ratio: self.agent_to_limit_ratio,
+            agent_vm_hwm_bytes: end.peak_rss_bytes,
+            agent_rss_at_end_bytes: end.rss_bytes,
+            load_average: [self.load_at_start, load_average()],
+            agent_readings_per_flush: evaluated / c("edgestream_outbox_flushes_total").max(1.0),
+            agent_readings_per_publish: c("edgestream_uplink_records_sent_total")
+                / c("edgestream_uplink_publishes_total").max(1.0),
+            agent_uplink_bytes_per_reading: c("edgestream_uplink_bytes_sent_total") / evaluated,
+            agent_counters: counters
+                .iter()
+                .filter(|(k, _)| k.starts_with("edgestream_"))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            soak: self.soak,
+        })
+    }
 }
 
 /// The agent (a child process) and the cloud counter it delivers to.
@@ -532,18 +560,13 @@ async fn soak(
     load_at_start: f64,
 ) -> anyhow::Result<BenchReport> {
     let (local_port, cloud_port) = brokers.ports();
-    let Cloud {
-        _dir,
-        mut agent,
-        cloud,
-        cloud_stop,
-        cloud_task,
-    } = Cloud::start(&opts, local_port, cloud_port).await?;
+    let c = Cloud::start(&opts, local_port, cloud_port).await?;
+    let (agent, cloud) = (&c.agent, &c.cloud);
     let pid = Pid::Other(agent.pid());
     let metrics_port = agent
         .metrics_port()
         .context("the agent did not log its metrics endpoint")?;
-    let load = Load::start(&opts, local_port, Some(opts.rate), &cloud).await?;
+    let load = Load::start(&opts, local_port, Some(opts.rate), cloud).await?;
     tokio::time::sleep(WARMUP).await;
     cloud.clear_latencies();
     cloud.record_latency(true);
@@ -606,37 +629,13 @@ async fn soak(
             .max(),
         ..PhaseResult::default()
     };
-    let counters = crate::prometheus::parse(&crate::prometheus::scrape(metrics_port).await?);
-    let c = |k: &str| counters.get(k).copied().unwrap_or(0.0);
-    let evaluated = c("edgestream_rule_evaluations_total").max(1.0);
-    agent.stop();
-    cloud_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), cloud_task).await;
-    drop(brokers);
-    Ok(BenchReport {
-        cores: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        rules: edgestream_rules::compile(BENCH_RULES)
-            .map(|p| p.rule_count())
-            .unwrap_or(0),
-        options: opts,
+    let report = Report {
         phases: vec![phase],
         agent_to_limit_ratio: 0.0,
-        agent_vm_hwm_bytes: end.peak_rss_bytes,
-        agent_rss_at_end_bytes: end.rss_bytes,
-        load_average: [load_at_start, load_average()],
-        agent_readings_per_flush: evaluated / c("edgestream_outbox_flushes_total").max(1.0),
-        agent_readings_per_publish: c("edgestream_uplink_records_sent_total")
-            / c("edgestream_uplink_publishes_total").max(1.0),
-        agent_uplink_bytes_per_reading: c("edgestream_uplink_bytes_sent_total") / evaluated,
-        agent_counters: counters
-            .iter()
-            .filter(|(k, _)| k.starts_with("edgestream_"))
-            .map(|(k, v)| (k.clone(), *v))
-            .collect(),
         soak: samples,
-    })
+        load_at_start,
+    };
+    report.finish(opts, c, brokers).await
 }
 
 const SOAK_HEADER: &str =

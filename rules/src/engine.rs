@@ -426,6 +426,9 @@ struct Downsample {
     start: u64,
     count: u32,
     sum: f64,
+    /// Running mean: the average when `sum` has overflowed (readings near `f64::MAX`), so
+    /// that the aggregate's `avg` stays finite, as the protocol requires.
+    mean: f64,
     min: f64,
     max: f64,
     last: f64,
@@ -818,6 +821,7 @@ fn downsample(rule: &RulePlan, slot: &mut Slot, ts: u64, x: f64, out: &mut Outpu
             start: ts - ts % f.every_ms,
             count: 0,
             sum: 0.0,
+            mean: 0.0,
             min: f64::INFINITY,
             max: f64::NEG_INFINITY,
             last: f64::NAN,
@@ -826,6 +830,9 @@ fn downsample(rule: &RulePlan, slot: &mut Slot, ts: u64, x: f64, out: &mut Outpu
     }
     d.count = d.count.saturating_add(1);
     d.sum += x;
+    // Both terms are finite whatever the readings: no intermediate can overflow.
+    let n = f64::from(d.count);
+    d.mean += x / n - d.mean / n;
     d.min = d.min.min(x);
     d.max = d.max.max(x);
     d.last = x;
@@ -843,7 +850,11 @@ fn emit_downsample(rule: &RulePlan, slot: &mut Slot, out: &mut Output) {
         start_ms: d.start,
         end_ms: end,
         count: d.count,
-        avg: d.sum / f64::from(d.count.max(1)),
+        avg: if d.sum.is_finite() {
+            d.sum / f64::from(d.count.max(1))
+        } else {
+            d.mean
+        },
         min: d.min,
         max: d.max,
         sum: d.sum,

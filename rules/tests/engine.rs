@@ -54,6 +54,24 @@ rule cool
     assert_eq!(out.commands[0].args[0].1, ArgValue::Number(30.0));
 }
 
+/// Readings near `f64::MAX` are finite, but their sum is not: the average must stay finite
+/// (the protocol refuses an aggregate whose `avg` is not).
+#[test]
+fn downsampled_average_stays_finite_when_the_sum_overflows() {
+    let mut e = engine("rule big\n  forward avg, sum of x every 1m");
+    let mut out = Output::default();
+    let big = f64::MAX / 1.5;
+    for (ts, v) in [(0, big), (1_000, big), (2_000, -big / 2.0), (60_000, 1.0)] {
+        e.on_reading(&r("d", "x", v, ts), &mut out);
+    }
+    let a = &out.aggregates[0];
+    assert_eq!(a.count, 3);
+    assert!(a.sum.is_infinite(), "{}", a.sum);
+    // (big + big - big / 2) / 3 = big / 2.
+    assert!(a.avg.is_finite(), "{}", a.avg);
+    assert!((a.avg - big / 2.0).abs() / big < 1e-12, "avg {}", a.avg);
+}
+
 #[test]
 fn downsampling_replaces_raw_readings_with_one_aggregate_per_window() {
     let mut e =

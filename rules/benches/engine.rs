@@ -206,7 +206,10 @@ fn windows(c: &mut Criterion<OnCpu>) {
         ("percentile_256", "percentile(temperature, 95, 256)"),
         ("avg_1m_time", "avg(temperature, 1m)"),
         ("count_1m_time", "count(temperature, 1m)"),
-        ("spread_256", "max(temperature, 256) - min(temperature, 256)"),
+        (
+            "spread_256",
+            "max(temperature, 256) - min(temperature, 256)",
+        ),
     ] {
         let src = format!("rule w\n when {call} > 99.9\n alert info \"w\"");
         bench_plan(c, "window", name, &src, 16, &["temperature"]);

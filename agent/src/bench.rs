@@ -302,6 +302,9 @@ pub fn main(opts: BenchOptions) -> anyhow::Result<()> {
     if opts.devices == 0 || opts.connections == 0 || opts.connections > opts.devices {
         anyhow::bail!("need 1 <= --connections <= --devices");
     }
+    if opts.soak > 0 && opts.soak_every == 0 {
+        anyhow::bail!("--soak-every must be at least 1 second");
+    }
     if let Some(agent) = opts.agent.as_ref().filter(|a| !a.is_file()) {
         anyhow::bail!("--agent {}: no such file", agent.display());
     }
@@ -310,9 +313,6 @@ pub fn main(opts: BenchOptions) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    if opts.soak > 0 && opts.soak_every == 0 {
-        anyhow::bail!("--soak-every must be at least 1 second");
-    }
     let report = runtime.block_on(run(opts.clone()))?;
     if opts.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -590,8 +590,7 @@ async fn soak(
         let sample = SoakSample {
             at_s: at,
             delivered_per_s: n / (at - prev.0).max(1e-3),
-            latency_p99_ms: (!lat.is_empty())
-                .then(|| lat[((lat.len() - 1) as f64 * 0.99).round() as usize] as f64 / 1000.0),
+            latency_p99_ms: quantile_ms(&lat, 0.99),
             agent_cpu_us_per_reading: (stats.cpu_seconds - prev.2) * 1e6 / n.max(1.0),
             agent_rss_bytes: stats.rss_bytes,
             outbox_records: gauge("edgestream_outbox_records"),
@@ -719,15 +718,19 @@ async fn measure(
     }
     if let Some(l) = latency {
         let mut v = l.take_latencies();
-        if !v.is_empty() {
-            v.sort_unstable();
-            let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
-            r.latency_p50_ms = Some(q(0.50));
-            r.latency_p99_ms = Some(q(0.99));
-            r.latency_max_ms = Some(q(1.0));
-        }
+        v.sort_unstable();
+        r.latency_p50_ms = quantile_ms(&v, 0.50);
+        r.latency_p99_ms = quantile_ms(&v, 0.99);
+        r.latency_max_ms = quantile_ms(&v, 1.0);
     }
     r
+}
+
+/// Quantile `q` of latencies in microseconds, sorted ascending, in milliseconds (nearest
+/// rank); none when there are no samples.
+fn quantile_ms(sorted_us: &[u32], q: f64) -> Option<f64> {
+    let last = sorted_us.len().checked_sub(1)?;
+    Some(f64::from(sorted_us[(last as f64 * q).round() as usize]) / 1000.0)
 }
 
 /// CPU seconds of each live thread of `pid` (`/proc/PID/task/*/stat`), summed by thread name

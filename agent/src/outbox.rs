@@ -12,8 +12,9 @@
 //!   acknowledged in that window). Proven by 50 SIGKILLs under load with 0 acknowledged
 //!   readings lost (`outbox_crash`).
 //! - **Nothing leaves before its PUBACK.** Records are removed only by [`Outbox::remove`], which
-//!   the uplink calls with the keys of a publish the broker acknowledged. The telemetry of one
-//!   append is packed into segments (see `record.rs` for the layout); a segment partly
+//!   the uplink calls with the keys of a publish the broker acknowledged. The records of one
+//!   append are packed into segments, one run per priority (see `record.rs` for the layout);
+//!   a segment partly
 //!   acknowledged is stored again without the acknowledged records, in the same removal, so a
 //!   restart resends only what was not acknowledged, as with single values
 //!   (`outbox::tests::a_partly_acknowledged_segment_...`, `outbox_crash`).
@@ -380,8 +381,8 @@ impl Outbox {
     }
 
     /// Stores `records`, assigning their sequence numbers, making room or refusing by the
-    /// full-policy. Alerts and control messages are stored one per value; the telemetry is
-    /// packed into segments. Not durable until [`Outbox::flush`] returns.
+    /// full-policy. The records are packed into segments, those of each priority apart (a
+    /// segment's key carries its priority). Not durable until [`Outbox::flush`] returns.
     ///
     /// The values are written one tree operation at a time, in order (room made first, then
     /// the records by sequence number, then `next_seq`), not as one sled batch: sled 0.34
@@ -468,18 +469,16 @@ impl Outbox {
         }
         let mut added = 0u64;
         let appended_at = now;
-        let mut segment: Option<(Key, SegmentWriter)> = None;
+        // One open segment per priority: a segment holds one priority, since its key does.
+        let mut segments: [Option<(Key, SegmentWriter)>; 2] = [None, None];
         for (prio, range) in &encoded {
             let v = &bytes[range.clone()];
             let seq = *next_seq;
             *next_seq += 1;
             added += size(range);
             let k = key(*prio, seq);
-            if *prio == Priority::High {
-                ops.push((k[..].into(), Some(v.into())));
-                continue;
-            }
             let body = &v[SINGLE_OVERHEAD..];
+            let segment = &mut segments[usize::from(*prio == Priority::High)];
             if let Some((sk, w)) =
                 segment.take_if(|(_, w)| w.len() + body.len() > SEGMENT_TARGET_BYTES)
             {
@@ -488,7 +487,7 @@ impl Outbox {
             let (_, w) = segment.get_or_insert_with(|| (k, SegmentWriter::new(seq, appended_at)));
             w.push(seq, body);
         }
-        if let Some((sk, w)) = segment {
+        for (sk, w) in segments.into_iter().flatten() {
             ops.push((sk[..].into(), Some(w.finish().into())));
         }
         ops.push((
@@ -1411,11 +1410,12 @@ mod tests {
     #[test]
     fn an_append_cut_short_by_a_crash_leaves_a_valid_store_and_reuses_no_stored_seq() {
         // An append writes its values in sequence order and `next_seq` last, and sled
-        // recovers a prefix of the operations. The prefix built here: the first two of a
-        // group's four alerts, without the group's `next_seq`.
+        // recovers a prefix of the operations. The prefix built here: the first of the
+        // segments a group of four alerts fills (two per segment at the test's target),
+        // without the group's second segment and its `next_seq`.
         let dir = tempfile::tempdir().unwrap();
         let s = settings(1 << 20, FullPolicy::DropOldestTelemetry);
-        let group: Vec<Record> = (4..8).map(|i| record(i, true, 5)).collect();
+        let group: Vec<Record> = (4..8).map(|i| record(i, true, 250)).collect();
         {
             let (ob, _) = Outbox::open(dir.path(), s.clone(), Arc::default()).unwrap();
             ob.append(&(0..4).map(|i| record(i, true, 5)).collect::<Vec<_>>())
@@ -1423,8 +1423,19 @@ mod tests {
             ob.flush_blocking().unwrap();
             let before = ob.inner.tree.get(META_NEXT_SEQ).unwrap().unwrap();
             ob.append(&group).unwrap();
+            let stored: Vec<sled::IVec> = ob
+                .inner
+                .tree
+                .scan_prefix([Priority::High as u8])
+                .keys()
+                .map(Result::unwrap)
+                .collect();
+            assert_eq!(
+                stored,
+                [0, 4, 6].map(|s| sled::IVec::from(&key(Priority::High, s)[..])),
+                "one segment for the first append, two for the group"
+            );
             ob.inner.tree.remove(key(Priority::High, 6)).unwrap();
-            ob.inner.tree.remove(key(Priority::High, 7)).unwrap();
             ob.inner.tree.insert(META_NEXT_SEQ, before).unwrap();
             ob.flush_blocking().unwrap();
         }

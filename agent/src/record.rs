@@ -3,11 +3,12 @@
 //!
 //! Two value forms share the outbox (the first byte tells them apart):
 //!
-//! - **Single record** (version 1, [`FORMAT_VERSION`]; alerts and control messages, and
-//!   everything written by releases before segments):
-//!   `[1][crc32 of body: u32 LE][body: postcard]`.
-//! - **Segment** (version 2, [`SEGMENT_VERSION`]; the telemetry of one append, packed so that
-//!   the key and sled's per-entry overhead are paid once per segment, not per record):
+//! - **Single record** (version 1, [`FORMAT_VERSION`]): `[1][crc32 of body: u32 LE][body:
+//!   postcard]`. Written by releases before segments, and for alerts and control messages by
+//!   releases before those were packed too; still read, acknowledged and dropped alike.
+//! - **Segment** (version 2, [`SEGMENT_VERSION`]; the records of one priority in one append,
+//!   packed so that the key and sled's per-entry overhead are paid once per segment, not per
+//!   record):
 //!   `[2][crc32 of the rest: u32 LE][appended at: varint unix secs]` then per record
 //!   `[seq delta: varint][body length: varint][body: postcard]`. The first delta is from the
 //!   sequence number in the segment's key, each next one from the previous record's.

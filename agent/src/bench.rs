@@ -27,7 +27,8 @@
 //! The first second of each phase is warm-up and not counted. Load devices publish QoS 1
 //! readings `{"value":..,"ts":..}` on `sensors/dev-NNN/{temperature|vibration}`; the agent runs
 //! [`BENCH_RULES`] (20 rules over every device) with the durable outbox (`durability =
-//! "batch"`: every group is flushed before its PUBACKs).
+//! "batch"`: every group is flushed before its PUBACKs; `--durability interval` flushes every
+//! second instead, to compare what reaches the disk).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Durability;
 use crate::health::{cpu_seconds, Pid, ProcessStats};
 
 /// Twenty rules over every bench device: thresholds with hysteresis, window aggregates and
@@ -188,6 +190,10 @@ pub struct BenchOptions {
     /// Agent `cloud.max_inflight`.
     #[arg(long, default_value_t = 16)]
     pub cloud_inflight: u16,
+    /// Agent `outbox.durability` (`interval` flushes every 1,000 ms: what the README's disk
+    /// figures at gateway rates compare).
+    #[arg(long, value_enum, default_value_t = Durability::Batch)]
+    pub durability: Durability,
     /// The `edgestream` binary to run as the agent; by default this one. A gateway runs a
     /// build without the `tools` feature (`scripts/cross-build`, the .deb), which has about
     /// 1 MiB less code resident than this binary, where `bench` itself lives.
@@ -205,6 +211,14 @@ pub struct BenchOptions {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The value `outbox.durability` takes in the agent's config.
+fn durability_name(d: Durability) -> &'static str {
+    match d {
+        Durability::Batch => "batch",
+        Durability::Interval => "interval",
+    }
 }
 
 /// One sample of a soak (`--soak`): the interval since the previous sample.
@@ -276,8 +290,11 @@ pub struct BenchReport {
     /// takes its cores from the brokers, the load and the agent.
     pub load_average: [f64; 2],
     /// From the agent's own Prometheus endpoint at the end: readings per outbox flush (group
-    /// commit size), readings per cloud publish, and cloud payload bytes per reading.
+    /// commit size; 0 with `--durability interval`, where groups are not flushed), readings
+    /// per cloud publish, and cloud payload bytes per reading.
     pub agent_readings_per_flush: f64,
+    /// The agent's outbox flushes over the whole run (`edgestream_outbox_flushes_total`).
+    pub agent_outbox_flushes: f64,
     pub agent_readings_per_publish: f64,
     pub agent_uplink_bytes_per_reading: f64,
     /// The agent's counters at the end (Prometheus names), to see where a stall sits.
@@ -475,6 +492,7 @@ impl Report {
         cloud: Cloud,
         brokers: Brokers,
     ) -> anyhow::Result<BenchReport> {
+        let durability = opts.durability;
         let Cloud {
             _dir,
             mut agent,
@@ -506,7 +524,11 @@ impl Report {
             agent_vm_hwm_bytes: end.peak_rss_bytes,
             agent_rss_at_end_bytes: end.rss_bytes,
             load_average: [self.load_at_start, load_average()],
-            agent_readings_per_flush: evaluated / c("edgestream_outbox_flushes_total").max(1.0),
+            agent_readings_per_flush: match durability {
+                Durability::Batch => evaluated / c("edgestream_outbox_flushes_total").max(1.0),
+                Durability::Interval => 0.0,
+            },
+            agent_outbox_flushes: c("edgestream_outbox_flushes_total"),
             agent_readings_per_publish: c("edgestream_uplink_records_sent_total")
                 / c("edgestream_uplink_publishes_total").max(1.0),
             agent_uplink_bytes_per_reading: c("edgestream_uplink_bytes_sent_total") / evaluated,
@@ -1229,7 +1251,8 @@ batch_size = {batch}
 max_inflight = {inflight}
 
 [outbox]
-durability = "batch"
+durability = "{durability}"
+flush_interval_ms = 1000
 
 [rules]
 text = """{BENCH_RULES}"""
@@ -1248,6 +1271,7 @@ level = "warn,edgestream_agent::source=info,edgestream_agent::prometheus=info"
             qos = opts.qos,
             batch = opts.batch_size,
             inflight = opts.cloud_inflight,
+            durability = durability_name(opts.durability),
         );
         let path = dir.join("edgestream.toml");
         std::fs::write(&path, config).context("writing the agent config")?;
@@ -1376,10 +1400,11 @@ fn opt(v: Option<f64>, prec: usize) -> String {
 fn print_table(r: &BenchReport) {
     let o = &r.options;
     println!(
-        "edgestream bench: {} devices on {} connections, {} rules, durable outbox (batch), local QoS {}, {} brokers{}, {} cores",
+        "edgestream bench: {} devices on {} connections, {} rules, durable outbox ({}), local QoS {}, {} brokers{}, {} cores",
         o.devices,
         o.connections,
         r.rules,
+        durability_name(o.durability),
         o.qos,
         match o.broker {
             BrokerKind::InProcess => "in-process rumqttd",
@@ -1465,9 +1490,16 @@ fn print_table(r: &BenchReport) {
     } else {
         print_soak(r);
     }
+    let flushes = match r.options.durability {
+        Durability::Batch => format!(
+            "{:.0} readings per outbox flush",
+            r.agent_readings_per_flush
+        ),
+        Durability::Interval => "outbox flushed every 1000 ms".to_string(),
+    };
     println!(
-        "agent: {:.0} readings per outbox flush, {:.0} per cloud publish, {:.0} cloud payload bytes per reading",
-        r.agent_readings_per_flush, r.agent_readings_per_publish, r.agent_uplink_bytes_per_reading
+        "agent: {flushes}, {:.0} per cloud publish, {:.0} cloud payload bytes per reading",
+        r.agent_readings_per_publish, r.agent_uplink_bytes_per_reading
     );
     println!(
         "load average (1 min) at start {:.1}, at end {:.1}",

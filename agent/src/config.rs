@@ -179,7 +179,7 @@ pub struct CloudConfig {
     pub password: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Durability {
     /// Every batch is flushed to disk before anything is acknowledged upstream (default).

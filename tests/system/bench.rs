@@ -190,9 +190,30 @@ fn bench_soak_samples_memory_and_store_over_time() {
         assert!(number(s, "outbox_disk_bytes") > 0.0, "{s:#}");
         assert!(s["outbox_records"].is_f64(), "{s:#}");
     }
+    // `durability = "batch"` (the default): every group commit is flushed.
+    assert_eq!(r["options"]["durability"], "batch", "{r:#}");
+    assert!(number(&r, "agent_outbox_flushes") > 0.0, "{r:#}");
+
+    // `--durability interval` reaches the agent: its groups are not flushed (sled flushes
+    // in the background), and it keeps up as before.
+    let out = bench(&[
+        "--json",
+        "--soak",
+        "4",
+        "--soak-every",
+        "2",
+        "--durability",
+        "interval",
+    ]);
+    let r: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}:\n{out}"));
+    assert_eq!(r["options"]["durability"], "interval", "{r:#}");
+    assert_eq!(number(&r, "agent_outbox_flushes"), 0.0, "{r:#}");
+    let rate = number(&r["phases"][0], "delivered_per_s");
+    assert!((500.0..1500.0).contains(&rate), "{r:#}");
 
     let table = bench(&["--soak", "4", "--soak-every", "2"]);
     for line in [
+        "durable outbox (batch)",
         "agent soak at 1000 readings/s",
         "soak samples (every 2 s):",
         "outbox records  store on disk",

@@ -213,6 +213,9 @@ pub struct BenchOptions {
     pub json: bool,
 }
 
+/// The agent's `outbox.flush_interval_ms` (used with `--durability interval`).
+const FLUSH_INTERVAL_MS: u64 = 1000;
+
 /// The value `outbox.durability` takes in the agent's config.
 fn durability_name(d: Durability) -> &'static str {
     match d {
@@ -290,7 +293,7 @@ pub struct BenchReport {
     /// takes its cores from the brokers, the load and the agent.
     pub load_average: [f64; 2],
     /// From the agent's own Prometheus endpoint at the end: readings per outbox flush (group
-    /// commit size; 0 with `--durability interval`, where groups are not flushed), readings
+    /// commit size; 0 without flushes, as with `--durability interval`), readings
     /// per cloud publish, and cloud payload bytes per reading.
     pub agent_readings_per_flush: f64,
     /// The agent's outbox flushes over the whole run (`edgestream_outbox_flushes_total`).
@@ -492,7 +495,6 @@ impl Report {
         cloud: Cloud,
         brokers: Brokers,
     ) -> anyhow::Result<BenchReport> {
-        let durability = opts.durability;
         let Cloud {
             _dir,
             mut agent,
@@ -507,6 +509,7 @@ impl Report {
         };
         let c = |k: &str| counters.get(k).copied().unwrap_or(0.0);
         let evaluated = c("edgestream_rule_evaluations_total").max(1.0);
+        let flushes = c("edgestream_outbox_flushes_total");
         agent.stop();
         cloud_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), cloud_task).await;
@@ -524,11 +527,12 @@ impl Report {
             agent_vm_hwm_bytes: end.peak_rss_bytes,
             agent_rss_at_end_bytes: end.rss_bytes,
             load_average: [self.load_at_start, load_average()],
-            agent_readings_per_flush: match durability {
-                Durability::Batch => evaluated / c("edgestream_outbox_flushes_total").max(1.0),
-                Durability::Interval => 0.0,
+            agent_readings_per_flush: if flushes > 0.0 {
+                evaluated / flushes
+            } else {
+                0.0
             },
-            agent_outbox_flushes: c("edgestream_outbox_flushes_total"),
+            agent_outbox_flushes: flushes,
             agent_readings_per_publish: c("edgestream_uplink_records_sent_total")
                 / c("edgestream_uplink_publishes_total").max(1.0),
             agent_uplink_bytes_per_reading: c("edgestream_uplink_bytes_sent_total") / evaluated,
@@ -1252,7 +1256,7 @@ max_inflight = {inflight}
 
 [outbox]
 durability = "{durability}"
-flush_interval_ms = 1000
+flush_interval_ms = {FLUSH_INTERVAL_MS}
 
 [rules]
 text = """{BENCH_RULES}"""
@@ -1495,7 +1499,7 @@ fn print_table(r: &BenchReport) {
             "{:.0} readings per outbox flush",
             r.agent_readings_per_flush
         ),
-        Durability::Interval => "outbox flushed every 1000 ms".to_string(),
+        Durability::Interval => format!("outbox flushed every {FLUSH_INTERVAL_MS} ms"),
     };
     println!(
         "agent: {flushes}, {:.0} per cloud publish, {:.0} cloud payload bytes per reading",

@@ -14,9 +14,8 @@
 //! - **Nothing leaves before its PUBACK.** Records are removed only by [`Outbox::remove`], which
 //!   the uplink calls with the keys of a publish the broker acknowledged. The records of one
 //!   append are packed into segments, one run per priority (see `record.rs` for the layout);
-//!   a segment partly
-//!   acknowledged is stored again without the acknowledged records, in the same removal, so a
-//!   restart resends only what was not acknowledged, as with single values
+//!   a segment partly acknowledged is stored again without the acknowledged records, in the
+//!   same removal, so a restart resends only what was not acknowledged, as with single values
 //!   (`outbox::tests::a_partly_acknowledged_segment_...`, `outbox_crash`).
 //! - **Order.** Keys are `[priority][sequence: u64 big-endian]`, so a scan yields each priority in
 //!   the order records were appended; a segment is stored under its first record's key and

@@ -271,6 +271,10 @@ pub struct PhaseResult {
     pub local_broker_cpu_us_per_reading: Option<f64>,
     /// The local broker's CPU use over the phase, in cores (mosquitto only).
     pub local_broker_cpu_cores: Option<f64>,
+    /// Cores busy on the whole machine over the phase (`/proc/stat`: everything but idle and
+    /// I/O wait): brokers, load, subscribers and agent together. Well under the machine's
+    /// cores means the phase was bound by something other than CPU (a window, a wait).
+    pub machine_busy_cores: Option<f64>,
     /// [`Self::agent_cpu_us_per_reading`] split by the agent's threads, by name: the tokio
     /// runtime (`tokio-rt-worker`: sources, rules, uplink, sled inserts and reads), sled's
     /// own I/O pool (`sled-io`: log writes and flushes), `main`; `exited` is time of threads
@@ -691,6 +695,7 @@ async fn measure(
     tokio::time::sleep(WARMUP).await;
     let t0 = Instant::now();
     let b0 = local_broker.map(|pid| cpu_seconds(Pid::Other(pid)));
+    let m0 = machine_ticks();
     let (o0, d0) = (load.acked(), delivered.count());
     let p0 = agent.map(|a| ProcessStats::read(Pid::Other(a.pid())));
     let t0_threads = agent.map(|a| thread_cpu(a.pid())).unwrap_or_default();
@@ -716,6 +721,7 @@ async fn measure(
     let mut r = PhaseResult {
         offered_per_s: (o1 - o0) as f64 / secs,
         delivered_per_s: n / secs,
+        machine_busy_cores: busy_cores(m0, machine_ticks()),
         ..PhaseResult::default()
     };
     if let (Some(pid), Some(b0)) = (local_broker, b0) {
@@ -750,6 +756,42 @@ async fn measure(
         r.latency_max_ms = quantile_ms(&v, 1.0);
     }
     r
+}
+
+/// The machine's CPU time so far, in clock ticks summed over all cores: (busy, total), from
+/// the first line of `/proc/stat` (`cpu user nice system idle iowait irq softirq steal ...`),
+/// and its online cores (the `cpuN` lines).
+fn machine_ticks() -> Option<MachineTicks> {
+    parse_machine_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+type MachineTicks = (u64, u64, usize);
+
+fn parse_machine_ticks(stat: &str) -> Option<MachineTicks> {
+    let cpus = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count();
+    let line = stat.lines().next()?;
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    // guest and guest_nice (9th, 10th) are already counted in user and nice.
+    let v: Vec<u64> = fields
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let idle = v.get(3)? + v.get(4)?;
+    let total: u64 = v.iter().sum();
+    Some((total - idle, total, cpus))
+}
+
+/// Busy cores between two [`machine_ticks`] readings.
+fn busy_cores(t0: Option<MachineTicks>, t1: Option<MachineTicks>) -> Option<f64> {
+    let ((b0, n0, _), (b1, n1, cpus)) = (t0?, t1?);
+    let total = n1.checked_sub(n0).filter(|&t| t > 0)?;
+    Some(b1.saturating_sub(b0) as f64 / total as f64 * cpus as f64)
 }
 
 /// Quantile `q` of latencies in microseconds, sorted ascending, in milliseconds (nearest
@@ -1483,6 +1525,18 @@ fn print_table(r: &BenchReport) {
     if !broker.is_empty() {
         println!("  local broker CPU: {}", broker.join("; "));
     }
+    let machine: Vec<String> = r
+        .phases
+        .iter()
+        .filter_map(|p| Some(format!("{} {:.2}", p.name, p.machine_busy_cores?)))
+        .collect();
+    if !machine.is_empty() {
+        println!(
+            "  machine busy cores (of {}, all processes): {}",
+            r.cores,
+            machine.join("; ")
+        );
+    }
     println!();
     if r.soak.is_empty() {
         println!(
@@ -1538,6 +1592,26 @@ fn print_soak(r: &BenchReport) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_ticks_read_busy_and_total_from_proc_stat() {
+        let stat = "cpu  100 5 50 800 20 3 2 10 7 0\ncpu0 50 2 25 400 10 1 1 5 0 0\n";
+        // busy: user + nice + system + irq + softirq + steal; idle and iowait are not.
+        assert_eq!(parse_machine_ticks(stat), Some((170, 990, 1)));
+        let two = format!("{stat}cpu1 50 3 25 400 10 2 1 5 7 0\nintr 1 2\n");
+        assert_eq!(parse_machine_ticks(&two), Some((170, 990, 2)));
+        assert_eq!(parse_machine_ticks("cpu0 1 2 3\n"), None);
+        assert_eq!(parse_machine_ticks("cpu  1 2 x 4 5 6 7 8\n"), None);
+        // Half of the new ticks busy on 2 cores: one core.
+        assert_eq!(
+            busy_cores(Some((100, 1000, 2)), Some((600, 2000, 2))),
+            Some(1.0)
+        );
+        assert_eq!(busy_cores(Some((100, 1000, 2)), Some((100, 1000, 2))), None);
+        assert_eq!(busy_cores(None, Some((100, 1000, 2))), None);
+    }
+
     #[test]
     fn bench_rules_are_twenty_and_compile() {
         match edgestream_rules::compile(super::BENCH_RULES) {

@@ -61,6 +61,13 @@ fn check_report(stdout: &str, broker_process: bool) {
             broker_process,
             "{p:#}"
         );
+        // The whole machine: more than nothing, no more than its cores, and (for the agent's
+        // phases) at least the agent's share, give or take a tick of either clock.
+        let busy = number(p, "machine_busy_cores");
+        assert!(busy > 0.0 && busy <= number(&r, "cores") + 0.05, "{p:#}");
+        if let Some(agent) = p["agent_cpu_cores"].as_f64() {
+            assert!(busy + 0.05 >= agent, "{p:#}");
+        }
     }
     let (limit, latency, flat) = (&phases[0], &phases[1], &phases[2]);
     assert!(limit["agent_cpu_us_per_reading"].is_null(), "{limit:#}");
@@ -115,6 +122,7 @@ fn bench_prints_the_table_with_the_ratio_to_the_broker_limit() {
         "agent flat out ",
         "CPU us/rdg by thread",
         "steady RSS",
+        "machine busy cores (of ",
         "agent flat out / broker limit:",
         "readings per outbox flush",
     ] {

@@ -390,3 +390,34 @@ pub(crate) fn quantile_sorted(s: &[f64], q: f64) -> f64 {
     let hi = (lo + 1).min(n - 1);
     s[lo] + (h - lo as f64) * (s[hi] - s[lo])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// After every push, the sorted copy holds exactly the live samples, in order. Few
+        /// distinct values, so that the old and the new sample often have copies of
+        /// themselves on both sides.
+        #[test]
+        fn the_sorted_copy_is_the_live_samples_sorted(
+            cap in 1usize..40,
+            xs in prop::collection::vec(0u8..6, 0..300),
+        ) {
+            let mut ring = Ring::new(cap, false, true, true);
+            let mut live = std::collections::VecDeque::new();
+            for (t, x) in xs.iter().enumerate() {
+                let x = f64::from(*x) * 0.5;
+                ring.push(t as u64, x);
+                live.push_back(x);
+                if live.len() > cap {
+                    live.pop_front();
+                }
+                let mut want: Vec<f64> = live.iter().copied().collect();
+                want.sort_by(f64::total_cmp);
+                prop_assert_eq!(&ring.sorted[..ring.len], &want[..]);
+            }
+        }
+    }
+}

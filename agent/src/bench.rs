@@ -1108,6 +1108,24 @@ fn put_publish(buf: &mut Vec<u8>, topic: &str, pkid: u16, payload: &[u8]) {
     buf.extend_from_slice(payload);
 }
 
+/// The `i`-th reading a load connection writes for its `devices` devices: (device index,
+/// metric index: 0 temperature, 1 vibration, value). Temperature saw-tooths 50..90 over 40
+/// samples per device (alerts raise and clear); vibration is low with a spike every 500
+/// samples. The rules bench (`benches/rules_bundle.rs`) replays the same stream.
+pub fn load_reading(i: usize, devices: usize) -> (usize, usize, f64) {
+    let device = (i / 2) % devices;
+    let metric = i % 2;
+    let k = (i / 2 / devices) as u64;
+    let value = if metric == 0 {
+        50.0 + (k % 40) as f64
+    } else if k % 500 == 499 {
+        90.0
+    } else {
+        5.0 + (k % 7) as f64 * 0.5
+    };
+    (device, metric, value)
+}
+
 async fn load_connection(
     stream: TcpStream,
     client_id: String,
@@ -1224,19 +1242,7 @@ async fn load_connection(
             if !got {
                 break;
             }
-            let i = sent as usize;
-            let device = (i / 2) % topics.len();
-            let metric = i % 2;
-            // Temperature saw-tooths 50..90 over 40 samples per device (alerts raise and
-            // clear); vibration is low with a spike every 500 samples.
-            let k = (i / 2 / topics.len()) as u64;
-            let value = if metric == 0 {
-                50.0 + (k % 40) as f64
-            } else if k % 500 == 499 {
-                90.0
-            } else {
-                5.0 + (k % 7) as f64 * 0.5
-            };
+            let (device, metric, value) = load_reading(sent as usize, topics.len());
             payload.clear();
             let _ = write!(
                 payload,

@@ -277,8 +277,9 @@ pub struct PhaseResult {
     pub machine_busy_cores: Option<f64>,
     /// [`Self::agent_cpu_us_per_reading`] split by the agent's threads, by name: the tokio
     /// runtime (`tokio-rt-worker`: sources, rules, uplink, sled inserts and reads), sled's
-    /// own I/O pool (`sled-io`: log writes and flushes), `main`; `exited` is time of threads
-    /// that ended during the phase (not attributable by name).
+    /// own I/O pool (`sled-io`: log writes and flushes), `main`; `exited` is the rest of the
+    /// process's time: threads that ended during the phase, give or take the process
+    /// total's rounding to a tick (10 ms over the phase).
     pub agent_cpu_us_per_reading_by_thread: std::collections::BTreeMap<String, f64>,
 }
 
@@ -801,8 +802,9 @@ fn quantile_ms(sorted_us: &[u32], q: f64) -> Option<f64> {
     Some(f64::from(sorted_us[(last as f64 * q).round() as usize]) / 1000.0)
 }
 
-/// CPU seconds of each live thread of `pid` (`/proc/PID/task/*/stat`), summed by thread name
-/// with numbered pools merged (`sled-io-3` counts as `sled-io`).
+/// CPU seconds of each live thread of `pid` (`/proc/PID/task/*/schedstat`, or `stat`'s ticks
+/// where that is missing), summed by thread name with numbered pools merged (`sled-io-3`
+/// counts as `sled-io`).
 fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
     let mut by_name = std::collections::BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -822,15 +824,25 @@ fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
         } else {
             stat[open + 1..close].trim_end_matches(|c: char| c.is_ascii_digit() || c == '-')
         };
-        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        // As in `health::cpu_seconds`: utime and stime are fields 14 and 15, 100 ticks/s.
-        *by_name.entry(name.to_string()).or_insert(0.0) += (ticks(11) + ticks(12)) as f64 / 100.0;
+        // The thread's run time in nanoseconds (`schedstat`, first field). Its utime and stime
+        // come in whole ticks (10 ms), and a tick lost to rounding in each of nine threads
+        // read as most of a microsecond per reading in a 10-second phase at 10,000/s.
+        let exact = std::fs::read_to_string(task.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|ns| ns as f64 / 1e9);
+        let seconds = exact.unwrap_or_else(|| {
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            let ticks = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|f| f.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            // As in `health::cpu_seconds`: utime and stime are fields 14 and 15, 100 ticks/s.
+            (ticks(11) + ticks(12)) as f64 / 100.0
+        });
+        *by_name.entry(name.to_string()).or_insert(0.0) += seconds;
     }
     by_name
 }

@@ -36,7 +36,11 @@ pub const BROKER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// telemetry batches must fit; 1 MiB leaves a wide margin over the 256 KiB
 /// the agent is designed for.
 pub const INPROCESS_MAX_PAYLOAD: usize = 1024 * 1024;
-/// Unacknowledged QoS 1 messages per connection in the in-process broker.
+/// rumqttd's `max_inflight_count`, which despite its name is how many packets it reads
+/// from one connection per batch. The unacknowledged QoS 1 publishes it sends a connection
+/// are capped by a constant of rumqttd 0.20 (100, `MAX_INFLIGHT` in its router), which no
+/// setting changes: a subscriber that acknowledges late (the agent, after its flush) waits
+/// for its acknowledgements to reach rumqttd before it gets more.
 pub const INPROCESS_MAX_INFLIGHT: usize = 1000;
 /// Connections the in-process broker accepts (its router preallocates slots).
 pub const INPROCESS_MAX_CONNECTIONS: usize = 1000;

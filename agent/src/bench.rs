@@ -831,17 +831,7 @@ fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
             .ok()
             .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
             .map(|ns| ns as f64 / 1e9);
-        let seconds = exact.unwrap_or_else(|| {
-            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-            let ticks = |i: usize| {
-                fields
-                    .get(i)
-                    .and_then(|f| f.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            // As in `health::cpu_seconds`: utime and stime are fields 14 and 15, 100 ticks/s.
-            (ticks(11) + ticks(12)) as f64 / 100.0
-        });
+        let seconds = exact.unwrap_or_else(|| crate::health::stat_cpu_seconds(&stat));
         *by_name.entry(name.to_string()).or_insert(0.0) += seconds;
     }
     by_name
@@ -1123,7 +1113,7 @@ fn put_publish(buf: &mut Vec<u8>, topic: &str, pkid: u16, payload: &[u8]) {
 /// The `i`-th reading a load connection writes for its `devices` devices: (device index,
 /// metric index: 0 temperature, 1 vibration, value). Temperature saw-tooths 50..90 over 40
 /// samples per device (alerts raise and clear); vibration is low with a spike every 500
-/// samples. The rules bench (`benches/rules_bundle.rs`) replays the same stream.
+/// samples. The rules bench (`benches/rules_bundle.rs`) feeds each device these same values.
 pub fn load_reading(i: usize, devices: usize) -> (usize, usize, f64) {
     let device = (i / 2) % devices;
     let metric = i % 2;

@@ -68,9 +68,14 @@ impl ProcessStats {
 
 /// User + system CPU seconds of the process (fields 14 and 15 of `/proc/*/stat`).
 pub fn cpu_seconds(pid: Pid) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(pid.proc_file("stat")) else {
-        return 0.0;
-    };
+    std::fs::read_to_string(pid.proc_file("stat"))
+        .map(|stat| stat_cpu_seconds(&stat))
+        .unwrap_or(0.0)
+}
+
+/// utime + stime, in seconds, of a `/proc/.../stat` text (a process's or a thread's); 0 if
+/// it does not parse.
+pub(crate) fn stat_cpu_seconds(stat: &str) -> f64 {
     // The command name (field 2) may contain spaces and parentheses: count from the last ')'.
     let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
         return 0.0;

@@ -33,6 +33,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
     let plan = edgestream_rules::compile(BENCH_RULES).expect("the bench rules compile");
+    let rules = plan.rule_count();
     let mut engine = Engine::new(plan);
     let mut out = Output::default();
     let names: Vec<String> = (0..devices).map(|d| format!("dev-{d:03}")).collect();
@@ -68,10 +69,7 @@ fn main() {
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     println!(
-        "rules bundle: {} rules, {devices} devices, {PASSES} passes of {READINGS} readings",
-        edgestream_rules::compile(BENCH_RULES)
-            .map(|p| p.rule_count())
-            .unwrap_or(0)
+        "rules bundle: {rules} rules, {devices} devices, {PASSES} passes of {READINGS} readings"
     );
     println!(
         "  wall clock: {:.0} ns per reading (best {:.0}), {:.2} M readings/s",

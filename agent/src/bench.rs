@@ -2,6 +2,8 @@
 //!
 //! ```text
 //!  load generator --QoS 1--> local broker --> bare subscriber            (phase 1: the limit)
+//!  load generator --QoS 1--> local mosquitto ==bridge==> cloud broker --> bare subscriber
+//!                                             (mosquitto only: its bridge, flat out)
 //!  load generator --QoS 1--> local broker --> agent --QoS 1--> cloud broker --> cloud counter
 //!                                             (phases 2 and 3: fixed rate, then flat out)
 //! ```
@@ -14,6 +16,9 @@
 //! - Phase 1 (**limit**): the load, flat out, straight to a bare subscriber on the local broker
 //!   at the same QoS. That is what the broker and this machine can deliver to one consumer;
 //!   the agent's throughput is read as a ratio to it.
+//! - With `--broker mosquitto`, the **bridge** phase: the same load, flat out, forwarded by
+//!   mosquitto's own bridge (`topic sensors/# out QOS`) from a second local mosquitto to the
+//!   cloud broker. The agent's throughput is also read as a ratio to it.
 //! - Phase 2 (**latency**): the agent at a fixed rate (`--rate`, default 10,000 readings/s).
 //!   Latency is cloud arrival time minus the reading's `ts`, stamped by the load generator when
 //!   it writes the reading (millisecond timestamps: figures may read up to 1 ms high).
@@ -291,6 +296,8 @@ pub struct BenchReport {
     pub phases: Vec<PhaseResult>,
     /// Agent flat-out throughput over the bare subscriber's.
     pub agent_to_limit_ratio: f64,
+    /// Agent flat-out throughput over mosquitto's bridge's (`--broker mosquitto` only).
+    pub agent_to_bridge_ratio: Option<f64>,
     /// `VmHWM` of the agent over the whole run.
     pub agent_vm_hwm_bytes: u64,
     pub agent_rss_at_end_bytes: u64,
@@ -380,6 +387,14 @@ impl Brokers {
 /// with the agent's session queue in it, that put 250-450 ms stalls into the bench's latency.
 const DEBIAN_AUTOSAVE: &str = "autosave_interval 1800";
 
+/// The local mosquitto's settings beyond the test harness's defaults.
+fn local_mosquitto_config(opts: &BenchOptions) -> Vec<String> {
+    vec![
+        format!("max_inflight_messages {}", opts.local_max_inflight),
+        DEBIAN_AUTOSAVE.to_string(),
+    ]
+}
+
 async fn start_brokers(opts: &BenchOptions) -> anyhow::Result<Brokers> {
     Ok(match opts.broker {
         BrokerKind::InProcess => Brokers::InProcess(
@@ -389,10 +404,7 @@ async fn start_brokers(opts: &BenchOptions) -> anyhow::Result<Brokers> {
         BrokerKind::Mosquitto => {
             let local = edgestream_sim::Mosquitto::start_with(edgestream_sim::MosquittoOptions {
                 tls: None,
-                extra_config: vec![
-                    format!("max_inflight_messages {}", opts.local_max_inflight),
-                    DEBIAN_AUTOSAVE.to_string(),
-                ],
+                extra_config: local_mosquitto_config(opts),
             })
             .await?;
             let cloud = edgestream_sim::Mosquitto::start_with(edgestream_sim::MosquittoOptions {
@@ -426,13 +438,26 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     ));
     bare.wait_ready().await?;
     let load = Load::start(&opts, local_port, None, &bare).await?;
-    let limit = measure(half, &load, &bare, None, None, brokers.local_pid()).await;
+    let limit = PhaseResult {
+        name: "broker limit (bare subscriber)".into(),
+        ..measure(half, &load, &bare, None, None, brokers.local_pid()).await
+    };
     load.stop().await;
     bare_task.abort();
-    phases.push(PhaseResult {
-        name: "broker limit (bare subscriber)".into(),
-        ..limit
-    });
+    phases.push(limit.clone());
+
+    // Phase 1b (mosquitto): the same load through mosquitto's own bridge, before the agent
+    // starts, so that nothing else runs beside it.
+    let bridge = match &brokers {
+        Brokers::Mosquitto(_) => {
+            let r = bridge_phase(&opts, cloud_port, half)
+                .await
+                .context("measuring mosquitto's bridge")?;
+            phases.push(r.clone());
+            Some(r)
+        }
+        Brokers::InProcess(..) => None,
+    };
 
     let c = Cloud::start(&opts, local_port, cloud_port).await?;
     let (agent, cloud) = (&c.agent, &c.cloud);
@@ -473,10 +498,11 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
             eprintln!("  {l}");
         }
     }
-    let ratio = phases[2].delivered_per_s / phases[0].delivered_per_s.max(1.0);
+    let ratio = flat.delivered_per_s / limit.delivered_per_s.max(1.0);
     let report = Report {
         phases,
         agent_to_limit_ratio: ratio,
+        agent_to_bridge_ratio: bridge.map(|b| flat.delivered_per_s / b.delivered_per_s.max(1.0)),
         soak: Vec::new(),
         load_at_start,
     };
@@ -487,6 +513,7 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
 struct Report {
     phases: Vec<PhaseResult>,
     agent_to_limit_ratio: f64,
+    agent_to_bridge_ratio: Option<f64>,
     soak: Vec<SoakSample>,
     load_at_start: f64,
 }
@@ -529,6 +556,7 @@ impl Report {
             options: opts,
             phases: self.phases,
             agent_to_limit_ratio: self.agent_to_limit_ratio,
+            agent_to_bridge_ratio: self.agent_to_bridge_ratio,
             agent_vm_hwm_bytes: end.peak_rss_bytes,
             agent_rss_at_end_bytes: end.rss_bytes,
             load_average: [self.load_at_start, load_average()],
@@ -662,6 +690,7 @@ async fn soak(
     let report = Report {
         phases: vec![phase],
         agent_to_limit_ratio: 0.0,
+        agent_to_bridge_ratio: None,
         soak: samples,
         load_at_start,
     };
@@ -943,6 +972,79 @@ async fn bare_subscriber(port: u16, qos: u8, counter: Counter, stop: Cancellatio
             }
         }
     }
+}
+
+/// The bridge phase (`--broker mosquitto`): the load, flat out, through mosquitto's own bridge
+/// instead of the agent. A second local mosquitto, with the local broker's settings, bridges
+/// `sensors/#` at the local QoS to the cloud broker, where a bare subscriber counts what
+/// arrives. That is what a gateway forwards with no agent at all: no rules, and a queue kept
+/// in mosquitto's memory (saved every 30 minutes) rather than flushed to disk before each
+/// acknowledgement. The phase's broker CPU is the bridging mosquitto's.
+async fn bridge_phase(
+    opts: &BenchOptions,
+    cloud_port: u16,
+    length: Duration,
+) -> anyhow::Result<PhaseResult> {
+    let mut config = local_mosquitto_config(opts);
+    config.extend([
+        "connection bench-bridge".to_string(),
+        format!("address 127.0.0.1:{cloud_port}"),
+        format!("remote_clientid {}", unique_client_id("bench-bridge")),
+        format!("topic sensors/# out {}", opts.qos),
+    ]);
+    let bridge = edgestream_sim::Mosquitto::start_with(edgestream_sim::MosquittoOptions {
+        tls: None,
+        extra_config: config,
+    })
+    .await?;
+    let counter = Counter::default();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(bare_subscriber(
+        cloud_port,
+        opts.qos,
+        counter.clone(),
+        stop.clone(),
+    ));
+    counter.wait_ready().await?;
+    wait_bridged(bridge.port(), &counter)
+        .await
+        .with_context(|| bridge.log_tail())?;
+    let load = Load::start(opts, bridge.port(), None, &counter).await?;
+    let r = measure(length, &load, &counter, None, None, bridge.pid()).await;
+    load.stop().await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    Ok(PhaseResult {
+        name: "mosquitto bridge flat out".into(),
+        ..r
+    })
+}
+
+/// Publishes a probe reading to the bridging broker every 100 ms until `counter` (subscribed
+/// on the far side) has seen one: the bridge is connected and subscribed.
+async fn wait_bridged(port: u16, counter: &Counter) -> anyhow::Result<()> {
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    let o = MqttOptions::new(unique_client_id("bench-probe"), "127.0.0.1", port);
+    let (client, mut events) = AsyncClient::new(o, 16);
+    let deadline = Instant::now() + TIMEOUT;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while counter.count() == 0 {
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "mosquitto's bridge delivered nothing to the cloud broker within {TIMEOUT:?}"
+            );
+        }
+        tokio::select! {
+            _ = tick.tick() => {
+                // A full request queue only means the broker is not taking them yet.
+                let _ = client.try_publish("sensors/bench-probe/ready", QoS::AtLeastOnce, false, "0");
+            }
+            ev = events.poll() => if ev.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(serde::Deserialize)]
@@ -1547,8 +1649,12 @@ fn print_table(r: &BenchReport) {
     }
     println!();
     if r.soak.is_empty() {
+        let bridge = r
+            .agent_to_bridge_ratio
+            .map(|b| format!("   agent flat out / mosquitto bridge: {:.0}%", b * 100.0))
+            .unwrap_or_default();
         println!(
-            "agent flat out / broker limit: {:.0}%   agent VmHWM {:.1} MiB, RSS at end {:.1} MiB",
+            "agent flat out / broker limit: {:.0}%{bridge}   agent VmHWM {:.1} MiB, RSS at end {:.1} MiB",
             r.agent_to_limit_ratio * 100.0,
             r.agent_vm_hwm_bytes as f64 / 1048576.0,
             r.agent_rss_at_end_bytes as f64 / 1048576.0

@@ -436,14 +436,21 @@ struct Downsample {
     closed_until: u64,
 }
 
+/// One rule's state for one device.
+///
+/// Laid out by hand, with what every reading touches first and the whole starting a cache
+/// line: a reading of a device whose state has left the cache then misses once on its slot,
+/// not on each of the two or three lines Rust's own order spread those fields over (the
+/// device name alone fills most of one). What only alerts and downsampling read comes last.
 #[derive(Debug, Clone)]
+#[repr(C, align(64))]
 struct Slot {
-    device: DeviceName,
+    now: u64,
     latest: Box<[f64]>,
     dets: Box<[Det]>,
     phase: Phase,
-    now: u64,
     down: Downsample,
+    device: DeviceName,
 }
 
 impl Slot {

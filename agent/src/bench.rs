@@ -429,21 +429,10 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let mut phases = Vec::new();
 
     // Phase 1: the broker's own limit.
-    let bare = Counter::default();
-    let bare_task = tokio::spawn(bare_subscriber(
-        local_port,
-        opts.qos,
-        bare.clone(),
-        CancellationToken::new(),
-    ));
-    bare.wait_ready().await?;
-    let load = Load::start(&opts, local_port, None, &bare).await?;
     let limit = PhaseResult {
         name: "broker limit (bare subscriber)".into(),
-        ..measure(half, &load, &bare, None, None, brokers.local_pid()).await
+        ..bare_phase(&opts, local_port, local_port, half, brokers.local_pid()).await?
     };
-    load.stop().await;
-    bare_task.abort();
     phases.push(limit.clone());
 
     // Phase 1b (mosquitto): the same load through mosquitto's own bridge, before the agent
@@ -997,27 +986,43 @@ async fn bridge_phase(
         extra_config: config,
     })
     .await?;
+    let r = bare_phase(opts, bridge.port(), cloud_port, length, bridge.pid())
+        .await
+        .with_context(|| bridge.log_tail())?;
+    Ok(PhaseResult {
+        name: "mosquitto bridge flat out".into(),
+        ..r
+    })
+}
+
+/// The load, flat out, into the broker on `load_port`, counted by a bare subscriber on the
+/// broker on `count_port` (the same one for the limit phase; the far side of a bridge for the
+/// bridge phase, which must be seen carrying a probe before the load starts).
+async fn bare_phase(
+    opts: &BenchOptions,
+    load_port: u16,
+    count_port: u16,
+    length: Duration,
+    broker_pid: Option<u32>,
+) -> anyhow::Result<PhaseResult> {
     let counter = Counter::default();
     let stop = CancellationToken::new();
     let task = tokio::spawn(bare_subscriber(
-        cloud_port,
+        count_port,
         opts.qos,
         counter.clone(),
         stop.clone(),
     ));
     counter.wait_ready().await?;
-    wait_bridged(bridge.port(), &counter)
-        .await
-        .with_context(|| bridge.log_tail())?;
-    let load = Load::start(opts, bridge.port(), None, &counter).await?;
-    let r = measure(length, &load, &counter, None, None, bridge.pid()).await;
+    if load_port != count_port {
+        wait_bridged(load_port, &counter).await?;
+    }
+    let load = Load::start(opts, load_port, None, &counter).await?;
+    let r = measure(length, &load, &counter, None, None, broker_pid).await;
     load.stop().await;
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
-    Ok(PhaseResult {
-        name: "mosquitto bridge flat out".into(),
-        ..r
-    })
+    Ok(r)
 }
 
 /// Publishes a probe reading to the bridging broker every 100 ms until `counter` (subscribed

@@ -12,19 +12,16 @@
 
 use std::time::Instant;
 
-use edgestream_agent::bench::{load_reading, BENCH_RULES};
+use edgestream_agent::bench::{load_reading, schedstat_ns, BENCH_RULES};
 use edgestream_rules::{Engine, Output, Reading};
 
 /// Readings per measured pass, and passes (the best pass is reported beside the mean).
 const READINGS: usize = 2_000_000;
 const PASSES: usize = 5;
 
-/// The calling thread's CPU time in nanoseconds (`/proc/thread-self/schedstat`, first field).
+/// The calling thread's CPU time in nanoseconds.
 fn thread_cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    schedstat_ns("/proc/thread-self/schedstat").unwrap_or(0)
 }
 
 fn main() {

@@ -820,6 +820,17 @@ fn quantile_ms(sorted_us: &[u32], q: f64) -> Option<f64> {
     Some(f64::from(sorted_us[(last as f64 * q).round() as usize]) / 1000.0)
 }
 
+/// A thread's run time so far, in nanoseconds: the first field of its `schedstat` file
+/// (`/proc/PID/task/TID/schedstat`, or `/proc/thread-self/schedstat` for the caller).
+pub fn schedstat_ns(path: impl AsRef<Path>) -> Option<u64> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// CPU seconds of each live thread of `pid` (`/proc/PID/task/*/schedstat`, or `stat`'s ticks
 /// where that is missing), summed by thread name with numbered pools merged (`sled-io-3`
 /// counts as `sled-io`).
@@ -845,10 +856,7 @@ fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
         // The thread's run time in nanoseconds (`schedstat`, first field). Its utime and stime
         // come in whole ticks (10 ms), and a tick lost to rounding in each of nine threads
         // read as most of a microsecond per reading in a 10-second phase at 10,000/s.
-        let exact = std::fs::read_to_string(task.path().join("schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            .map(|ns| ns as f64 / 1e9);
+        let exact = schedstat_ns(task.path().join("schedstat")).map(|ns| ns as f64 / 1e9);
         let seconds = exact.unwrap_or_else(|| crate::health::stat_cpu_seconds(&stat));
         *by_name.entry(name.to_string()).or_insert(0.0) += seconds;
     }

@@ -220,6 +220,16 @@ fn score(x: f64, centre: f64, spread: f64) -> f64 {
 }
 
 impl Det {
+    /// Starts loading the buffers [`update`](Det::update) will touch (see [`Ring::prefetch`]).
+    fn prefetch(&self) {
+        match self {
+            Det::Agg { ring, .. } | Det::ZScore { ring, .. } | Det::Mad { ring, .. } => {
+                ring.prefetch()
+            }
+            _ => {}
+        }
+    }
+
     pub(crate) fn new(spec: &DetSpec, created_ts: u64) -> Det {
         let w = spec.window;
         match spec.kind {
@@ -627,6 +637,50 @@ impl Engine {
                 }
             }
             apply_reading_actions(rule, slot, route.selected, out);
+        }
+    }
+
+    /// Starts loading, without changing anything, the state that
+    /// [`on_reading`](Engine::on_reading) will touch for a reading of `metric` from `device`:
+    /// each of its rules' slots for the device and the ring buffers the reading will go into.
+    ///
+    /// Between two readings of one device, the readings of every other device pass through
+    /// the engine, so under load a device's state has usually left the CPU's caches, and a
+    /// reading waits on one miss after another (a sorted window's binary search alone is a
+    /// chain of them). Called a few readings ahead of `on_reading`, this lets those loads
+    /// overlap the work on the readings in between. It only reads: results are the same with
+    /// or without it. A device or metric the engine has not seen yet is skipped.
+    pub fn prefetch(&self, device: &str, metric: &str) {
+        let Some(entry) = self
+            .index
+            .get(device)
+            .and_then(|id| self.devices.get(*id as usize))
+        else {
+            return;
+        };
+        let Some(m) = entry.metrics.iter().find(|m| m.metric.as_str() == metric) else {
+            return;
+        };
+        let rules = &self.plan.inner.rules;
+        for route in &m.routes {
+            let (Some(rule), Some(slot)) = (
+                rules.get(route.rule as usize),
+                self.states
+                    .get(route.rule as usize)
+                    .and_then(|s| s.slots.get(route.slot as usize)),
+            ) else {
+                continue;
+            };
+            crate::prefetch::value(&slot.now);
+            if route.input == NO_INPUT {
+                continue;
+            }
+            crate::prefetch::slice(&slot.latest);
+            for (spec, det) in rule.dets.iter().zip(slot.dets.iter()) {
+                if spec.input == route.input {
+                    det.prefetch();
+                }
+            }
         }
     }
 

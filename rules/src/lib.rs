@@ -37,6 +37,7 @@ mod lexer;
 mod limits;
 mod output;
 mod parser;
+mod prefetch;
 #[cfg(test)]
 mod proptests;
 mod replay;

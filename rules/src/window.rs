@@ -137,6 +137,23 @@ impl Ring {
         evicted
     }
 
+    /// Starts loading what the next [`expire`](Ring::expire) and [`push`](Ring::push) read:
+    /// the oldest and the next slot of the values and timestamps, and the whole sorted copy
+    /// (a push's two binary searches over it would otherwise wait on one cache miss after
+    /// another). Reads only: see [`crate::prefetch`].
+    pub(crate) fn prefetch(&self) {
+        let next = (self.head + self.len) % self.cap;
+        for i in [self.head, next] {
+            if let Some(v) = self.vals.get(i) {
+                crate::prefetch::value(v);
+            }
+            if let Some(t) = self.ts.get(i) {
+                crate::prefetch::value(t);
+            }
+        }
+        crate::prefetch::slice(self.sorted.get(..self.len).unwrap_or_default());
+    }
+
     /// [`push`](Ring::push) for a ring that keeps no values.
     fn push_count_only(&mut self, ts: u64) -> bool {
         let evicted = self.len == self.cap;

@@ -85,6 +85,8 @@ fn feed(engine: &mut Engine, out: &mut Output, from: u64, to: u64, events: &mut 
             ("humidity", 40.0),
             ("debug_x", 1.0),
         ] {
+            // As the agent's rules stage does, a few readings ahead (no allocation either).
+            engine.prefetch(devices[((i + 1) % 3) as usize], m);
             engine.on_reading(
                 &Reading {
                     device: d,

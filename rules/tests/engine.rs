@@ -398,3 +398,83 @@ fn degraded_paths_are_counted() {
     assert!(out.is_empty());
     assert_eq!(e.stats().device_name_too_long, 1);
 }
+
+/// `Engine::prefetch` only reads: an engine told to prefetch, ahead and out of turn, for
+/// readings it will see, has seen or will never see, decides exactly what one never told
+/// does, through every state of every kind of window (empty, filling, full, expiring by
+/// time) and through a plan swap.
+#[test]
+fn prefetch_changes_no_decision() {
+    let src = r#"
+rule hot
+  on device "d-*"
+  when temperature > 80 for 1s
+  clear when temperature < 75
+  alert warning "hot"
+rule windows
+  on device "d-*"
+  when avg(temperature, 8) > 79 and max(temperature, 5) - min(temperature, 5) > 4 and median(temperature, 6) > 70 and percentile(temperature, 90, 9) > 81
+  alert info "window"
+rule timed
+  on device "d-*"
+  when avg(temperature, 3s) > 80 and count(vibration, 2s) > 3 and stddev(temperature, 2s) > 1
+  alert info "timed"
+rule scores
+  on device "d-*"
+  when zscore(vibration, 7) > 2 or mad_outlier(vibration, 6, 3) or ewma_dev(vibration, 0.3) > 2
+  alert warning "vibration"
+rule slow
+  on device "d-*"
+  when ewma(temperature, 0.5) > 82 or rate(temperature) > 5 or flatline(vibration, 3s) or missing(vibration, 4s)
+  alert info "slow"
+rule tagged
+  on metric "vib*"
+  tag line = "3"
+"#;
+    let mut plain = engine(src);
+    let mut hinted = engine(src);
+    let (mut a, mut b) = (Output::default(), Output::default());
+    let devices = ["d-1", "d-2", "d-3"];
+    let reading = |i: u64| {
+        let device = devices[(i % 3) as usize];
+        let (metric, value) = if i % 2 == 0 {
+            ("temperature", 70.0 + ((i * 7) % 19) as f64)
+        } else {
+            ("vibration", if i % 23 == 0 { 40.0 } else { (i % 5) as f64 })
+        };
+        // Gaps now and then, so time windows empty and missing data fires.
+        let ts = i * 150 + (i / 40) * 5_000;
+        r(device, metric, value, ts)
+    };
+    let mut events = 0;
+    for i in 0..600u64 {
+        if i == 300 {
+            // Swap to a plan that keeps some rules and changes others.
+            let swapped = src.replace("avg(temperature, 8) > 79", "avg(temperature, 4) > 78");
+            plain.swap_plan(compile(&swapped).unwrap());
+            hinted.swap_plan(compile(&swapped).unwrap());
+        }
+        for ahead in [i, i + 1, i + 5, i.saturating_sub(3)] {
+            let x = reading(ahead);
+            hinted.prefetch(x.device, x.metric);
+        }
+        hinted.prefetch("unknown", "temperature");
+        hinted.prefetch("d-1", "unknown");
+        let x = reading(i);
+        plain.on_reading(&x, &mut a);
+        hinted.on_reading(&x, &mut b);
+        assert_eq!(format!("{a:?}"), format!("{b:?}"), "reading {i}");
+        events += a.alerts.len();
+        if i % 10 == 0 {
+            plain.on_tick(x.ts_ms, &mut a);
+            hinted.on_tick(x.ts_ms, &mut b);
+            assert_eq!(format!("{a:?}"), format!("{b:?}"), "tick after reading {i}");
+            events += a.alerts.len();
+        }
+    }
+    assert!(
+        events > 20,
+        "the stream must raise and clear alerts, got {events}"
+    );
+    assert_eq!(plain.stats(), hinted.stats());
+}

@@ -31,6 +31,12 @@ use crate::source::{now_ms, Ack, SourceMsg};
 
 /// Largest number of inputs evaluated and committed as one group.
 pub const MAX_GROUP: usize = 1024;
+
+/// How many inputs ahead of the one being evaluated the rules engine is told to start
+/// loading state for ([`Engine::prefetch`](edgestream_rules::Engine::prefetch)): enough for
+/// the loads to overlap the work on the readings in between, few enough that what they bring
+/// in is still in the cache when its reading comes (a reading's state is a few KiB).
+pub const PREFETCH_AHEAD: usize = 8;
 /// Longest a group waits after its first input for more to share its flush (module doc).
 /// Bounds the latency and the acknowledgement delay that grouping adds. Measured at 10,000
 /// readings/s on the bench: agent CPU per reading 62 -> 36 us at 4 ms; later, with removals
@@ -173,7 +179,14 @@ impl RulesStage {
             }
             group_since.get_or_insert_with(Instant::now);
             group_inputs += msgs.len();
-            for msg in msgs.drain(..) {
+            let mut batch = msgs.drain(..);
+            for ahead in batch.as_slice().iter().take(PREFETCH_AHEAD) {
+                self.prefetch(ahead);
+            }
+            while let Some(msg) = batch.next() {
+                if let Some(ahead) = batch.as_slice().get(PREFETCH_AHEAD - 1) {
+                    self.prefetch(ahead);
+                }
                 match msg {
                     SourceMsg::Reading(r, ack) => {
                         let reading = edgestream_rules::Reading {
@@ -227,6 +240,13 @@ impl RulesStage {
             tokio::time::sleep(ACK_RETRY).await;
         }
         tracing::info!("rules stage drained");
+    }
+
+    /// Lets the engine start loading the state `msg` will need, if it is a reading.
+    fn prefetch(&self, msg: &SourceMsg) {
+        if let SourceMsg::Reading(r, _) = msg {
+            self.engine.prefetch(&r.device, &r.metric);
+        }
     }
 
     /// Turns the engine's output for one reading (or one tick) into outbox records.

@@ -176,6 +176,11 @@ pub struct BenchOptions {
     /// Simulated devices (each publishes `temperature` and `vibration` alternately).
     #[arg(long, default_value_t = 100)]
     pub devices: usize,
+    /// Rule bundle for the agent (a rules file; an empty file runs it without rules).
+    /// Default: the built-in 20 rules. The bench counts every reading at the cloud, so a
+    /// bundle with `drop` or `forward ... every` rules is refused.
+    #[arg(long, value_name = "FILE")]
+    pub rules: Option<PathBuf>,
     /// TCP connections the devices share (the load generator's cost, not the agent's).
     #[arg(long, default_value_t = 10)]
     pub connections: usize,
@@ -340,6 +345,7 @@ pub fn main(opts: BenchOptions) -> anyhow::Result<()> {
     if let Some(agent) = opts.agent.as_ref().filter(|a| !a.is_file()) {
         anyhow::bail!("--agent {}: no such file", agent.display());
     }
+    bench_bundle(&opts)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -539,9 +545,7 @@ impl Report {
             cores: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
-            rules: edgestream_rules::compile(BENCH_RULES)
-                .map(|p| p.rule_count())
-                .unwrap_or(0),
+            rules: bench_bundle(&opts)?.1,
             options: opts,
             phases: self.phases,
             agent_to_limit_ratio: self.agent_to_limit_ratio,
@@ -1225,6 +1229,33 @@ fn put_publish(buf: &mut Vec<u8>, topic: &str, pkid: u16, payload: &[u8]) {
     buf.extend_from_slice(payload);
 }
 
+/// The agent's rule bundle (`--rules`, or [`BENCH_RULES`]) and its number of rules, checked:
+/// it must compile, and no rule may drop readings or replace them with aggregates (the bench
+/// counts every reading at the cloud, and its flat-out load waits for them).
+fn bench_bundle(opts: &BenchOptions) -> anyhow::Result<(String, usize)> {
+    let (text, origin) = match &opts.rules {
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--rules: cannot read {}", path.display()))?,
+            path.display().to_string(),
+        ),
+        None => (
+            BENCH_RULES.to_string(),
+            "the built-in bench rules".to_string(),
+        ),
+    };
+    let plan = edgestream_rules::compile(&text)
+        .map_err(|e| anyhow::anyhow!("--rules: {origin} does not compile:\n{e}"))?;
+    let dropping: Vec<&str> = plan.dropping_rules().collect();
+    anyhow::ensure!(
+        dropping.is_empty(),
+        "--rules: {origin}: rule(s) {} drop readings or forward aggregates instead; the bench \
+         counts every reading at the cloud, so its bundle must forward them all",
+        dropping.join(", ")
+    );
+    Ok((text, plan.rule_count()))
+}
+
 /// The `i`-th reading a load connection writes for its `devices` devices: (device index,
 /// metric index: 0 temperature, 1 vibration, value). Temperature saw-tooths 50..90 over 40
 /// samples per device (alerts raise and clear); vibration is low with a spike every 500
@@ -1400,6 +1431,8 @@ impl AgentChild {
         local_port: u16,
         cloud_port: u16,
     ) -> anyhow::Result<AgentChild> {
+        let rules_path = dir.join("bench.rules");
+        std::fs::write(&rules_path, bench_bundle(opts)?.0).context("writing the rule bundle")?;
         let config = format!(
             r#"
 [gateway]
@@ -1424,7 +1457,7 @@ durability = "{durability}"
 flush_interval_ms = {FLUSH_INTERVAL_MS}
 
 [rules]
-text = """{BENCH_RULES}"""
+file = "{rules}"
 
 [health]
 interval_secs = 5
@@ -1437,6 +1470,7 @@ port = 0
 level = "warn,edgestream_agent::source=info,edgestream_agent::prometheus=info"
 "#,
             data = dir.join("data").display(),
+            rules = rules_path.display(),
             qos = opts.qos,
             batch = opts.batch_size,
             inflight = opts.cloud_inflight,
@@ -1588,6 +1622,9 @@ fn print_table(r: &BenchReport) {
     );
     if let Some(agent) = &o.agent {
         println!("agent: {}", agent.display());
+    }
+    if let Some(rules) = &o.rules {
+        println!("rules: {}", rules.display());
     }
     println!();
     println!(

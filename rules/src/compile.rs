@@ -161,6 +161,16 @@ impl Plan {
         self.inner.rules.len()
     }
 
+    /// Names of the rules that can keep a reading from being forwarded as it came: `drop`,
+    /// or `forward ... every`, which replaces a window's raw readings with aggregates.
+    pub fn dropping_rules(&self) -> impl Iterator<Item = &str> {
+        self.inner
+            .rules
+            .iter()
+            .filter(|r| r.drop || r.forward.is_some())
+            .map(|r| &*r.name)
+    }
+
     /// Worst-case bytes of per-device state: for every rule, its per-device state times its
     /// device limit. Checked against [`Limits::max_state_bytes`] at compile time.
     pub fn state_bytes(&self) -> usize {

@@ -183,6 +183,57 @@ fn bench_runs_the_agent_binary_it_is_given() {
     );
 }
 
+/// `--rules FILE` runs the agent with that bundle instead of the built-in 20 rules: here one
+/// rule that raises once per device and never clears, so the agent's alert counter must
+/// equal the number of devices. Bundles the bench cannot count through (rules that drop
+/// readings), bundles that do not compile and missing files are refused before anything
+/// starts, each with a message that says what and where.
+#[test]
+fn bench_runs_the_agent_with_the_rules_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("probe.rules");
+    std::fs::write(
+        &rules,
+        "rule probe\n  on device \"dev-*\"\n  when temperature > 0\n  alert info \"probe\"\n",
+    )
+    .unwrap();
+    let rules_arg = rules.to_str().unwrap();
+    let out = bench(&[
+        "--json",
+        "--soak",
+        "4",
+        "--soak-every",
+        "2",
+        "--devices",
+        "10",
+        "--connections",
+        "2",
+        "--rules",
+        rules_arg,
+    ]);
+    let r: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}:\n{out}"));
+    assert_eq!(r["rules"], 1, "{r:#}");
+    assert_eq!(r["options"]["rules"].as_str(), Some(rules_arg), "{r:#}");
+    let raised = &r["agent_counters"]["edgestream_alerts_total{transition=\"raised\"}"];
+    assert_eq!(raised.as_f64(), Some(10.0), "{r:#}");
+
+    let drop = dir.path().join("drop.rules");
+    std::fs::write(&drop, "rule quiet\n  on metric \"vibration\"\n  drop\n").unwrap();
+    let bad = dir.path().join("bad.rules");
+    std::fs::write(&bad, "rule broken\n  when temperature >\n").unwrap();
+    let missing = dir.path().join("missing.rules");
+    for (file, want) in [
+        (&drop, "rule(s) quiet drop readings"),
+        (&bad, "does not compile"),
+        (&missing, "cannot read"),
+    ] {
+        let (status, stdout, stderr) = run_bench(&["--rules", file.to_str().unwrap()]);
+        assert!(!status.success(), "{stdout}");
+        assert!(stderr.contains(want), "{}: {stderr}", file.display());
+        assert!(stderr.contains(file.to_str().unwrap()), "{stderr}");
+    }
+}
+
 /// `--soak` runs the agent at the rate for the given time and samples what could grow with
 /// it: resident memory, the outbox's depth and its store on disk, with the rate delivered
 /// and the latency of each interval.

@@ -31,9 +31,10 @@
 //!
 //! The first second of each phase is warm-up and not counted. Load devices publish QoS 1
 //! readings `{"value":..,"ts":..}` on `sensors/dev-NNN/{temperature|vibration}`; the agent runs
-//! [`BENCH_RULES`] (20 rules over every device) with the durable outbox (`durability =
-//! "batch"`: every group is flushed before its PUBACKs; `--durability interval` flushes every
-//! second instead, to compare what reaches the disk).
+//! [`BENCH_RULES`] (20 rules over every device), or the bundle `--rules FILE` gives (an empty
+//! file for none), with the durable outbox (`durability = "batch"`: every group is flushed
+//! before its PUBACKs; `--durability interval` flushes every second instead, to compare what
+//! reaches the disk).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

@@ -26,6 +26,14 @@ fn bench(args: &[&str]) -> String {
     stdout
 }
 
+/// Runs a 4-second `--soak` at the default rate (2-second samples) with `extra` arguments and
+/// returns its JSON report.
+fn short_soak(extra: &[&str]) -> Value {
+    let args = [&["--json", "--soak", "4", "--soak-every", "2"], extra].concat();
+    let out = bench(&args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}:\n{out}"))
+}
+
 fn number(v: &Value, field: &str) -> f64 {
     v[field]
         .as_f64()
@@ -198,12 +206,7 @@ fn bench_runs_the_agent_with_the_rules_it_is_given() {
     )
     .unwrap();
     let rules_arg = rules.to_str().unwrap();
-    let out = bench(&[
-        "--json",
-        "--soak",
-        "4",
-        "--soak-every",
-        "2",
+    let r = short_soak(&[
         "--devices",
         "10",
         "--connections",
@@ -211,7 +214,6 @@ fn bench_runs_the_agent_with_the_rules_it_is_given() {
         "--rules",
         rules_arg,
     ]);
-    let r: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}:\n{out}"));
     assert_eq!(r["rules"], 1, "{r:#}");
     assert_eq!(r["options"]["rules"].as_str(), Some(rules_arg), "{r:#}");
     let raised = &r["agent_counters"]["edgestream_alerts_total{transition=\"raised\"}"];
@@ -274,16 +276,7 @@ fn bench_soak_samples_memory_and_store_over_time() {
 
     // `--durability interval` reaches the agent: its groups are not flushed (sled flushes
     // in the background), and it keeps up as before.
-    let out = bench(&[
-        "--json",
-        "--soak",
-        "4",
-        "--soak-every",
-        "2",
-        "--durability",
-        "interval",
-    ]);
-    let r: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}:\n{out}"));
+    let r = short_soak(&["--durability", "interval"]);
     assert_eq!(r["options"]["durability"], "interval", "{r:#}");
     assert_eq!(number(&r, "agent_outbox_flushes"), 0.0, "{r:#}");
     let rate = number(&r["phases"][0], "delivered_per_s");

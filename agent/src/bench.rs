@@ -346,13 +346,13 @@ pub fn main(opts: BenchOptions) -> anyhow::Result<()> {
     if let Some(agent) = opts.agent.as_ref().filter(|a| !a.is_file()) {
         anyhow::bail!("--agent {}: no such file", agent.display());
     }
-    bench_bundle(&opts)?;
+    let bundle = Bundle::load(&opts)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let report = runtime.block_on(run(opts.clone()))?;
+    let report = runtime.block_on(run(opts.clone(), bundle))?;
     if opts.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -424,12 +424,12 @@ async fn start_brokers(opts: &BenchOptions) -> anyhow::Result<Brokers> {
     })
 }
 
-async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
+async fn run(opts: BenchOptions, bundle: Bundle) -> anyhow::Result<BenchReport> {
     let load_at_start = load_average();
     let brokers = start_brokers(&opts).await.context("starting brokers")?;
     let (local_port, cloud_port) = brokers.ports();
     if opts.soak > 0 {
-        return soak(opts, brokers, load_at_start).await;
+        return soak(opts, &bundle, brokers, load_at_start).await;
     }
     let half = Duration::from_secs((opts.duration / 2).max(3));
     let full = Duration::from_secs(opts.duration.max(3));
@@ -455,7 +455,7 @@ async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         Brokers::InProcess(..) => None,
     };
 
-    let c = Cloud::start(&opts, local_port, cloud_port).await?;
+    let c = Cloud::start(&opts, &bundle, local_port, cloud_port).await?;
     let (agent, cloud) = (&c.agent, &c.cloud);
 
     // Phase 2: fixed rate, latency.
@@ -528,6 +528,7 @@ impl Report {
             mut agent,
             cloud_stop,
             cloud_task,
+            rules_in_bundle,
             ..
         } = cloud;
         let end = ProcessStats::read(Pid::Other(agent.pid()));
@@ -546,7 +547,7 @@ impl Report {
             cores: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
-            rules: bench_bundle(&opts)?.1,
+            rules: rules_in_bundle,
             options: opts,
             phases: self.phases,
             agent_to_limit_ratio: self.agent_to_limit_ratio,
@@ -581,15 +582,22 @@ struct Cloud {
     cloud: Counter,
     cloud_stop: CancellationToken,
     cloud_task: tokio::task::JoinHandle<()>,
+    /// Rules in the agent's bundle, for the report.
+    rules_in_bundle: usize,
 }
 
 impl Cloud {
-    async fn start(opts: &BenchOptions, local_port: u16, cloud_port: u16) -> anyhow::Result<Cloud> {
+    async fn start(
+        opts: &BenchOptions,
+        bundle: &Bundle,
+        local_port: u16,
+        cloud_port: u16,
+    ) -> anyhow::Result<Cloud> {
         let dir = tempfile::Builder::new()
             .prefix("edgestream-bench-")
             .tempdir()
             .context("temp dir")?;
-        let mut agent = AgentChild::start(dir.path(), opts, local_port, cloud_port)?;
+        let mut agent = AgentChild::start(dir.path(), opts, &bundle.text, local_port, cloud_port)?;
         let cloud = Counter::default();
         let cloud_stop = CancellationToken::new();
         let cloud_task = tokio::spawn(cloud_counter(cloud_port, cloud.clone(), cloud_stop.clone()));
@@ -601,6 +609,7 @@ impl Cloud {
             cloud,
             cloud_stop,
             cloud_task,
+            rules_in_bundle: bundle.rules,
         })
     }
 }
@@ -609,11 +618,12 @@ impl Cloud {
 /// Latencies are taken per sample, so the bench's own memory stays flat however long it runs.
 async fn soak(
     opts: BenchOptions,
+    bundle: &Bundle,
     brokers: Brokers,
     load_at_start: f64,
 ) -> anyhow::Result<BenchReport> {
     let (local_port, cloud_port) = brokers.ports();
-    let c = Cloud::start(&opts, local_port, cloud_port).await?;
+    let c = Cloud::start(&opts, bundle, local_port, cloud_port).await?;
     let (agent, cloud) = (&c.agent, &c.cloud);
     let pid = Pid::Other(agent.pid());
     let metrics_port = agent
@@ -1230,31 +1240,43 @@ fn put_publish(buf: &mut Vec<u8>, topic: &str, pkid: u16, payload: &[u8]) {
     buf.extend_from_slice(payload);
 }
 
-/// The agent's rule bundle (`--rules`, or [`BENCH_RULES`]) and its number of rules, checked:
-/// it must compile, and no rule may drop readings or replace them with aggregates (the bench
-/// counts every reading at the cloud, and its flat-out load waits for them).
-fn bench_bundle(opts: &BenchOptions) -> anyhow::Result<(String, usize)> {
-    let (text, origin) = match &opts.rules {
-        Some(path) => (
-            std::fs::read_to_string(path)
-                .with_context(|| format!("--rules: cannot read {}", path.display()))?,
-            path.display().to_string(),
-        ),
-        None => (
-            BENCH_RULES.to_string(),
-            "the built-in bench rules".to_string(),
-        ),
-    };
-    let plan = edgestream_rules::compile(&text)
-        .map_err(|e| anyhow::anyhow!("--rules: {origin} does not compile:\n{e}"))?;
-    let dropping: Vec<&str> = plan.dropping_rules().collect();
-    anyhow::ensure!(
-        dropping.is_empty(),
-        "--rules: {origin}: rule(s) {} drop readings or forward aggregates instead; the bench \
-         counts every reading at the cloud, so its bundle must forward them all",
-        dropping.join(", ")
-    );
-    Ok((text, plan.rule_count()))
+/// The agent's rule bundle: `--rules`, or [`BENCH_RULES`]. Read and checked once, before
+/// anything starts.
+struct Bundle {
+    text: String,
+    rules: usize,
+}
+
+impl Bundle {
+    /// Reads and checks the bundle: it must compile, and no rule may drop readings or replace
+    /// them with aggregates (the bench counts every reading at the cloud, and its flat-out
+    /// load waits for them).
+    fn load(opts: &BenchOptions) -> anyhow::Result<Bundle> {
+        let (text, origin) = match &opts.rules {
+            Some(path) => (
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("--rules: cannot read {}", path.display()))?,
+                path.display().to_string(),
+            ),
+            None => (
+                BENCH_RULES.to_string(),
+                "the built-in bench rules".to_string(),
+            ),
+        };
+        let plan = edgestream_rules::compile(&text)
+            .map_err(|e| anyhow::anyhow!("--rules: {origin} does not compile:\n{e}"))?;
+        let dropping: Vec<&str> = plan.dropping_rules().collect();
+        anyhow::ensure!(
+            dropping.is_empty(),
+            "--rules: {origin}: rule(s) {} drop readings or forward aggregates instead; the \
+             bench counts every reading at the cloud, so its bundle must forward them all",
+            dropping.join(", ")
+        );
+        Ok(Bundle {
+            rules: plan.rule_count(),
+            text,
+        })
+    }
 }
 
 /// The `i`-th reading a load connection writes for its `devices` devices: (device index,
@@ -1429,11 +1451,12 @@ impl AgentChild {
     fn start(
         dir: &Path,
         opts: &BenchOptions,
+        rules: &str,
         local_port: u16,
         cloud_port: u16,
     ) -> anyhow::Result<AgentChild> {
         let rules_path = dir.join("bench.rules");
-        std::fs::write(&rules_path, bench_bundle(opts)?.0).context("writing the rule bundle")?;
+        std::fs::write(&rules_path, rules).context("writing the rule bundle")?;
         let config = format!(
             r#"
 [gateway]
@@ -1458,7 +1481,7 @@ durability = "{durability}"
 flush_interval_ms = {FLUSH_INTERVAL_MS}
 
 [rules]
-file = "{rules}"
+file = "{rules_file}"
 
 [health]
 interval_secs = 5
@@ -1471,7 +1494,7 @@ port = 0
 level = "warn,edgestream_agent::source=info,edgestream_agent::prometheus=info"
 "#,
             data = dir.join("data").display(),
-            rules = rules_path.display(),
+            rules_file = rules_path.display(),
             qos = opts.qos,
             batch = opts.batch_size,
             inflight = opts.cloud_inflight,

@@ -15,13 +15,13 @@
 //! wake-up brings at 10,000 readings/s), and between two deliveries the bench writes over N
 //! KiB of other memory, as the brokers, the kernel and the rest of the agent do. Only the
 //! engine's calls are timed (wall clock). Passes alternate between evaluating each delivery
-//! as the rules stage does, with `Engine::prefetch` a few readings ahead
-//! (`processor::PREFETCH_AHEAD`), and without it, so one run shows what the hint saves.
+//! as the rules stage does (`processor::drain_prefetching`: `Engine::prefetch` a few readings
+//! ahead), and without it, so one run shows what the hint saves.
 
 use std::time::Instant;
 
 use edgestream_agent::bench::{load_reading, schedstat_ns, BENCH_RULES};
-use edgestream_agent::processor::PREFETCH_AHEAD;
+use edgestream_agent::processor::drain_prefetching;
 use edgestream_rules::{Engine, Output, Reading};
 
 /// Readings per measured pass, and passes (the best pass is reported beside the mean).
@@ -67,7 +67,6 @@ fn cold(engine: &mut Engine, out: &mut Output, names: &[String], i: &mut usize, 
         let mut engine_ns = 0u128;
         let mut alerts = 0;
         for _ in 0..COLD_READINGS / delivery {
-            batch.clear();
             batch.extend((0..delivery).map(|k| reading(*i + k, names)));
             *i += delivery;
             for line in evict.iter_mut().step_by(8) {
@@ -75,18 +74,19 @@ fn cold(engine: &mut Engine, out: &mut Output, names: &[String], i: &mut usize, 
             }
             std::hint::black_box(&mut evict);
             let t = Instant::now();
-            if prefetch {
-                for r in batch.iter().take(PREFETCH_AHEAD) {
-                    engine.prefetch(r.device, r.metric);
-                }
-            }
-            for (k, r) in batch.iter().enumerate() {
-                if let (true, Some(a)) = (prefetch, batch.get(k + PREFETCH_AHEAD)) {
-                    engine.prefetch(a.device, a.metric);
-                }
-                engine.on_reading(r, out);
-                alerts += out.alerts.len();
-            }
+            drain_prefetching(
+                &mut batch,
+                engine,
+                |e, r| {
+                    if prefetch {
+                        e.prefetch(r.device, r.metric);
+                    }
+                },
+                |e, r| {
+                    e.on_reading(&r, out);
+                    alerts += out.alerts.len();
+                },
+            );
             engine_ns += t.elapsed().as_nanos();
         }
         std::hint::black_box(alerts);

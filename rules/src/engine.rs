@@ -648,9 +648,11 @@ impl Engine {
     /// the engine, so under load a device's state has usually left the CPU's caches, and a
     /// reading waits on one miss after another (a sorted window's binary search alone is a
     /// chain of them). Called a few readings ahead of `on_reading`, this lets those loads
-    /// overlap the work on the readings in between. It only reads: results are the same with
-    /// or without it. A device or metric the engine has not seen yet is skipped.
-    pub fn prefetch(&self, device: &str, metric: &str) {
+    /// overlap the work on the readings in between. The loads are the processor's prefetch
+    /// instructions ([`crate::prefetch`]), which never make the caller wait; only the
+    /// pointers that lead to the next level are read. It changes nothing: results are the
+    /// same with or without it. A device or metric the engine has not seen yet is skipped.
+    pub fn prefetch<'a>(&'a self, device: &str, metric: &str) {
         let Some(entry) = self
             .index
             .get(device)
@@ -662,24 +664,40 @@ impl Engine {
             return;
         };
         let rules = &self.plan.inner.rules;
-        for route in &m.routes {
-            let (Some(rule), Some(slot)) = (
-                rules.get(route.rule as usize),
-                self.states
-                    .get(route.rule as usize)
-                    .and_then(|s| s.slots.get(route.slot as usize)),
-            ) else {
-                continue;
-            };
+        let states = &self.states;
+        let fed = || {
+            m.routes.iter().filter_map(|route| {
+                let rule = rules.get(route.rule as usize)?;
+                let slot = states
+                    .get(route.rule as usize)?
+                    .slots
+                    .get(route.slot as usize)?;
+                Some((route.input, rule, slot))
+            })
+        };
+        // Level by level, so that each level's loads are all in flight together: first every
+        // slot's first line (its address needs no load), then what the slots point to (the
+        // newest inputs and the detectors), then the detectors' buffers. Walking one rule at
+        // a time instead waited on each rule's chain of misses in turn.
+        for (_, _, slot) in fed() {
             crate::prefetch::value(&slot.now);
-            if route.input == NO_INPUT {
-                continue;
+        }
+        let dets = |input: u8, rule: &'a RulePlan, slot: &'a Slot| {
+            rule.dets
+                .iter()
+                .zip(slot.dets.iter())
+                .filter(move |(spec, _)| spec.input == input)
+                .map(|(_, det)| det)
+        };
+        for (input, rule, slot) in fed() {
+            if input != NO_INPUT {
+                crate::prefetch::slice(&slot.latest);
+                dets(input, rule, slot).for_each(crate::prefetch::object);
             }
-            crate::prefetch::slice(&slot.latest);
-            for (spec, det) in rule.dets.iter().zip(slot.dets.iter()) {
-                if spec.input == route.input {
-                    det.prefetch();
-                }
+        }
+        for (input, rule, slot) in fed() {
+            if input != NO_INPUT {
+                dets(input, rule, slot).for_each(Det::prefetch);
             }
         }
     }

@@ -391,6 +391,54 @@ const ACK_RETRY: Duration = Duration::from_millis(5);
 mod tests {
     use super::*;
 
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Step {
+        Prefetch(usize),
+        Eval(usize),
+    }
+
+    /// Every item is prefetched once, exactly `PREFETCH_AHEAD` items before it is evaluated
+    /// (the first ones before the first item), and evaluated once, in order.
+    #[test]
+    fn drain_prefetching_tells_of_each_item_once_and_in_time() {
+        for n in 0..3 * PREFETCH_AHEAD {
+            let mut batch: Vec<usize> = (0..n).collect();
+            let mut log = std::cell::RefCell::new(Vec::new());
+            drain_prefetching(
+                &mut batch,
+                &mut log,
+                |log, item| log.borrow_mut().push(Step::Prefetch(*item)),
+                |log, item| log.get_mut().push(Step::Eval(item)),
+            );
+            assert!(batch.is_empty());
+            let log = log.into_inner();
+            assert_eq!(log.len(), 2 * n, "n = {n}: {log:?}");
+            let evals: Vec<usize> = log
+                .iter()
+                .filter_map(|s| match s {
+                    Step::Eval(i) => Some(*i),
+                    Step::Prefetch(_) => None,
+                })
+                .collect();
+            assert_eq!(evals, (0..n).collect::<Vec<_>>(), "n = {n}");
+            for item in 0..n {
+                let at: Vec<usize> = (0..log.len())
+                    .filter(|&k| log[k] == Step::Prefetch(item))
+                    .collect();
+                assert_eq!(at.len(), 1, "n = {n}, item {item}: {log:?}");
+                let evaluated_before = log[..at[0]]
+                    .iter()
+                    .filter(|s| matches!(s, Step::Eval(_)))
+                    .count();
+                assert_eq!(
+                    evaluated_before,
+                    item.saturating_sub(PREFETCH_AHEAD),
+                    "n = {n}, item {item}: {log:?}"
+                );
+            }
+        }
+    }
+
     /// Runs the stage's grouping decisions over a source that offers `offered(t)` inputs at
     /// each millisecond `t`, of which at most `window` may be delivered and not yet committed
     /// (a broker's in-flight window; commits acknowledge at once). Returns each group's size

@@ -17,22 +17,29 @@
 /// Cortex-A53/A72/A76 of Pi-class boards).
 const LINE: usize = 64;
 
-/// Starts loading one value of each cache line of `s`.
+/// Starts loading every cache line `s` spans: one element a line apart, and the last one
+/// (when `s` does not start a line, the stride alone would miss the last line).
 #[inline]
 pub(crate) fn slice<T>(s: &[T]) {
     let step = (LINE / core::mem::size_of::<T>().max(1)).max(1);
     for v in s.iter().step_by(step) {
         value(v);
     }
+    if let Some(last) = s.last() {
+        value(last);
+    }
 }
 
-/// Starts loading every cache line `v` spans.
+/// Starts loading every cache line `v` spans (its first byte, one a line apart, and its
+/// last, as in [`slice`]).
 #[inline]
 pub(crate) fn object<T>(v: &T) {
     let start: *const u8 = (v as *const T).cast();
-    for offset in (0..core::mem::size_of::<T>().max(1)).step_by(LINE) {
+    let size = core::mem::size_of::<T>();
+    for offset in (0..size).step_by(LINE) {
         line(start.wrapping_add(offset));
     }
+    line(start.wrapping_add(size.saturating_sub(1)));
 }
 
 /// Starts loading the cache line of `v`.

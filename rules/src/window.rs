@@ -140,7 +140,8 @@ impl Ring {
     /// Starts loading what the next [`expire`](Ring::expire) and [`push`](Ring::push) read:
     /// the oldest and the next slot of the values and timestamps, and the whole sorted copy
     /// (a push's two binary searches over it would otherwise wait on one cache miss after
-    /// another). Reads only: see [`crate::prefetch`].
+    /// another). Only the ring's own fields are read; the touches change nothing but the
+    /// caches (see [`crate::prefetch`]).
     pub(crate) fn prefetch(&self) {
         let next = (self.head + self.len) % self.cap;
         for i in [self.head, next] {

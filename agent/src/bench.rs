@@ -286,6 +286,12 @@ pub struct PhaseResult {
     /// I/O wait): brokers, load, subscribers and agent together. Well under the machine's
     /// cores means the phase was bound by something other than CPU (a window, a wait).
     pub machine_busy_cores: Option<f64>,
+    /// Cores' worth of time the hypervisor gave to other guests while this machine's vCPUs
+    /// had work (`/proc/stat`'s steal; counted in [`Self::machine_busy_cores`] too). On a
+    /// shared host it tells a contended hour, in which every CPU figure of the run reads
+    /// higher: other guests also take the caches and memory bandwidth. `None` where the
+    /// kernel does not account steal (bare metal reads 0).
+    pub machine_steal_cores: Option<f64>,
     /// [`Self::agent_cpu_us_per_reading`] split by the agent's threads, by name: the tokio
     /// runtime (`tokio-rt-worker`: sources, rules, uplink, sled inserts and reads), sled's
     /// own I/O pool (`sled-io`: log writes and flushes), `main`; `exited` is the rest of the
@@ -752,10 +758,12 @@ async fn measure(
     let secs = t0.elapsed().as_secs_f64();
     let (o1, d1) = (load.acked(), delivered.count());
     let n = (d1 - d0) as f64;
+    let m1 = machine_ticks();
     let mut r = PhaseResult {
         offered_per_s: (o1 - o0) as f64 / secs,
         delivered_per_s: n / secs,
-        machine_busy_cores: busy_cores(m0, machine_ticks()),
+        machine_busy_cores: cores_of(m0, m1, |t| t.busy),
+        machine_steal_cores: cores_of(m0, m1, |t| t.steal),
         ..PhaseResult::default()
     };
     if let (Some(pid), Some(b0)) = (local_broker, b0) {
@@ -792,14 +800,22 @@ async fn measure(
     r
 }
 
-/// The machine's CPU time so far, in clock ticks summed over all cores: (busy, total), from
-/// the first line of `/proc/stat` (`cpu user nice system idle iowait irq softirq steal ...`),
-/// and its online cores (the `cpuN` lines).
+/// The machine's CPU time so far, from the first line of `/proc/stat` (`cpu user nice system
+/// idle iowait irq softirq steal ...`), and its online cores (the `cpuN` lines).
 fn machine_ticks() -> Option<MachineTicks> {
     parse_machine_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
 }
 
-type MachineTicks = (u64, u64, usize);
+/// Clock ticks summed over all cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MachineTicks {
+    /// Everything but idle and I/O wait (steal included).
+    busy: u64,
+    /// Taken by the hypervisor while a vCPU had work.
+    steal: u64,
+    total: u64,
+    cpus: usize,
+}
 
 fn parse_machine_ticks(stat: &str) -> Option<MachineTicks> {
     let cpus = stat
@@ -818,14 +834,23 @@ fn parse_machine_ticks(stat: &str) -> Option<MachineTicks> {
         .collect::<Option<_>>()?;
     let idle = v.get(3)? + v.get(4)?;
     let total: u64 = v.iter().sum();
-    Some((total - idle, total, cpus))
+    Some(MachineTicks {
+        busy: total - idle,
+        steal: *v.get(7)?,
+        total,
+        cpus,
+    })
 }
 
-/// Busy cores between two [`machine_ticks`] readings.
-fn busy_cores(t0: Option<MachineTicks>, t1: Option<MachineTicks>) -> Option<f64> {
-    let ((b0, n0, _), (b1, n1, cpus)) = (t0?, t1?);
-    let total = n1.checked_sub(n0).filter(|&t| t > 0)?;
-    Some(b1.saturating_sub(b0) as f64 / total as f64 * cpus as f64)
+/// Cores' worth of the ticks `field` picks between two [`machine_ticks`] readings.
+fn cores_of(
+    t0: Option<MachineTicks>,
+    t1: Option<MachineTicks>,
+    field: impl Fn(&MachineTicks) -> u64,
+) -> Option<f64> {
+    let (t0, t1) = (t0?, t1?);
+    let total = t1.total.checked_sub(t0.total).filter(|&t| t > 0)?;
+    Some(field(&t1).saturating_sub(field(&t0)) as f64 / total as f64 * t1.cpus as f64)
 }
 
 /// Quantile `q` of latencies in microseconds, sorted ascending, in milliseconds (nearest
@@ -1721,6 +1746,17 @@ fn print_table(r: &BenchReport) {
             machine.join("; ")
         );
     }
+    let steal: Vec<String> = r
+        .phases
+        .iter()
+        .filter_map(|p| Some(format!("{} {:.2}", p.name, p.machine_steal_cores?)))
+        .collect();
+    if !steal.is_empty() {
+        println!(
+            "  of which taken by the hypervisor (steal, cores): {}",
+            steal.join("; ")
+        );
+    }
     println!();
     if r.soak.is_empty() {
         let bridge = r
@@ -1786,18 +1822,36 @@ mod tests {
     fn machine_ticks_read_busy_and_total_from_proc_stat() {
         let stat = "cpu  100 5 50 800 20 3 2 10 7 0\ncpu0 50 2 25 400 10 1 1 5 0 0\n";
         // busy: user + nice + system + irq + softirq + steal; idle and iowait are not.
-        assert_eq!(parse_machine_ticks(stat), Some((170, 990, 1)));
+        let one = MachineTicks {
+            busy: 170,
+            steal: 10,
+            total: 990,
+            cpus: 1,
+        };
+        assert_eq!(parse_machine_ticks(stat), Some(one));
         let two = format!("{stat}cpu1 50 3 25 400 10 2 1 5 7 0\nintr 1 2\n");
-        assert_eq!(parse_machine_ticks(&two), Some((170, 990, 2)));
+        assert_eq!(
+            parse_machine_ticks(&two),
+            Some(MachineTicks { cpus: 2, ..one })
+        );
         assert_eq!(parse_machine_ticks("cpu0 1 2 3\n"), None);
         assert_eq!(parse_machine_ticks("cpu  1 2 x 4 5 6 7 8\n"), None);
-        // Half of the new ticks busy on 2 cores: one core.
-        assert_eq!(
-            busy_cores(Some((100, 1000, 2)), Some((600, 2000, 2))),
-            Some(1.0)
-        );
-        assert_eq!(busy_cores(Some((100, 1000, 2)), Some((100, 1000, 2))), None);
-        assert_eq!(busy_cores(None, Some((100, 1000, 2))), None);
+        // A kernel too old to report steal (7 fields): no figures rather than wrong ones.
+        assert_eq!(parse_machine_ticks("cpu  1 2 3 4 5 6 7\n"), None);
+        let at = |busy, steal, total| {
+            Some(MachineTicks {
+                busy,
+                steal,
+                total,
+                cpus: 2,
+            })
+        };
+        // Half of the new ticks busy on 2 cores: one core; a tenth stolen: 0.2 of a core.
+        let (t0, t1) = (at(100, 10, 1000), at(600, 110, 2000));
+        assert_eq!(cores_of(t0, t1, |t| t.busy), Some(1.0));
+        assert_eq!(cores_of(t0, t1, |t| t.steal), Some(0.2));
+        assert_eq!(cores_of(t0, t0, |t| t.busy), None);
+        assert_eq!(cores_of(None, t1, |t| t.busy), None);
     }
 
     #[test]

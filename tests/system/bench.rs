@@ -83,6 +83,9 @@ fn check_report(stdout: &str, broker_process: bool) {
         if let Some(agent) = p["agent_cpu_cores"].as_f64() {
             assert!(busy + 0.05 >= agent, "{p:#}");
         }
+        // Steal is part of busy (0 on bare metal).
+        let steal = number(p, "machine_steal_cores");
+        assert!((0.0..=busy).contains(&steal), "{p:#}");
     }
     let (limit, latency, flat) = (
         &phases[0],

@@ -842,6 +842,22 @@ fn parse_machine_ticks(stat: &str) -> Option<MachineTicks> {
     })
 }
 
+/// Prints `label: phase figure; phase figure; ...` for the phases `figure` has a value for,
+/// or nothing when it has none.
+fn print_by_phase(
+    phases: &[PhaseResult],
+    label: &str,
+    figure: impl Fn(&PhaseResult) -> Option<String>,
+) {
+    let parts: Vec<String> = phases
+        .iter()
+        .filter_map(|p| Some(format!("{} {}", p.name, figure(p)?)))
+        .collect();
+    if !parts.is_empty() {
+        println!("  {label}: {}", parts.join("; "));
+    }
+}
+
 /// Cores' worth of the ticks `field` picks between two [`machine_ticks`] readings.
 fn cores_of(
     t0: Option<MachineTicks>,
@@ -1722,41 +1738,20 @@ fn print_table(r: &BenchReport) {
             .collect();
         println!("  {}: CPU us/rdg by thread: {}", p.name, split.join(", "));
     }
-    let broker: Vec<String> = r
-        .phases
-        .iter()
-        .filter_map(|p| {
-            let us = p.local_broker_cpu_us_per_reading?;
-            let cores = p.local_broker_cpu_cores?;
-            Some(format!("{} {us:.2} us/rdg ({cores:.2} cores)", p.name))
-        })
-        .collect();
-    if !broker.is_empty() {
-        println!("  local broker CPU: {}", broker.join("; "));
-    }
-    let machine: Vec<String> = r
-        .phases
-        .iter()
-        .filter_map(|p| Some(format!("{} {:.2}", p.name, p.machine_busy_cores?)))
-        .collect();
-    if !machine.is_empty() {
-        println!(
-            "  machine busy cores (of {}, all processes): {}",
-            r.cores,
-            machine.join("; ")
-        );
-    }
-    let steal: Vec<String> = r
-        .phases
-        .iter()
-        .filter_map(|p| Some(format!("{} {:.2}", p.name, p.machine_steal_cores?)))
-        .collect();
-    if !steal.is_empty() {
-        println!(
-            "  of which taken by the hypervisor (steal, cores): {}",
-            steal.join("; ")
-        );
-    }
+    print_by_phase(&r.phases, "local broker CPU", |p| {
+        let us = p.local_broker_cpu_us_per_reading?;
+        let cores = p.local_broker_cpu_cores?;
+        Some(format!("{us:.2} us/rdg ({cores:.2} cores)"))
+    });
+    let busy = format!("machine busy cores (of {}, all processes)", r.cores);
+    print_by_phase(&r.phases, &busy, |p| {
+        Some(format!("{:.2}", p.machine_busy_cores?))
+    });
+    print_by_phase(
+        &r.phases,
+        "of which taken by the hypervisor (steal, cores)",
+        |p| Some(format!("{:.2}", p.machine_steal_cores?)),
+    );
     println!();
     if r.soak.is_empty() {
         let bridge = r

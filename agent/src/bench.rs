@@ -252,6 +252,9 @@ pub struct SoakSample {
     pub outbox_records: f64,
     /// The outbox store's size on disk at the sample (`edgestream_outbox_disk_bytes`).
     pub outbox_disk_bytes: f64,
+    /// The hypervisor's steal over the interval, in cores ([`PhaseResult::machine_steal_cores`]):
+    /// over a long soak it shows when the host was contended.
+    pub machine_steal_cores: Option<f64>,
 }
 
 /// Figures of one phase.
@@ -642,7 +645,9 @@ async fn soak(
     let t0 = Instant::now();
     let (o0, d0) = (load.acked(), cloud.count());
     let first = ProcessStats::read(pid);
+    let m0 = machine_ticks();
     let mut prev = (0.0, d0, first.cpu_seconds);
+    let mut prev_ticks = m0;
     let mut samples = Vec::new();
     let length = Duration::from_secs(opts.soak);
     let every = Duration::from_secs(opts.soak_every);
@@ -656,6 +661,7 @@ async fn soak(
         let counters = crate::prometheus::parse(&crate::prometheus::scrape(metrics_port).await?);
         let gauge = |k: &str| counters.get(k).copied().unwrap_or(0.0);
         let n = (d - prev.1) as f64;
+        let ticks = machine_ticks();
         let sample = SoakSample {
             at_s: at,
             delivered_per_s: n / (at - prev.0).max(1e-3),
@@ -664,18 +670,21 @@ async fn soak(
             agent_rss_bytes: stats.rss_bytes,
             outbox_records: gauge("edgestream_outbox_records"),
             outbox_disk_bytes: gauge("edgestream_outbox_disk_bytes"),
+            machine_steal_cores: cores_of(prev_ticks, ticks, |t| t.steal),
         };
         if !opts.json {
             eprintln!("{}", soak_row(&sample));
         }
         samples.push(sample);
         prev = (at, d, stats.cpu_seconds);
+        prev_ticks = ticks;
     }
     cloud.record_latency(false);
     let secs = t0.elapsed().as_secs_f64();
     let (o1, d1) = (load.acked(), cloud.count());
     load.stop().await;
     let end = ProcessStats::read(pid);
+    let m1 = machine_ticks();
     let n = (d1 - d0) as f64;
     let phase = PhaseResult {
         name: format!("agent soak at {} readings/s", opts.rate),
@@ -695,6 +704,8 @@ async fn soak(
             .iter()
             .map(|s| s.agent_rss_bytes)
             .max(),
+        machine_busy_cores: cores_of(m0, m1, |t| t.busy),
+        machine_steal_cores: cores_of(m0, m1, |t| t.steal),
         ..PhaseResult::default()
     };
     let report = Report {
@@ -708,11 +719,11 @@ async fn soak(
 }
 
 const SOAK_HEADER: &str =
-    "   at s  delivered/s  p99 ms  CPU us/rdg       RSS  outbox records  store on disk";
+    "   at s  delivered/s  p99 ms  CPU us/rdg       RSS  outbox records  store on disk  steal";
 
 fn soak_row(s: &SoakSample) -> String {
     format!(
-        "{:>7.0} {:>12.0} {:>7} {:>11.2} {:>5.1} MiB {:>15.0} {:>10.1} MiB",
+        "{:>7.0} {:>12.0} {:>7} {:>11.2} {:>5.1} MiB {:>15.0} {:>10.1} MiB {:>6}",
         s.at_s,
         s.delivered_per_s,
         opt(s.latency_p99_ms, 1),
@@ -720,6 +731,7 @@ fn soak_row(s: &SoakSample) -> String {
         s.agent_rss_bytes as f64 / 1048576.0,
         s.outbox_records,
         s.outbox_disk_bytes / 1048576.0,
+        opt(s.machine_steal_cores, 2),
     )
 }
 

@@ -272,7 +272,15 @@ fn bench_soak_samples_memory_and_store_over_time() {
         assert!(number(s, "agent_rss_bytes") > 1e6, "{s:#}");
         assert!(number(s, "outbox_disk_bytes") > 0.0, "{s:#}");
         assert!(s["outbox_records"].is_f64(), "{s:#}");
+        assert!(number(s, "machine_steal_cores") >= 0.0, "{s:#}");
     }
+    // The whole soak's machine figures, as in the other phases.
+    let busy = number(&phases[0], "machine_busy_cores");
+    assert!(busy > 0.0, "{r:#}");
+    assert!(
+        (0.0..=busy).contains(&number(&phases[0], "machine_steal_cores")),
+        "{r:#}"
+    );
     // `durability = "batch"` (the default): every group commit is flushed.
     assert_eq!(r["options"]["durability"], "batch", "{r:#}");
     assert!(number(&r, "agent_outbox_flushes") > 0.0, "{r:#}");
@@ -290,7 +298,7 @@ fn bench_soak_samples_memory_and_store_over_time() {
         "durable outbox (batch)",
         "agent soak at 1000 readings/s",
         "soak samples (every 2 s):",
-        "outbox records  store on disk",
+        "outbox records  store on disk  steal",
         "soak: highest RSS",
     ] {
         assert!(table.contains(line), "no {line:?} in\n{table}");

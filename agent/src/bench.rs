@@ -195,8 +195,8 @@ pub struct BenchOptions {
     /// default is 20).
     #[arg(long, default_value_t = 0)]
     pub local_max_inflight: u32,
-    /// Agent `cloud.batch_size`.
-    #[arg(long, default_value_t = 200)]
+    /// Agent `cloud.batch_size` (the agent's default).
+    #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
     /// Agent `cloud.max_inflight`.
     #[arg(long, default_value_t = 16)]

@@ -65,10 +65,10 @@ pub fn drain_prefetching<T, S>(
 /// grouped, 19.1 -> 13.3-14.6 us from 4 to 8 ms, p99 latency 25 -> 29-30 ms. From 8 to 16 ms
 /// (tenth session, alternating `--soak 30` pairs and full benches on mosquitto with and
 /// without its window and on rumqttd): 59 -> 100 readings per flush behind mosquitto, CPU per
-/// reading lower in 12 of 13 pairs (13.07 -> 10.78 us on average in the four first pairs),
-/// flat out unchanged. The p99 cost (about 6 ms) is paid back by the uplink's default batch of
-/// 100 readings instead of 200 (`cloud.batch_size`), which at this rate no longer waits about
-/// 20 ms to fill: p99 32-34 ms either way.
+/// reading lower in 20 of 21 pairs (median 15 %), flat out unchanged. The p99 cost (about
+/// 6 ms) is paid back by the uplink's default batch of 100 readings instead of 200
+/// (`cloud.batch_size`), which at this rate no longer waits about 20 ms to fill: p99 32-34 ms
+/// either way in calm minutes; on a contended host a few ms more (docs/performance-log.md).
 pub const COMMIT_LINGER: Duration = Duration::from_millis(16);
 /// How often time-driven rules (missing data, durations, downsampling windows) are ticked.
 pub const TICK: Duration = Duration::from_secs(1);

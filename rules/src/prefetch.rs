@@ -17,29 +17,29 @@
 /// Cortex-A53/A72/A76 of Pi-class boards).
 const LINE: usize = 64;
 
-/// Starts loading every cache line `s` spans: one element a line apart, and the last one
-/// (when `s` does not start a line, the stride alone would miss the last line).
+/// Starts loading every cache line `s` spans.
 #[inline]
 pub(crate) fn slice<T>(s: &[T]) {
-    let step = (LINE / core::mem::size_of::<T>().max(1)).max(1);
-    for v in s.iter().step_by(step) {
-        value(v);
-    }
-    if let Some(last) = s.last() {
-        value(last);
-    }
+    bytes(s.as_ptr().cast(), core::mem::size_of_val(s));
 }
 
-/// Starts loading every cache line `v` spans (its first byte, one a line apart, and its
-/// last, as in [`slice`]).
+/// Starts loading every cache line `v` spans.
 #[inline]
 pub(crate) fn object<T>(v: &T) {
-    let start: *const u8 = (v as *const T).cast();
-    let size = core::mem::size_of::<T>();
-    for offset in (0..size).step_by(LINE) {
+    bytes((v as *const T).cast(), core::mem::size_of::<T>());
+}
+
+/// Starts loading every cache line of the `len` bytes at `start`: one byte a line apart, and
+/// the last (when `start` does not begin a line, the stride alone would miss the last line).
+#[inline]
+fn bytes(start: *const u8, len: usize) {
+    let Some(last) = len.checked_sub(1) else {
+        return;
+    };
+    for offset in (0..len).step_by(LINE) {
         line(start.wrapping_add(offset));
     }
-    line(start.wrapping_add(size.saturating_sub(1)));
+    line(start.wrapping_add(last));
 }
 
 /// Starts loading the cache line of `v`.

@@ -195,11 +195,11 @@ pub struct BenchOptions {
     /// default is 20).
     #[arg(long, default_value_t = 0)]
     pub local_max_inflight: u32,
-    /// Agent `cloud.batch_size` (the agent's default).
-    #[arg(long, default_value_t = 100)]
+    /// Agent `cloud.batch_size` (default: the agent's).
+    #[arg(long, default_value_t = crate::config::default_batch_size())]
     pub batch_size: usize,
-    /// Agent `cloud.max_inflight`.
-    #[arg(long, default_value_t = 16)]
+    /// Agent `cloud.max_inflight` (default: the agent's).
+    #[arg(long, default_value_t = crate::config::default_max_inflight())]
     pub cloud_inflight: u16,
     /// Agent `outbox.durability` (`interval` flushes every 1,000 ms: what the README's disk
     /// figures at gateway rates compare).

@@ -542,13 +542,13 @@ fn default_prefix() -> String {
 }
 /// Filled in 10 ms at 10,000 readings/s, so that a batch adds little to the group commit's
 /// wait (`processor::COMMIT_LINGER`); the packaged config has always used it.
-fn default_batch_size() -> usize {
+pub(crate) fn default_batch_size() -> usize {
     100
 }
 fn default_linger_ms() -> u64 {
     100
 }
-fn default_max_inflight() -> u16 {
+pub(crate) fn default_max_inflight() -> u16 {
     16
 }
 fn default_max_packet_bytes() -> usize {

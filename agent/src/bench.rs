@@ -246,6 +246,8 @@ pub struct SoakSample {
     pub latency_p99_ms: Option<f64>,
     /// Agent CPU microseconds per reading delivered over the interval.
     pub agent_cpu_us_per_reading: f64,
+    /// Of which in the kernel ([`PhaseResult::agent_cpu_system_us_per_reading`]).
+    pub agent_cpu_system_us_per_reading: f64,
     /// Agent resident memory at the sample.
     pub agent_rss_bytes: u64,
     /// Records in the outbox at the sample (`edgestream_outbox_records`).
@@ -270,6 +272,11 @@ pub struct PhaseResult {
     pub latency_max_ms: Option<f64>,
     /// Agent CPU seconds per million delivered readings (= microseconds per reading).
     pub agent_cpu_us_per_reading: Option<f64>,
+    /// The part of [`Self::agent_cpu_us_per_reading`] spent in the kernel (the process's
+    /// `stime`): system calls, the network stack, waking other threads. On a virtual machine
+    /// this is the part that grows when the host is contended (each wake-up of an idle vCPU
+    /// goes through the hypervisor), while the part in user space stays about the same.
+    pub agent_cpu_system_us_per_reading: Option<f64>,
     /// Agent CPU use over the phase, in cores.
     pub agent_cpu_cores: Option<f64>,
     /// Bytes the agent wrote to storage per delivered reading.
@@ -646,7 +653,7 @@ async fn soak(
     let (o0, d0) = (load.acked(), cloud.count());
     let first = ProcessStats::read(pid);
     let m0 = machine_ticks();
-    let mut prev = (0.0, d0, first.cpu_seconds);
+    let mut prev = (0.0, d0, first);
     let mut prev_ticks = m0;
     let mut samples = Vec::new();
     let length = Duration::from_secs(opts.soak);
@@ -666,7 +673,10 @@ async fn soak(
             at_s: at,
             delivered_per_s: n / (at - prev.0).max(1e-3),
             latency_p99_ms: quantile_ms(&lat, 0.99),
-            agent_cpu_us_per_reading: (stats.cpu_seconds - prev.2) * 1e6 / n.max(1.0),
+            agent_cpu_us_per_reading: (stats.cpu_seconds - prev.2.cpu_seconds) * 1e6 / n.max(1.0),
+            agent_cpu_system_us_per_reading: (stats.cpu_system_seconds - prev.2.cpu_system_seconds)
+                * 1e6
+                / n.max(1.0),
             agent_rss_bytes: stats.rss_bytes,
             outbox_records: gauge("edgestream_outbox_records"),
             outbox_disk_bytes: gauge("edgestream_outbox_disk_bytes"),
@@ -676,7 +686,7 @@ async fn soak(
             eprintln!("{}", soak_row(&sample));
         }
         samples.push(sample);
-        prev = (at, d, stats.cpu_seconds);
+        prev = (at, d, stats);
         prev_ticks = ticks;
     }
     cloud.record_latency(false);
@@ -695,6 +705,9 @@ async fn soak(
             .filter_map(|s| s.latency_p99_ms)
             .reduce(f64::max),
         agent_cpu_us_per_reading: Some((end.cpu_seconds - first.cpu_seconds) * 1e6 / n.max(1.0)),
+        agent_cpu_system_us_per_reading: Some(
+            (end.cpu_system_seconds - first.cpu_system_seconds) * 1e6 / n.max(1.0),
+        ),
         agent_cpu_cores: Some((end.cpu_seconds - first.cpu_seconds) / secs),
         agent_disk_bytes_per_reading: Some(
             end.disk_write_bytes.saturating_sub(first.disk_write_bytes) as f64 / n.max(1.0),
@@ -719,15 +732,16 @@ async fn soak(
 }
 
 const SOAK_HEADER: &str =
-    "   at s  delivered/s  p99 ms  CPU us/rdg       RSS  outbox records  store on disk  steal";
+    "   at s  delivered/s  p99 ms  CPU us/rdg  kernel       RSS  outbox records  store on disk  steal";
 
 fn soak_row(s: &SoakSample) -> String {
     format!(
-        "{:>7.0} {:>12.0} {:>7} {:>11.2} {:>5.1} MiB {:>15.0} {:>10.1} MiB {:>6}",
+        "{:>7.0} {:>12.0} {:>7} {:>11.2} {:>7.2} {:>5.1} MiB {:>15.0} {:>10.1} MiB {:>6}",
         s.at_s,
         s.delivered_per_s,
         opt(s.latency_p99_ms, 1),
         s.agent_cpu_us_per_reading,
+        s.agent_cpu_system_us_per_reading,
         s.agent_rss_bytes as f64 / 1048576.0,
         s.outbox_records,
         s.outbox_disk_bytes / 1048576.0,
@@ -787,6 +801,8 @@ async fn measure(
         let p1 = ProcessStats::read(Pid::Other(a.pid()));
         let cpu = p1.cpu_seconds - p0.cpu_seconds;
         r.agent_cpu_us_per_reading = Some(cpu * 1e6 / n.max(1.0));
+        r.agent_cpu_system_us_per_reading =
+            Some((p1.cpu_system_seconds - p0.cpu_system_seconds) * 1e6 / n.max(1.0));
         r.agent_cpu_cores = Some(cpu / secs);
         r.agent_disk_bytes_per_reading =
             Some(p1.disk_write_bytes.saturating_sub(p0.disk_write_bytes) as f64 / n.max(1.0));
@@ -1750,6 +1766,11 @@ fn print_table(r: &BenchReport) {
             .collect();
         println!("  {}: CPU us/rdg by thread: {}", p.name, split.join(", "));
     }
+    print_by_phase(
+        &r.phases,
+        "agent CPU us/rdg in the kernel (system time)",
+        |p| Some(format!("{:.2}", p.agent_cpu_system_us_per_reading?)),
+    );
     print_by_phase(&r.phases, "local broker CPU", |p| {
         let us = p.local_broker_cpu_us_per_reading?;
         let cores = p.local_broker_cpu_cores?;

@@ -41,6 +41,9 @@ pub struct ProcessStats {
     pub peak_rss_bytes: u64,
     /// User + system CPU time since start.
     pub cpu_seconds: f64,
+    /// The part of [`Self::cpu_seconds`] spent in the kernel (`stime`): system calls, the
+    /// network stack, wake-ups of other threads.
+    pub cpu_system_seconds: f64,
     /// Bytes this process caused to be written to storage (`write_bytes` of `/proc/*/io`);
     /// 0 where the kernel does not account I/O per task.
     pub disk_write_bytes: u64,
@@ -57,10 +60,14 @@ impl ProcessStats {
                 .map(|k| k * 1024)
                 .unwrap_or(0)
         };
+        let (user, system) = std::fs::read_to_string(pid.proc_file("stat"))
+            .map(|stat| stat_cpu_split(&stat))
+            .unwrap_or_default();
         ProcessStats {
             rss_bytes: kib("VmRSS:"),
             peak_rss_bytes: kib("VmHWM:"),
-            cpu_seconds: cpu_seconds(pid),
+            cpu_seconds: user + system,
+            cpu_system_seconds: system,
             disk_write_bytes: disk_write_bytes(pid),
         }
     }
@@ -76,9 +83,15 @@ pub fn cpu_seconds(pid: Pid) -> f64 {
 /// utime + stime, in seconds, of a `/proc/.../stat` text (a process's or a thread's); 0 if
 /// it does not parse.
 pub(crate) fn stat_cpu_seconds(stat: &str) -> f64 {
+    let (user, system) = stat_cpu_split(stat);
+    user + system
+}
+
+/// utime and stime, in seconds, of a `/proc/.../stat` text; 0 for what does not parse.
+fn stat_cpu_split(stat: &str) -> (f64, f64) {
     // The command name (field 2) may contain spaces and parentheses: count from the last ')'.
     let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return 0.0;
+        return (0.0, 0.0);
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // `rest` starts at field 3 (state), so utime (14) and stime (15) are at 11 and 12.
@@ -88,7 +101,10 @@ pub(crate) fn stat_cpu_seconds(stat: &str) -> f64 {
             .and_then(|f| f.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    (ticks(11) + ticks(12)) as f64 / CLOCK_TICKS_PER_SEC
+    (
+        ticks(11) as f64 / CLOCK_TICKS_PER_SEC,
+        ticks(12) as f64 / CLOCK_TICKS_PER_SEC,
+    )
 }
 
 fn disk_write_bytes(pid: Pid) -> u64 {
@@ -189,7 +205,18 @@ mod tests {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
         }
         std::hint::black_box(x);
-        assert!(ProcessStats::read(Pid::Current).cpu_seconds > 0.0);
+        let p = ProcessStats::read(Pid::Current);
+        assert!(p.cpu_seconds > 0.0, "{p:?}");
+        assert!(p.cpu_system_seconds <= p.cpu_seconds, "{p:?}");
+    }
+
+    #[test]
+    fn stat_splits_user_and_system_time() {
+        // A command name with a space and a parenthesis; utime 250 and stime 75 ticks.
+        let stat = "4242 (tokio rt) x) S 1 4242 4242 0 -1 4194560 500 0 0 0 250 75 0 0 20 0 9 0";
+        assert_eq!(stat_cpu_split(stat), (2.5, 0.75));
+        assert_eq!(stat_cpu_seconds(stat), 3.25);
+        assert_eq!(stat_cpu_split("no parenthesis"), (0.0, 0.0));
     }
 
     #[test]

@@ -125,7 +125,19 @@ fn check_report(stdout: &str, broker_process: bool) {
             .as_object()
             .expect("CPU by thread");
         assert!(threads.contains_key("tokio-rt-worker"), "{p:#}");
+        // The kernel's part is part of the whole.
+        let system = number(p, "agent_cpu_system_us_per_reading");
+        assert!(
+            (0.0..=number(p, "agent_cpu_us_per_reading")).contains(&system),
+            "{p:#}"
+        );
     }
+    // Flat out the agent reads and writes sockets and flushes the outbox all the time: its
+    // kernel time over the phase is many clock ticks.
+    assert!(
+        number(flat, "agent_cpu_system_us_per_reading") > 0.0,
+        "{flat:#}"
+    );
     assert!(number(&r, "agent_to_limit_ratio") > 0.0, "{r:#}");
     // Not compared with the sampled peak: the kernel updates `VmHWM` only on some paths
     // (unmapping, exit), so a transient peak that `VmRSS` showed can be missing from it.
@@ -151,6 +163,7 @@ fn bench_prints_the_table_with_the_ratio_to_the_broker_limit() {
         "agent at 1000 readings/s",
         "agent flat out ",
         "CPU us/rdg by thread",
+        "agent CPU us/rdg in the kernel (system time): agent at 1000 readings/s ",
         "steady RSS",
         "machine busy cores (of ",
         "agent flat out / broker limit:",
@@ -258,6 +271,11 @@ fn bench_soak_samples_memory_and_store_over_time() {
     ] {
         assert!(number(&phases[0], field) > 0.0, "{field}: {r:#}");
     }
+    let system = number(&phases[0], "agent_cpu_system_us_per_reading");
+    assert!(
+        (0.0..=number(&phases[0], "agent_cpu_us_per_reading")).contains(&system),
+        "{r:#}"
+    );
     let samples = r["soak"].as_array().expect("soak samples");
     assert_eq!(samples.len(), 3, "{r:#}");
     let mut previous = 0.0;
@@ -273,6 +291,11 @@ fn bench_soak_samples_memory_and_store_over_time() {
         assert!(number(s, "outbox_disk_bytes") > 0.0, "{s:#}");
         assert!(s["outbox_records"].is_f64(), "{s:#}");
         assert!(number(s, "machine_steal_cores") >= 0.0, "{s:#}");
+        let system = number(s, "agent_cpu_system_us_per_reading");
+        assert!(
+            (0.0..=number(s, "agent_cpu_us_per_reading")).contains(&system),
+            "{s:#}"
+        );
     }
     // The whole soak's machine figures, as in the other phases.
     let busy = number(&phases[0], "machine_busy_cores");
@@ -298,7 +321,7 @@ fn bench_soak_samples_memory_and_store_over_time() {
         "durable outbox (batch)",
         "agent soak at 1000 readings/s",
         "soak samples (every 2 s):",
-        "outbox records  store on disk  steal",
+        "CPU us/rdg  kernel       RSS  outbox records  store on disk  steal",
         "soak: highest RSS",
     ] {
         assert!(table.contains(line), "no {line:?} in\n{table}");

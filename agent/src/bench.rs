@@ -274,8 +274,8 @@ pub struct PhaseResult {
     pub agent_cpu_us_per_reading: Option<f64>,
     /// The part of [`Self::agent_cpu_us_per_reading`] spent in the kernel (the process's
     /// `stime`): system calls, the network stack, waking other threads. On a virtual machine
-    /// this is the part that grows when the host is contended (each wake-up of an idle vCPU
-    /// goes through the hypervisor), while the part in user space stays about the same.
+    /// this is the part that grows most when the host is contended (each wake-up of an idle
+    /// vCPU goes through the hypervisor); the part in user space moves less.
     pub agent_cpu_system_us_per_reading: Option<f64>,
     /// Agent CPU use over the phase, in cores.
     pub agent_cpu_cores: Option<f64>,

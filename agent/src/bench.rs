@@ -669,14 +669,13 @@ async fn soak(
         let gauge = |k: &str| counters.get(k).copied().unwrap_or(0.0);
         let n = (d - prev.1) as f64;
         let ticks = machine_ticks();
+        let (cpu_us, system_us) = cpu_us_per_reading(&prev.2, &stats, n);
         let sample = SoakSample {
             at_s: at,
             delivered_per_s: n / (at - prev.0).max(1e-3),
             latency_p99_ms: quantile_ms(&lat, 0.99),
-            agent_cpu_us_per_reading: (stats.cpu_seconds - prev.2.cpu_seconds) * 1e6 / n.max(1.0),
-            agent_cpu_system_us_per_reading: (stats.cpu_system_seconds - prev.2.cpu_system_seconds)
-                * 1e6
-                / n.max(1.0),
+            agent_cpu_us_per_reading: cpu_us,
+            agent_cpu_system_us_per_reading: system_us,
             agent_rss_bytes: stats.rss_bytes,
             outbox_records: gauge("edgestream_outbox_records"),
             outbox_disk_bytes: gauge("edgestream_outbox_disk_bytes"),
@@ -696,6 +695,7 @@ async fn soak(
     let end = ProcessStats::read(pid);
     let m1 = machine_ticks();
     let n = (d1 - d0) as f64;
+    let (cpu_us, system_us) = cpu_us_per_reading(&first, &end, n);
     let phase = PhaseResult {
         name: format!("agent soak at {} readings/s", opts.rate),
         offered_per_s: (o1 - o0) as f64 / secs,
@@ -704,10 +704,8 @@ async fn soak(
             .iter()
             .filter_map(|s| s.latency_p99_ms)
             .reduce(f64::max),
-        agent_cpu_us_per_reading: Some((end.cpu_seconds - first.cpu_seconds) * 1e6 / n.max(1.0)),
-        agent_cpu_system_us_per_reading: Some(
-            (end.cpu_system_seconds - first.cpu_system_seconds) * 1e6 / n.max(1.0),
-        ),
+        agent_cpu_us_per_reading: Some(cpu_us),
+        agent_cpu_system_us_per_reading: Some(system_us),
         agent_cpu_cores: Some((end.cpu_seconds - first.cpu_seconds) / secs),
         agent_disk_bytes_per_reading: Some(
             end.disk_write_bytes.saturating_sub(first.disk_write_bytes) as f64 / n.max(1.0),
@@ -800,9 +798,9 @@ async fn measure(
     if let (Some(a), Some(p0)) = (agent, p0) {
         let p1 = ProcessStats::read(Pid::Other(a.pid()));
         let cpu = p1.cpu_seconds - p0.cpu_seconds;
-        r.agent_cpu_us_per_reading = Some(cpu * 1e6 / n.max(1.0));
-        r.agent_cpu_system_us_per_reading =
-            Some((p1.cpu_system_seconds - p0.cpu_system_seconds) * 1e6 / n.max(1.0));
+        let (cpu_us, system_us) = cpu_us_per_reading(&p0, &p1, n);
+        r.agent_cpu_us_per_reading = Some(cpu_us);
+        r.agent_cpu_system_us_per_reading = Some(system_us);
         r.agent_cpu_cores = Some(cpu / secs);
         r.agent_disk_bytes_per_reading =
             Some(p1.disk_write_bytes.saturating_sub(p0.disk_write_bytes) as f64 / n.max(1.0));
@@ -826,6 +824,16 @@ async fn measure(
         r.latency_max_ms = quantile_ms(&v, 1.0);
     }
     r
+}
+
+/// The agent's CPU time between two readings of its figures, in microseconds per reading of
+/// the `n` delivered meanwhile: (all of it, the part in the kernel).
+fn cpu_us_per_reading(p0: &ProcessStats, p1: &ProcessStats, n: f64) -> (f64, f64) {
+    let per_reading = |seconds: f64| seconds * 1e6 / n.max(1.0);
+    (
+        per_reading(p1.cpu_seconds - p0.cpu_seconds),
+        per_reading(p1.cpu_system_seconds - p0.cpu_system_seconds),
+    )
 }
 
 /// The machine's CPU time so far, from the first line of `/proc/stat` (`cpu user nice system
@@ -941,7 +949,10 @@ fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
         // come in whole ticks (10 ms), and a tick lost to rounding in each of nine threads
         // read as most of a microsecond per reading in a 10-second phase at 10,000/s.
         let exact = schedstat_ns(task.path().join("schedstat")).map(|ns| ns as f64 / 1e9);
-        let seconds = exact.unwrap_or_else(|| crate::health::stat_cpu_seconds(&stat));
+        let seconds = exact.unwrap_or_else(|| {
+            let (user, system) = crate::health::stat_cpu_split(&stat);
+            user + system
+        });
         *by_name.entry(name.to_string()).or_insert(0.0) += seconds;
     }
     by_name

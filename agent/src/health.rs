@@ -60,9 +60,7 @@ impl ProcessStats {
                 .map(|k| k * 1024)
                 .unwrap_or(0)
         };
-        let (user, system) = std::fs::read_to_string(pid.proc_file("stat"))
-            .map(|stat| stat_cpu_split(&stat))
-            .unwrap_or_default();
+        let (user, system) = cpu_split(pid);
         ProcessStats {
             rss_bytes: kib("VmRSS:"),
             peak_rss_bytes: kib("VmHWM:"),
@@ -75,20 +73,20 @@ impl ProcessStats {
 
 /// User + system CPU seconds of the process (fields 14 and 15 of `/proc/*/stat`).
 pub fn cpu_seconds(pid: Pid) -> f64 {
-    std::fs::read_to_string(pid.proc_file("stat"))
-        .map(|stat| stat_cpu_seconds(&stat))
-        .unwrap_or(0.0)
-}
-
-/// utime + stime, in seconds, of a `/proc/.../stat` text (a process's or a thread's); 0 if
-/// it does not parse.
-pub(crate) fn stat_cpu_seconds(stat: &str) -> f64 {
-    let (user, system) = stat_cpu_split(stat);
+    let (user, system) = cpu_split(pid);
     user + system
 }
 
-/// utime and stime, in seconds, of a `/proc/.../stat` text; 0 for what does not parse.
-fn stat_cpu_split(stat: &str) -> (f64, f64) {
+/// User and system CPU seconds of the process; 0 for what cannot be read.
+fn cpu_split(pid: Pid) -> (f64, f64) {
+    std::fs::read_to_string(pid.proc_file("stat"))
+        .map(|stat| stat_cpu_split(&stat))
+        .unwrap_or_default()
+}
+
+/// utime and stime, in seconds, of a `/proc/.../stat` text (a process's or a thread's); 0
+/// for what does not parse.
+pub(crate) fn stat_cpu_split(stat: &str) -> (f64, f64) {
     // The command name (field 2) may contain spaces and parentheses: count from the last ')'.
     let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
         return (0.0, 0.0);
@@ -215,7 +213,6 @@ mod tests {
         // A command name with a space and a parenthesis; utime 250 and stime 75 ticks.
         let stat = "4242 (tokio rt) x) S 1 4242 4242 0 -1 4194560 500 0 0 0 250 75 0 0 20 0 9 0";
         assert_eq!(stat_cpu_split(stat), (2.5, 0.75));
-        assert_eq!(stat_cpu_seconds(stat), 3.25);
         assert_eq!(stat_cpu_split("no parenthesis"), (0.0, 0.0));
     }
 

@@ -23,6 +23,8 @@ pub const MIN_OUTBOX_BYTES: u64 = 1 << 20;
 /// Bounds of `outbox.max_age_secs`: ages are kept in whole seconds; ten years is "forever".
 pub const MIN_OUTBOX_AGE_SECS: u64 = 1;
 pub const MAX_OUTBOX_AGE_SECS: u64 = 10 * 365 * 24 * 3600;
+/// Longest `outbox.commit_linger_ms` accepted: a second of acknowledgement delay.
+pub const MAX_COMMIT_LINGER_MS: u64 = 1_000;
 /// Longest accepted gateway id; it becomes part of every cloud topic.
 pub const MAX_GATEWAY_ID_LEN: usize = 64;
 /// Most async runtime threads `gateway.worker_threads` accepts.
@@ -212,6 +214,12 @@ pub struct OutboxConfig {
     /// Only with `durability = "interval"`.
     #[serde(default = "default_flush_interval_ms")]
     pub flush_interval_ms: u64,
+    /// Longest a group commit waits after its first input for more to share its flush
+    /// (`processor::COMMIT_LINGER` by default). Longer means fewer flushes, fewer bytes
+    /// written and less CPU at gateway rates, for that much more latency and acknowledgement
+    /// delay; the flush before every acknowledgement stays.
+    #[serde(default = "default_commit_linger_ms")]
+    pub commit_linger_ms: u64,
     #[serde(default = "default_full_policy")]
     pub full_policy: FullPolicy,
     /// Telemetry stored longer than this is dropped, oldest first (alerts and control
@@ -572,6 +580,9 @@ fn default_durability() -> Durability {
 fn default_flush_interval_ms() -> u64 {
     1_000
 }
+pub(crate) fn default_commit_linger_ms() -> u64 {
+    crate::processor::COMMIT_LINGER.as_millis() as u64
+}
 fn default_full_policy() -> FullPolicy {
     FullPolicy::DropOldestTelemetry
 }
@@ -604,6 +615,7 @@ impl Default for OutboxConfig {
             cache_bytes: default_cache_bytes(),
             durability: default_durability(),
             flush_interval_ms: default_flush_interval_ms(),
+            commit_linger_ms: default_commit_linger_ms(),
             full_policy: default_full_policy(),
             max_age_secs: None,
         }
@@ -1047,6 +1059,13 @@ impl OutboxConfig {
             && (self.flush_interval_ms == 0 || self.flush_interval_ms > 60_000)
         {
             bad(p, "outbox.flush_interval_ms", "must be between 1 and 60000");
+        }
+        if self.commit_linger_ms > MAX_COMMIT_LINGER_MS {
+            bad(
+                p,
+                "outbox.commit_linger_ms",
+                format!("must be between 0 and {MAX_COMMIT_LINGER_MS}"),
+            );
         }
         if let Some(age) = self.max_age_secs {
             if !(MIN_OUTBOX_AGE_SECS..=MAX_OUTBOX_AGE_SECS).contains(&age) {

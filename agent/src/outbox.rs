@@ -1571,6 +1571,33 @@ mod tests {
     }
 
     #[test]
+    fn the_commit_linger_defaults_to_the_stages_and_is_validated() {
+        use crate::config::{Config, MAX_COMMIT_LINGER_MS};
+        let cfg = |outbox: &str| {
+            format!(
+                "[gateway]\nid = \"gw\"\ndata_dir = \"/tmp/x\"\n[cloud]\nhost = \"h\"\ntls = false\n[outbox]\n{outbox}\n"
+            )
+        };
+        let c = Config::from_toml(&cfg(""), None).unwrap();
+        assert_eq!(
+            std::time::Duration::from_millis(c.outbox.commit_linger_ms),
+            crate::processor::COMMIT_LINGER
+        );
+        for ok in [0, 100, MAX_COMMIT_LINGER_MS] {
+            let c = Config::from_toml(&cfg(&format!("commit_linger_ms = {ok}")), None).unwrap();
+            assert_eq!(c.outbox.commit_linger_ms, ok);
+        }
+        let bad = format!("commit_linger_ms = {}", MAX_COMMIT_LINGER_MS + 1);
+        let e = Config::from_toml(&cfg(&bad), None).unwrap_err();
+        assert!(
+            e.0.iter()
+                .any(|p| p.path == "outbox.commit_linger_ms"
+                    && p.message.contains("between 0 and 1000")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn a_store_held_by_another_handle_is_not_moved_aside() {
         let dir = tempfile::tempdir().unwrap();
         let m = Arc::new(Metrics::default());

@@ -283,7 +283,8 @@ impl Agent {
         )
         .with_plan_updates(plans_rx)
         .with_commands(RuleCommandIssuer::new(rule_cmds_tx, &config.commands))
-        .with_heartbeat(heartbeat.clone());
+        .with_heartbeat(heartbeat.clone())
+        .with_commit_linger(Duration::from_millis(config.outbox.commit_linger_ms));
         let mut stage_task =
             tokio::spawn(stage.run(rx).instrument(tracing::info_span!("rules_stage")));
         let mut uplink_task = tokio::spawn(

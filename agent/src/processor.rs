@@ -5,7 +5,7 @@
 //! arrival order, appends all resulting records in one atomic outbox batch, awaits the flush
 //! (with `durability = "batch"`), and acknowledges the inputs in arrival order. A flush is the
 //! largest per-group cost (sled's log write, fsync and thread hand-offs), so a group may wait
-//! up to [`COMMIT_LINGER`] after its first input to share it, but only while that is likely to
+//! up to [`COMMIT_LINGER`] (`outbox.commit_linger_ms`) after its first input to share it, but only while that is likely to
 //! fill it: while more input is already waiting, or while the group is smaller than 3/4 of the
 //! size groups are expected to reach (`next_expected_group`). The second rule adapts to the
 //! source: when idle, single readings commit at once (a lone reading that lingered sets the
@@ -121,6 +121,8 @@ pub struct RulesStage {
     heartbeat: Arc<AtomicU64>,
     /// Where rule-issued device commands go (`None`: counted only, as in `rules test`).
     commands: Option<crate::commands::RuleCommandIssuer>,
+    /// Longest a group waits for more input ([`COMMIT_LINGER`] unless configured).
+    linger: Duration,
 }
 
 impl RulesStage {
@@ -139,7 +141,15 @@ impl RulesStage {
             unacked: Vec::new(),
             heartbeat: Arc::default(),
             commands: None,
+            linger: COMMIT_LINGER,
         }
+    }
+
+    /// Sets how long a group may wait after its first input for more to share its flush
+    /// (`outbox.commit_linger_ms`).
+    pub fn with_commit_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
     }
 
     /// Hands the commands rules issue to the command router.
@@ -179,7 +189,7 @@ impl RulesStage {
         let mut linger_ends = crate::select_loop::Deadline::new();
         loop {
             self.beat();
-            linger_ends.set(group_since.map(|t| t + COMMIT_LINGER));
+            linger_ends.set(group_since.map(|t| t + self.linger));
             tokio::select! {
                 n = input.recv_many(&mut msgs, MAX_GROUP.saturating_sub(group_inputs).max(1)) => {
                     if n == 0 {
@@ -236,7 +246,7 @@ impl RulesStage {
                 continue;
             }
             // Share the flush with more input if that is likely to come (module doc).
-            let lingering = group_since.is_some_and(|t| t.elapsed() < COMMIT_LINGER);
+            let lingering = group_since.is_some_and(|t| t.elapsed() < self.linger);
             if lingering && wait_for_more(group_inputs, expected_group, !input.is_empty()) {
                 continue;
             }
@@ -447,7 +457,17 @@ mod tests {
     /// (a broker's in-flight window; commits acknowledge at once). Returns each group's size
     /// and whether it ran out its linger.
     fn simulate(ms: u64, window: usize, offered: impl Fn(u64) -> usize) -> Vec<(usize, bool)> {
-        let linger = u64::try_from(COMMIT_LINGER.as_millis()).unwrap();
+        simulate_linger(COMMIT_LINGER, ms, window, offered)
+    }
+
+    /// [`simulate`] with a linger of `linger` instead of the default.
+    fn simulate_linger(
+        linger: Duration,
+        ms: u64,
+        window: usize,
+        offered: impl Fn(u64) -> usize,
+    ) -> Vec<(usize, bool)> {
+        let linger = u64::try_from(linger.as_millis()).unwrap();
         let mut expected = FIRST_EXPECTED_GROUP;
         let (mut held, mut group, mut since) = (0usize, 0usize, None);
         let mut groups = Vec::new();
@@ -484,6 +504,36 @@ mod tests {
         for &(size, _) in &groups[1..] {
             assert!((first * 3 / 4..=first).contains(&size), "{groups:?}");
         }
+    }
+
+    #[test]
+    fn a_longer_linger_makes_fewer_larger_groups_at_gateway_rates() {
+        // One input a millisecond (1,000 readings/s): the default linger commits groups of
+        // 13-17, a 100 ms linger groups of 76-101 (a group commits once it holds 3/4 of what
+        // the last full linger gathered), so about a sixth as many flushes.
+        let short = simulate(10_000, usize::MAX, |_| 1);
+        let long = simulate_linger(Duration::from_millis(100), 10_000, usize::MAX, |_| 1);
+        assert_eq!(long[0], (101, true));
+        for &(size, _) in &long[1..] {
+            assert!((76..=101).contains(&size), "{long:?}");
+        }
+        assert!(
+            long.len() * 5 < short.len(),
+            "{} against {}",
+            long.len(),
+            short.len()
+        );
+        // Behind a window of 20, only the first group waits out the long linger; the others
+        // commit once they hold 3/4 of the window, without waiting for input that will not come.
+        let windowed = simulate_linger(Duration::from_millis(100), 2_000, 20, |_| 1);
+        assert_eq!(windowed[0], (20, true));
+        assert!(windowed.len() > 100, "{windowed:?}");
+        assert!(
+            windowed[1..]
+                .iter()
+                .all(|&(size, full)| (15..=20).contains(&size) && !full),
+            "{windowed:?}"
+        );
     }
 
     #[test]

@@ -307,6 +307,20 @@ fn bench_soak_samples_memory_and_store_over_time() {
     // `durability = "batch"` (the default): every group commit is flushed.
     assert_eq!(r["options"]["durability"], "batch", "{r:#}");
     assert!(number(&r, "agent_outbox_flushes") > 0.0, "{r:#}");
+    let default_group = number(&r, "agent_readings_per_flush");
+
+    // `--commit-linger-ms` reaches the agent: at 1,000 readings/s a group may wait 200 ms
+    // instead of 16 to share its flush, so each flush carries several times the readings
+    // (up to rumqttd's window of 100), and the load is still delivered.
+    let r = short_soak(&["--commit-linger-ms", "200"]);
+    assert_eq!(r["options"]["commit_linger_ms"], 200, "{r:#}");
+    let long_group = number(&r, "agent_readings_per_flush");
+    assert!(
+        long_group >= 30.0 && long_group >= 2.0 * default_group,
+        "{long_group} readings per flush against {default_group}: {r:#}"
+    );
+    let rate = number(&r["phases"][0], "delivered_per_s");
+    assert!((500.0..1500.0).contains(&rate), "{r:#}");
 
     // `--durability interval` reaches the agent: its groups are not flushed (sled flushes
     // in the background), and it keeps up as before.

@@ -1719,7 +1719,15 @@ fn print_table(r: &BenchReport) {
         o.devices,
         o.connections,
         r.rules,
-        durability_name(o.durability),
+        if o.commit_linger_ms == crate::config::default_commit_linger_ms() {
+            durability_name(o.durability).to_string()
+        } else {
+            format!(
+                "{}, commit linger {} ms",
+                durability_name(o.durability),
+                o.commit_linger_ms
+            )
+        },
         o.qos,
         match o.broker {
             BrokerKind::InProcess => "in-process rumqttd",

@@ -330,6 +330,18 @@ fn bench_soak_samples_memory_and_store_over_time() {
     let rate = number(&r["phases"][0], "delivered_per_s");
     assert!((500.0..1500.0).contains(&rate), "{r:#}");
 
+    let table = bench(&[
+        "--soak",
+        "4",
+        "--soak-every",
+        "2",
+        "--commit-linger-ms",
+        "100",
+    ]);
+    assert!(
+        table.contains("durable outbox (batch, commit linger 100 ms)"),
+        "{table}"
+    );
     let table = bench(&["--soak", "4", "--soak-every", "2"]);
     for line in [
         "durable outbox (batch)",

@@ -5,13 +5,14 @@
 //! arrival order, appends all resulting records in one atomic outbox batch, awaits the flush
 //! (with `durability = "batch"`), and acknowledges the inputs in arrival order. A flush is the
 //! largest per-group cost (sled's log write, fsync and thread hand-offs), so a group may wait
-//! up to [`COMMIT_LINGER`] (`outbox.commit_linger_ms`) after its first input to share it, but only while that is likely to
-//! fill it: while more input is already waiting, or while the group is smaller than 3/4 of the
-//! size groups are expected to reach (`next_expected_group`). The second rule adapts to the
-//! source: when idle, single readings commit at once (a lone reading that lingered sets the
-//! expectation to one); when a broker's in-flight window (rumqttd's is a fixed 100) is what
-//! bounds a group, the group commits as soon as it holds about a window's worth, instead of
-//! lingering for input the broker will not send before its acks.
+//! up to [`COMMIT_LINGER`] (or `outbox.commit_linger_ms`) after its first input to share it,
+//! but only while that is likely to fill it: while more input is already waiting, or while the
+//! group is smaller than 3/4 of the size groups are expected to reach (`next_expected_group`).
+//! The second rule adapts to the source: when idle, single readings commit at once (a lone
+//! reading that lingered sets the expectation to one); when a broker's in-flight window
+//! (rumqttd's is a fixed 100) is what bounds a group, the group commits as soon as it holds
+//! about a window's worth, instead of lingering for input the broker will not send before its
+//! acks.
 //!
 //! If the outbox cannot store a group (disk full, I/O error) the stage retries it with backoff
 //! and acknowledges nothing meanwhile: sources block, brokers hold the data, nothing is lost.

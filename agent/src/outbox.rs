@@ -1549,14 +1549,17 @@ mod tests {
         assert_eq!(m.snapshot().outbox_dropped_age, 5);
     }
 
+    /// A minimal agent config whose `[outbox]` table holds `outbox`.
+    fn config_with_outbox(outbox: &str) -> String {
+        format!(
+            "[gateway]\nid = \"gw\"\ndata_dir = \"/tmp/x\"\n[cloud]\nhost = \"h\"\ntls = false\n[outbox]\n{outbox}\n"
+        )
+    }
+
     #[test]
     fn the_age_limit_is_off_by_default_and_validated() {
         use crate::config::Config;
-        let cfg = |outbox: &str| {
-            format!(
-                "[gateway]\nid = \"gw\"\ndata_dir = \"/tmp/x\"\n[cloud]\nhost = \"h\"\ntls = false\n[outbox]\n{outbox}\n"
-            )
-        };
+        let cfg = config_with_outbox;
         let c = Config::from_toml(&cfg(""), None).unwrap();
         assert_eq!(OutboxSettings::from(&c.outbox).max_age_secs, None);
         let c = Config::from_toml(&cfg("max_age_secs = 86400"), None).unwrap();
@@ -1573,11 +1576,7 @@ mod tests {
     #[test]
     fn the_commit_linger_defaults_to_the_stages_and_is_validated() {
         use crate::config::{Config, MAX_COMMIT_LINGER_MS};
-        let cfg = |outbox: &str| {
-            format!(
-                "[gateway]\nid = \"gw\"\ndata_dir = \"/tmp/x\"\n[cloud]\nhost = \"h\"\ntls = false\n[outbox]\n{outbox}\n"
-            )
-        };
+        let cfg = config_with_outbox;
         let c = Config::from_toml(&cfg(""), None).unwrap();
         assert_eq!(
             std::time::Duration::from_millis(c.outbox.commit_linger_ms),

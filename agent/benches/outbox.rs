@@ -9,10 +9,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use edgestream_agent::config::{Durability, FullPolicy};
-use edgestream_agent::metrics::Metrics;
-use edgestream_agent::outbox::{Outbox, OutboxSettings};
-use edgestream_agent::record::{Priority, ReadingRecord, Record};
+use edgestream_agent::outbox::config::{Durability, FullPolicy};
+use edgestream_agent::outbox::record::{Priority, ReadingRecord, Record};
+use edgestream_agent::outbox::store::{Outbox, OutboxSettings};
+use edgestream_agent::telemetry::metrics::Metrics;
 
 const RECORDS: usize = 100_000;
 /// Records per append (group commit); `OUTBOX_BENCH_BATCH` overrides it (the agent's real

@@ -21,7 +21,7 @@
 use std::time::Instant;
 
 use edgestream_agent::bench::{load_reading, schedstat_ns, BENCH_RULES};
-use edgestream_agent::processor::drain_prefetching;
+use edgestream_agent::rules_stage::stage::drain_prefetching;
 use edgestream_rules::{Engine, Output, Reading};
 
 /// Readings per measured pass, and passes (the best pass is reported beside the mean).

@@ -51,8 +51,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Durability;
-use crate::health::{cpu_seconds, Pid, ProcessStats};
+use crate::outbox::config::Durability;
+use crate::telemetry::health::{cpu_seconds, Pid, ProcessStats};
 
 /// Twenty rules over every bench device: thresholds with hysteresis, window aggregates and
 /// anomaly detectors on both metrics. None drops or tags readings, so every reading is
@@ -196,10 +196,10 @@ pub struct BenchOptions {
     #[arg(long, default_value_t = 0)]
     pub local_max_inflight: u32,
     /// Agent `cloud.batch_size` (default: the agent's).
-    #[arg(long, default_value_t = crate::config::default_batch_size())]
+    #[arg(long, default_value_t = crate::uplink::config::default_batch_size())]
     pub batch_size: usize,
     /// Agent `cloud.max_inflight` (default: the agent's).
-    #[arg(long, default_value_t = crate::config::default_max_inflight())]
+    #[arg(long, default_value_t = crate::uplink::config::default_max_inflight())]
     pub cloud_inflight: u16,
     /// Agent `outbox.durability` (`interval` flushes every 1,000 ms: what the README's disk
     /// figures at gateway rates compare).
@@ -208,8 +208,8 @@ pub struct BenchOptions {
     /// Agent `outbox.commit_linger_ms` (default: the agent's): how long a group commit may
     /// wait for more readings to share its flush. Longer writes less and costs less CPU at
     /// gateway rates, for that much more latency.
-    #[arg(long, default_value_t = crate::config::default_commit_linger_ms(),
-          value_parser = clap::value_parser!(u64).range(0..=crate::config::MAX_COMMIT_LINGER_MS))]
+    #[arg(long, default_value_t = crate::outbox::config::default_commit_linger_ms(),
+          value_parser = clap::value_parser!(u64).range(0..=crate::outbox::config::MAX_COMMIT_LINGER_MS))]
     pub commit_linger_ms: u64,
     /// The `edgestream` binary to run as the agent; by default this one. A gateway runs a
     /// build without the `tools` feature (`scripts/cross-build`, the .deb), which has about
@@ -555,7 +555,9 @@ impl Report {
         } = cloud;
         let end = ProcessStats::read(Pid::Other(agent.pid()));
         let counters = match agent.metrics_port() {
-            Some(port) => crate::prometheus::parse(&crate::prometheus::scrape(port).await?),
+            Some(port) => crate::telemetry::prometheus::parse(
+                &crate::telemetry::prometheus::scrape(port).await?,
+            ),
             None => Default::default(),
         };
         let c = |k: &str| counters.get(k).copied().unwrap_or(0.0);
@@ -671,7 +673,9 @@ async fn soak(
         let stats = ProcessStats::read(pid);
         let mut lat = cloud.take_latencies();
         lat.sort_unstable();
-        let counters = crate::prometheus::parse(&crate::prometheus::scrape(metrics_port).await?);
+        let counters = crate::telemetry::prometheus::parse(
+            &crate::telemetry::prometheus::scrape(metrics_port).await?,
+        );
         let gauge = |k: &str| counters.get(k).copied().unwrap_or(0.0);
         let n = (d - prev.1) as f64;
         let ticks = machine_ticks();
@@ -956,7 +960,7 @@ fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
         // read as most of a microsecond per reading in a 10-second phase at 10,000/s.
         let exact = schedstat_ns(task.path().join("schedstat")).map(|ns| ns as f64 / 1e9);
         let seconds = exact.unwrap_or_else(|| {
-            let (user, system) = crate::health::stat_cpu_split(&stat);
+            let (user, system) = crate::telemetry::health::stat_cpu_split(&stat);
             user + system
         });
         *by_name.entry(name.to_string()).or_insert(0.0) += seconds;
@@ -987,7 +991,7 @@ impl Counter {
         self.inner.count.fetch_add(n, Ordering::Relaxed);
         self.inner
             .last_change_ms
-            .store(crate::source::now_ms(), Ordering::Relaxed);
+            .store(crate::source::reading::now_ms(), Ordering::Relaxed);
     }
     fn set_ready(&self) {
         self.inner.ready.store(1, Ordering::Relaxed);
@@ -1008,7 +1012,7 @@ impl Counter {
         while Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let last = self.inner.last_change_ms.load(Ordering::Relaxed);
-            if crate::source::now_ms().saturating_sub(last) > 1000 {
+            if crate::source::reading::now_ms().saturating_sub(last) > 1000 {
                 return;
             }
         }
@@ -1035,7 +1039,7 @@ fn unique_client_id(prefix: &str) -> String {
     format!(
         "{prefix}-{}-{}",
         std::process::id(),
-        crate::source::now_ms() % 1_000_000
+        crate::source::reading::now_ms() % 1_000_000
     )
 }
 
@@ -1504,7 +1508,7 @@ async fn load_connection(
             let _ = write!(
                 payload,
                 r#"{{"value":{value},"ts":{}}}"#,
-                crate::source::now_ms()
+                crate::source::reading::now_ms()
             );
             pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
             put_publish(&mut out, &topics[device][metric], pkid, &payload);
@@ -1578,7 +1582,7 @@ prometheus = true
 port = 0
 
 [log]
-level = "warn,edgestream_agent::source=info,edgestream_agent::prometheus=info"
+level = "warn,edgestream_agent::source=info,edgestream_agent::telemetry::prometheus=info"
 "#,
             data = dir.join("data").display(),
             rules_file = rules_path.display(),
@@ -1719,7 +1723,7 @@ fn print_table(r: &BenchReport) {
         o.devices,
         o.connections,
         r.rules,
-        if o.commit_linger_ms == crate::config::default_commit_linger_ms() {
+        if o.commit_linger_ms == crate::outbox::config::default_commit_linger_ms() {
             durability_name(o.durability).to_string()
         } else {
             format!(

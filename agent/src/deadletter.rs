@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::record::DeadLetterRecord;
-use crate::source::now_ms;
+use crate::outbox::record::DeadLetterRecord;
+use crate::source::reading::now_ms;
 
 /// How often a source may log a rejection.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);

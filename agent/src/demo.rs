@@ -13,12 +13,14 @@ use anyhow::Context;
 use edgestream_sim::{simulate, CloudCollector, InProcessBroker, MqttDevice};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{
-    CloudConfig, Config, GatewayConfig, HealthConfig, LocalConfig, LogConfig, OutboxConfig,
-    RulesConfig,
-};
-use crate::metrics::Metrics;
+use crate::config::{Config, GatewayConfig};
+use crate::outbox::config::OutboxConfig;
 use crate::pipeline::Agent;
+use crate::rules_stage::config::RulesConfig;
+use crate::source::config::LocalConfig;
+use crate::telemetry::config::{HealthConfig, LogConfig};
+use crate::telemetry::metrics::Metrics;
+use crate::uplink::config::CloudConfig;
 
 /// The rules the demo runs: a threshold with hysteresis that also commands the boiler, two
 /// anomaly detectors and a downsampling rule.
@@ -105,7 +107,7 @@ pub fn main(duration: Option<u64>) -> anyhow::Result<()> {
 
 struct Summary {
     elapsed: Duration,
-    metrics: crate::metrics::Snapshot,
+    metrics: crate::telemetry::metrics::Snapshot,
     cloud_readings: usize,
     cloud_alerts: usize,
     outbox_left: u64,

@@ -1,5 +1,9 @@
 //! edgestream-agent: the gateway daemon. See ARCHITECTURE.md for the data path, every channel
 //! and every guarantee with the test that proves it.
+//!
+//! The folders follow a reading: [`source`] -> [`rules_stage`] -> [`outbox`] -> [`uplink`],
+//! with [`commands`] beside them and [`telemetry`] watching all of them. [`pipeline`] is the
+//! one place that wires them; [`config`] composes the sections the stages define.
 
 pub mod backoff;
 #[cfg(feature = "tools")]
@@ -10,20 +14,14 @@ pub mod deadletter;
 #[cfg(feature = "tools")]
 pub mod demo;
 pub mod durable_file;
-pub mod health;
 pub mod logging;
-pub mod metrics;
 pub mod mqtt_link;
 pub mod outbox;
 pub mod pipeline;
-pub mod processor;
-pub mod prometheus;
-pub mod record;
-pub mod remote_rules;
-pub mod rules_cli;
+pub mod rules_stage;
 pub mod sdnotify;
 pub mod select_loop;
 pub mod source;
-pub mod topics;
+pub mod telemetry;
 pub mod uplink;
-pub mod wire;
+pub mod validation;

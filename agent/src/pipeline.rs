@@ -30,18 +30,18 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::commands::router::{CommandRouter, RouterInputs, RuleCommandIssuer};
 use crate::commands::routes::DeviceRoutes;
 use crate::commands::store::CommandStore;
-use crate::commands::{CommandRouter, RouterInputs, RuleCommandIssuer};
 use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::outbox::{OpenReport, Outbox, OutboxError, OutboxSettings};
-use crate::processor::RulesStage;
-use crate::remote_rules::{RemoteRules, RuleStore, StoredState};
+use crate::outbox::store::{OpenReport, Outbox, OutboxError, OutboxSettings};
+use crate::rules_stage::remote::{RemoteRules, RuleStore, StoredState};
+use crate::rules_stage::stage::RulesStage;
 use crate::source::mqtt::LocalMqttSource;
+use crate::source::reading::SOURCE_CHANNEL_CAPACITY;
 use crate::source::serial::{SerialSource, SerialSourceError};
-use crate::source::SOURCE_CHANNEL_CAPACITY;
-use crate::uplink::{StatusInfo, Uplink, UplinkError};
+use crate::telemetry::metrics::Metrics;
+use crate::uplink::link::{StatusInfo, Uplink, UplinkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -170,9 +170,9 @@ impl Agent {
         let deadline = Duration::from_millis(config.gateway.shutdown_timeout_ms);
         let (status_tx, status_rx) = watch::channel(StatusInfo {
             rules_version: rule_state.current.as_ref().map_or(0, |b| b.version),
-            rules_hash: crate::remote_rules::hash_hex(&plan),
+            rules_hash: crate::rules_stage::remote::hash_hex(&plan),
         });
-        let (bundles_tx, bundles_rx) = mpsc::channel(crate::remote_rules::INBOUND_CAPACITY);
+        let (bundles_tx, bundles_rx) = mpsc::channel(crate::rules_stage::remote::INBOUND_CAPACITY);
         let mut rule_topics = vec![format!(
             "{}/{}/rules/set",
             config.cloud.topic_prefix, config.gateway.id
@@ -183,9 +183,9 @@ impl Agent {
                 config.cloud.topic_prefix
             ));
         }
-        let (cloud_cmds_tx, cloud_cmds_rx) = mpsc::channel(crate::commands::CLOUD_CAPACITY);
-        let (rule_cmds_tx, rule_cmds_rx) = mpsc::channel(crate::commands::RULE_CAPACITY);
-        let (device_tx, device_rx) = mpsc::channel(crate::commands::DEVICE_CAPACITY);
+        let (cloud_cmds_tx, cloud_cmds_rx) = mpsc::channel(crate::commands::router::CLOUD_CAPACITY);
+        let (rule_cmds_tx, rule_cmds_rx) = mpsc::channel(crate::commands::router::RULE_CAPACITY);
+        let (device_tx, device_rx) = mpsc::channel(crate::commands::router::DEVICE_CAPACITY);
         let command_topic = format!(
             "{}/{}/commands",
             config.cloud.topic_prefix, config.gateway.id
@@ -208,7 +208,7 @@ impl Agent {
                 .run(bundles_rx)
                 .instrument(tracing::info_span!("remote_rules")),
         );
-        let _metrics_endpoint = crate::prometheus::start(
+        let _metrics_endpoint = crate::telemetry::prometheus::start(
             &config.metrics,
             metrics.clone(),
             Some(outbox.clone()),
@@ -238,7 +238,7 @@ impl Agent {
             )?;
             serial_threads.push(thread);
         }
-        let (acks_tx, acks_rx) = mpsc::channel(crate::source::ACK_BATCHES);
+        let (acks_tx, acks_rx) = mpsc::channel(crate::source::reading::ACK_BATCHES);
         let source = LocalMqttSource::new(&config)
             .with_replies(device_tx)
             .with_acks(acks_rx);
@@ -316,7 +316,7 @@ impl Agent {
                     } else {
                         stalled_for += every;
                     }
-                    if stalled_for <= crate::processor::TICK * 3 {
+                    if stalled_for <= crate::rules_stage::stage::TICK * 3 {
                         crate::sdnotify::notify("WATCHDOG=1");
                     } else {
                         tracing::error!(?stalled_for, "rules stage shows no sign of life; no longer feeding the systemd watchdog");

@@ -14,7 +14,7 @@ const T0: u64 = 1_700_000_000_000;
 
 /// The outbox's values: key, value and the sequence numbers of the records each holds.
 fn values(tree: &sled::Tree) -> Vec<(sled::IVec, sled::IVec, Vec<u64>)> {
-    use edgestream_agent::record::{Segment, SEGMENT_VERSION};
+    use edgestream_agent::outbox::record::{Segment, SEGMENT_VERSION};
     tree.iter()
         .filter_map(Result::ok)
         .filter(|(k, _)| k.len() == 9 && k[0] <= 1)

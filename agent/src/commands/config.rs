@@ -24,7 +24,8 @@ use edgestream_protocol::limits::{
 use edgestream_protocol::types::{ArgValue, Command};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{valid_name, Problem};
+use crate::validation::valid_name;
+use crate::validation::Problem;
 
 /// Most `[[commands.allow]]` entries.
 pub const MAX_ALLOW_ENTRIES: usize = 256;

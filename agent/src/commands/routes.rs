@@ -10,11 +10,28 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use edgestream_protocol::types::Command;
+use edgestream_protocol::types::{Command, CommandOutcome};
 use tokio::sync::mpsc;
 
-use super::DeviceEvent;
-use crate::config::SerialConfig;
+use crate::source::config::SerialConfig;
+use crate::source::reading::Ack;
+
+/// What the device side tells the router.
+#[derive(Debug)]
+pub enum DeviceEvent {
+    /// A device's reply; `ack` acknowledges its MQTT publish once the outcome is stored.
+    Reply {
+        // Boxed: an outcome is about 300 bytes, the other variant a tenth of that.
+        outcome: Box<CommandOutcome>,
+        ack: Option<Ack>,
+    },
+    /// A serial port's thread wrote a command (`error: None`) or could not.
+    Written {
+        id: String,
+        port: usize,
+        error: Option<String>,
+    },
+}
 
 /// Devices remembered from serial readings; past it, a new device is addressed over MQTT
 /// unless its port lists it.

@@ -164,9 +164,10 @@ impl CommandStore {
     /// Moves an unreadable file aside so that the agent starts with an empty table (and says
     /// so) instead of refusing to start.
     pub fn move_aside(&self) -> std::io::Result<PathBuf> {
-        let to = self
-            .dir
-            .join(format!("{FILE}.unreadable-{}", crate::source::now_ms()));
+        let to = self.dir.join(format!(
+            "{FILE}.unreadable-{}",
+            crate::source::reading::now_ms()
+        ));
         std::fs::rename(self.dir.join(FILE), &to)?;
         Ok(to)
     }

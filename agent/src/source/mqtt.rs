@@ -24,14 +24,15 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{now_ms, Ack, Reading, SourceMsg};
+use super::reading::{now_ms, Ack, Reading, SourceMsg};
 use crate::backoff::Backoff;
-use crate::commands::DeviceEvent;
-use crate::config::{valid_name, Config};
+use crate::commands::routes::DeviceEvent;
+use crate::config::Config;
 use crate::deadletter::RejectSampler;
-use crate::metrics::Metrics;
 use crate::mqtt_link::{set_nodelay, write_flushed};
-use crate::topics::device_metric;
+use crate::telemetry::metrics::Metrics;
+use crate::uplink::topics::device_metric;
+use crate::validation::valid_name;
 
 /// Largest packet rumqttc will read from the local broker. Larger ones make rumqttc drop the
 /// connection, and a persistent session would redeliver them forever: cap the broker's

@@ -53,13 +53,13 @@ use edgestream_protocol::types::{Command, CommandOutcome, DeviceId, DeviceMessag
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{now_ms, Reading, SourceMsg};
+use super::reading::{now_ms, Reading, SourceMsg};
 use crate::backoff::Backoff;
+use crate::commands::routes::DeviceEvent;
 use crate::commands::routes::{PortLink, MAX_LEARNED_DEVICES};
-use crate::commands::DeviceEvent;
-use crate::config::{SerialConfig, SerialFlowControl, SerialFraming, SerialParity};
 use crate::deadletter::RejectSampler;
-use crate::metrics::Metrics;
+use crate::source::config::{SerialConfig, SerialFlowControl, SerialFraming, SerialParity};
+use crate::telemetry::metrics::Metrics;
 
 /// Bytes taken from the port per `read`.
 pub const READ_CHUNK: usize = 1024;

@@ -51,12 +51,12 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::config::{Durability, FullPolicy, OutboxConfig};
-use crate::metrics::Metrics;
-use crate::record::{
+use crate::outbox::config::{Durability, FullPolicy, OutboxConfig};
+use crate::outbox::record::{
     counted_size, DecodeError, Priority, Record, Segment, SegmentWriter, SEGMENT_VERSION,
     SINGLE_OVERHEAD,
 };
+use crate::telemetry::metrics::Metrics;
 
 /// Key of a stored record: priority byte then big-endian sequence number. A segment is stored
 /// under the key of its first record; the uplink still names each record by its own key.
@@ -1051,7 +1051,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::record::{AlertRecord, ReadingRecord};
+    use crate::outbox::record::{AlertRecord, ReadingRecord};
 
     /// The contract in its plainest form: a sorted map, a counter and the cap arithmetic.
     struct Model {
@@ -1575,12 +1575,13 @@ mod tests {
 
     #[test]
     fn the_commit_linger_defaults_to_the_stages_and_is_validated() {
-        use crate::config::{Config, MAX_COMMIT_LINGER_MS};
+        use crate::config::Config;
+        use crate::outbox::config::MAX_COMMIT_LINGER_MS;
         let cfg = config_with_outbox;
         let c = Config::from_toml(&cfg(""), None).unwrap();
         assert_eq!(
             std::time::Duration::from_millis(c.outbox.commit_linger_ms),
-            crate::processor::COMMIT_LINGER
+            crate::outbox::config::COMMIT_LINGER
         );
         for ok in [0, 100, MAX_COMMIT_LINGER_MS] {
             let c = Config::from_toml(&cfg(&format!("commit_linger_ms = {ok}")), None).unwrap();

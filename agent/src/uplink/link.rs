@@ -35,12 +35,14 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::config::{CloudConfig, Config};
-use crate::metrics::Metrics;
-use crate::outbox::{Key, Outbox, Stored};
-use crate::record::{Priority, Record};
-use crate::topics::CloudTopics;
-use crate::wire;
+use crate::config::Config;
+use crate::outbox::record::{Priority, Record};
+use crate::outbox::store::{Key, Outbox, Stored};
+use crate::telemetry::metrics::Metrics;
+use crate::uplink::config::CloudConfig;
+use crate::uplink::inbound::{InboundAck, InboundMsg};
+use crate::uplink::topics::CloudTopics;
+use crate::uplink::wire;
 
 /// Largest packet read from the cloud broker (rule bundles are limited to 256 KiB by the
 /// protocol; anything up to this size is read and refused with a reason).
@@ -78,29 +80,6 @@ pub enum Mode {
 struct Inbound {
     topics: Vec<String>,
     tx: mpsc::Sender<InboundMsg>,
-}
-
-/// A message from the cloud and the handle that acknowledges it.
-#[derive(Debug)]
-pub struct InboundMsg {
-    pub publish: rumqttc::Publish,
-    pub ack: InboundAck,
-}
-
-/// Acknowledges one cloud message on the connection it arrived on. If that connection is
-/// gone, the acknowledgement is lost and the broker redelivers: handle duplicates.
-#[derive(Debug)]
-pub struct InboundAck {
-    client: AsyncClient,
-    publish: rumqttc::Publish,
-}
-
-impl InboundAck {
-    pub fn ack(self) {
-        if let Err(e) = self.client.try_ack(&self.publish) {
-            tracing::debug!(error = %e, "cloud PUBACK not queued; the broker will redeliver");
-        }
-    }
 }
 
 /// What the status message says besides online/offline.
@@ -574,7 +553,7 @@ impl Uplink {
         s: &mut Session,
         buf: &mut Vec<Stored>,
         shutting_down: bool,
-    ) -> Result<(), crate::outbox::OutboxError> {
+    ) -> Result<(), crate::outbox::store::OutboxError> {
         let window = self.cloud.max_inflight as usize;
         let batch = self.cloud.batch_size;
         let linger = Duration::from_millis(self.cloud.linger_ms);
@@ -698,7 +677,7 @@ impl Uplink {
     }
 
     fn publish_health(&self, s: &mut Session) {
-        let payload = crate::health::message(
+        let payload = crate::telemetry::health::message(
             &self.gateway,
             self.started.elapsed().as_secs(),
             &self.metrics.snapshot(),

@@ -2,8 +2,8 @@
 
 use serde::Serialize;
 
-use crate::outbox::Stored;
-use crate::record::Record;
+use crate::outbox::record::Record;
+use crate::outbox::store::Stored;
 
 /// `s` cut at a character boundary to fit a bounded protocol string (reasons and details the
 /// protocol caps, such as a rejected bundle's or command's).
@@ -184,8 +184,10 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::outbox::{key, Stored};
-    use crate::record::{AggregateRecord, AlertRecord, DeadLetterRecord, Priority, ReadingRecord};
+    use crate::outbox::record::{
+        AggregateRecord, AlertRecord, DeadLetterRecord, Priority, ReadingRecord,
+    };
+    use crate::outbox::store::{key, Stored};
 
     #[test]
     fn truncation_respects_char_boundaries() {

@@ -8,7 +8,7 @@
 use serde::Serialize;
 use serde_json::json;
 
-use crate::metrics::Snapshot;
+use crate::telemetry::metrics::Snapshot;
 
 /// Kernel clock ticks per second for `/proc/*/stat` CPU times. `USER_HZ` is 100 on every
 /// Linux architecture the agent targets (x86_64, arm64, armhf); it is part of the ABI.

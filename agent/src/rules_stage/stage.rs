@@ -25,10 +25,10 @@ use edgestream_rules::{AlertState, Disposition, Engine, Output, Plan};
 use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
-use crate::metrics::Metrics;
-use crate::outbox::Outbox;
-use crate::record::{AggregateRecord, AlertRecord, ReadingRecord, Record};
-use crate::source::{now_ms, Ack, SourceMsg};
+use crate::outbox::record::{AggregateRecord, AlertRecord, ReadingRecord, Record};
+use crate::outbox::store::Outbox;
+use crate::source::reading::{now_ms, Ack, SourceMsg};
+use crate::telemetry::metrics::Metrics;
 
 /// Largest number of inputs evaluated and committed as one group.
 pub const MAX_GROUP: usize = 1024;
@@ -70,7 +70,7 @@ pub fn drain_prefetching<T, S>(
 /// 6 ms) is paid back by the uplink's default batch of 100 readings instead of 200
 /// (`cloud.batch_size`), which at this rate no longer waits about 20 ms to fill: p99 32-34 ms
 /// either way in calm minutes; on a contended host a few ms more (docs/performance-log.md).
-pub const COMMIT_LINGER: Duration = Duration::from_millis(16);
+use crate::outbox::config::COMMIT_LINGER;
 /// How often time-driven rules (missing data, durations, downsampling windows) are ticked.
 pub const TICK: Duration = Duration::from_secs(1);
 
@@ -121,7 +121,7 @@ pub struct RulesStage {
     /// that the stage is not wedged.
     heartbeat: Arc<AtomicU64>,
     /// Where rule-issued device commands go (`None`: counted only, as in `rules test`).
-    commands: Option<crate::commands::RuleCommandIssuer>,
+    commands: Option<crate::commands::router::RuleCommandIssuer>,
     /// Longest a group waits for more input ([`COMMIT_LINGER`] unless configured).
     linger: Duration,
 }
@@ -154,7 +154,7 @@ impl RulesStage {
     }
 
     /// Hands the commands rules issue to the command router.
-    pub fn with_commands(mut self, issuer: crate::commands::RuleCommandIssuer) -> Self {
+    pub fn with_commands(mut self, issuer: crate::commands::router::RuleCommandIssuer) -> Self {
         self.commands = Some(issuer);
         self
     }
@@ -285,7 +285,7 @@ impl RulesStage {
     fn collect(
         &mut self,
         out: &Output,
-        reading: Option<crate::source::Reading>,
+        reading: Option<crate::source::reading::Reading>,
         records: &mut Vec<Record>,
     ) {
         let m = &self.metrics;
@@ -297,9 +297,9 @@ impl RulesStage {
                 &m.alerts_cleared
             });
             records.push(Record::Alert(AlertRecord {
-                rule: crate::wire::truncated(&a.rule),
+                rule: crate::uplink::wire::truncated(&a.rule),
                 device: a.device.clone(),
-                severity: crate::wire::truncated(a.severity.as_str()),
+                severity: crate::uplink::wire::truncated(a.severity.as_str()),
                 raised,
                 value: a.value,
                 ts_ms: a.ts_ms,

@@ -20,9 +20,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::health::{Pid, ProcessStats};
-use crate::metrics::{Metrics, Snapshot};
-use crate::outbox::Outbox;
+use crate::outbox::store::Outbox;
+use crate::telemetry::health::{Pid, ProcessStats};
+use crate::telemetry::metrics::{Metrics, Snapshot};
 
 /// Longest request head read; anything longer is answered 431 and closed.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -395,7 +395,7 @@ impl PrometheusEndpoint {
 
 /// Starts the endpoint if `[metrics] prometheus = true`; it stops when `shutdown` is cancelled.
 pub async fn start(
-    config: &crate::config::MetricsConfig,
+    config: &crate::telemetry::config::MetricsConfig,
     metrics: Arc<Metrics>,
     outbox: Option<Outbox>,
     shutdown: CancellationToken,

@@ -35,11 +35,12 @@ use edgestream_rules::Plan;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use crate::metrics::Metrics;
-use crate::outbox::Outbox;
-use crate::record::{ControlRecord, Record};
-use crate::uplink::{InboundMsg, StatusInfo};
-use crate::wire::truncated;
+use crate::outbox::record::{ControlRecord, Record};
+use crate::outbox::store::Outbox;
+use crate::telemetry::metrics::Metrics;
+use crate::uplink::inbound::InboundMsg;
+use crate::uplink::link::StatusInfo;
+use crate::uplink::wire::truncated;
 
 /// Capacity of the channel from the uplink to this consumer (full-policy: block the uplink;
 /// bundles are rare).

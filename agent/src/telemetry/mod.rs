@@ -1,0 +1,12 @@
+//! What the agent tells about itself: counters for every stage, the Prometheus endpoint, the
+//! periodic health message and the process figures in it.
+//!
+//! - [`metrics`]: the counters;
+//! - [`prometheus`]: the endpoint (`[metrics]`);
+//! - [`health`]: the health message and process figures (`[health]`);
+//! - [`config`]: the `[health]`, `[log]` and `[metrics]` sections.
+
+pub mod config;
+pub mod health;
+pub mod metrics;
+pub mod prometheus;

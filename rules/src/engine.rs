@@ -39,13 +39,13 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use crate::compile::{AggFn, DetKind, DetSpec, Node, PlanInner, RulePlan};
 use crate::glob::glob_match;
 use crate::limits::MAX_CACHED_METRICS_PER_DEVICE;
 use crate::output::{AggregateEvent, AlertEvent, AlertState, CommandAction, Disposition, Output};
+use crate::output::{DeviceName, MetricName};
 use crate::parser::BinOp;
+use crate::plan::{bool_f, AggFn, DetKind, DetSpec, Node, Plan, PlanInner, RulePlan};
 use crate::window::Ring;
-use crate::{DeviceName, MetricName, Plan};
 
 /// One reading, borrowed from the caller.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -418,14 +418,6 @@ impl Det {
             } => bool_f(reference.is_some() && newest.saturating_sub(*since) >= *dur_ms),
             Det::Missing { dur_ms, newest } => bool_f(now.saturating_sub(*newest) >= *dur_ms),
         }
-    }
-}
-
-fn bool_f(b: bool) -> f64 {
-    if b {
-        1.0
-    } else {
-        0.0
     }
 }
 

@@ -37,13 +37,14 @@ mod lexer;
 mod limits;
 mod output;
 mod parser;
+mod plan;
 mod prefetch;
 #[cfg(test)]
 mod proptests;
 mod replay;
 mod window;
 
-pub use compile::{compile, compile_with, Plan};
+pub use compile::{compile, compile_with};
 pub use engine::{Engine, EngineStats, Reading};
 pub use error::{CompileError, CompileErrors};
 pub use glob::glob_match;
@@ -52,4 +53,5 @@ pub use output::{
     AggFunctions, AggregateEvent, AlertEvent, AlertState, ArgValue, CommandAction, DeviceName,
     Disposition, MetricName, Output, Severity,
 };
+pub use plan::Plan;
 pub use replay::{replay, OwnedReading, ReplayEvent, MAX_REPLAY_TICKS_PER_GAP, REPLAY_TICK_MS};

@@ -4,8 +4,9 @@
 
 use proptest::prelude::*;
 
-use crate::compile::{compile_with, AggFn, DetSpec};
+use crate::compile::compile_with;
 use crate::engine::Det;
+use crate::plan::{AggFn, DetSpec};
 use crate::window::quantile_sorted;
 use crate::Limits;
 

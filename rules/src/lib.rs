@@ -30,6 +30,7 @@
 //! allocation per reading once the engine is warm; no panics on any rule text.
 
 mod compile;
+mod detector;
 mod engine;
 mod error;
 mod glob;

@@ -5,7 +5,7 @@
 use proptest::prelude::*;
 
 use crate::compile::compile_with;
-use crate::engine::Det;
+use crate::detector::Det;
 use crate::plan::{AggFn, DetSpec};
 use crate::window::quantile_sorted;
 use crate::Limits;

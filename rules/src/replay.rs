@@ -3,8 +3,11 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::output::{AggregateEvent, AlertEvent, AlertState, CommandAction, Disposition, Output};
-use crate::{Engine, Plan, Reading};
+use crate::engine::{Engine, Reading};
+use crate::output::{
+    AggregateEvent, AlertEvent, AlertState, ArgValue, CommandAction, Disposition, Output,
+};
+use crate::plan::Plan;
 
 /// A reading that owns its strings (one line of a readings.jsonl file).
 #[derive(Debug, Clone, PartialEq)]
@@ -172,9 +175,9 @@ impl fmt::Display for ReplayEvent {
                         f.write_str(",")?;
                     }
                     match v {
-                        crate::ArgValue::Number(n) => write!(f, "{}:{}", J(k), N(*n))?,
-                        crate::ArgValue::Bool(b) => write!(f, "{}:{b}", J(k))?,
-                        crate::ArgValue::Text(t) => write!(f, "{}:{}", J(k), J(t))?,
+                        ArgValue::Number(n) => write!(f, "{}:{}", J(k), N(*n))?,
+                        ArgValue::Bool(b) => write!(f, "{}:{b}", J(k))?,
+                        ArgValue::Text(t) => write!(f, "{}:{}", J(k), J(t))?,
                     }
                 }
                 f.write_str("}}")

@@ -49,10 +49,10 @@ pub use compile::{compile, compile_with};
 pub use engine::{Engine, EngineStats, Reading};
 pub use error::{CompileError, CompileErrors};
 pub use glob::glob_match;
-pub use limits::*;
+pub use limits::{Limits, MAX_CACHED_METRICS_PER_DEVICE};
 pub use output::{
     AggFunctions, AggregateEvent, AlertEvent, AlertState, ArgValue, CommandAction, DeviceName,
     Disposition, MetricName, Output, Severity,
 };
 pub use plan::Plan;
-pub use replay::{replay, OwnedReading, ReplayEvent, MAX_REPLAY_TICKS_PER_GAP, REPLAY_TICK_MS};
+pub use replay::{replay, OwnedReading, ReplayEvent};

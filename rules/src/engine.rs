@@ -4,7 +4,7 @@
 //!
 //! - **Synchronous and pure.** No I/O, no clock: time comes from readings (`ts_ms`) and from
 //!   the caller's ticks, so the same inputs always give the same outputs (see
-//!   [`replay`](crate::replay)).
+//!   [`replay`](crate::replay())).
 //! - **No allocation per reading once warm.** State for a (rule, device) pair is allocated
 //!   once, when the device is first seen, at its final size; routing for a (device, metric)
 //!   pair is cached on first sight; [`Output`] buffers are reused. After every device and
@@ -381,9 +381,9 @@ impl Engine {
     /// reading waits on one miss after another (a sorted window's binary search alone is a
     /// chain of them). Called a few readings ahead of `on_reading`, this lets those loads
     /// overlap the work on the readings in between. The loads are the processor's prefetch
-    /// instructions ([`crate::prefetch`]), which never make the caller wait; only the
-    /// pointers that lead to the next level are read. It changes nothing: results are the
-    /// same with or without it. A device or metric the engine has not seen yet is skipped.
+    /// instructions, which never make the caller wait; only the pointers that lead to the
+    /// next level are read. It changes nothing: results are the same with or without it. A
+    /// device or metric the engine has not seen yet is skipped.
     pub fn prefetch<'a>(&'a self, device: &str, metric: &str) {
         let Some(entry) = self
             .index

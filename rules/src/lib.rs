@@ -1,7 +1,7 @@
 //! edgestream-rules: the rule language of edgestream, its compiler and its engine.
 //!
 //! Operators write rules as text (grammar and functions: the crate's README.md);
-//! [`compile`] turns a bundle into a validated [`Plan`] or returns every mistake with its
+//! [`compile()`] turns a bundle into a validated [`Plan`] or returns every mistake with its
 //! line and column; an [`Engine`] runs a plan on each [`Reading`], writing its decisions
 //! (forward or drop, tags, alerts, device commands, downsampled aggregates) into a reusable
 //! [`Output`].

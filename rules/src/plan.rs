@@ -1,4 +1,4 @@
-//! The compiled plan: what [`compile`](crate::compile) produces and an
+//! The compiled plan: what [`compile`](crate::compile()) produces and an
 //! [`Engine`](crate::Engine) runs.
 //!
 //! Every value here has been checked by the compiler (names, types, window sizes, per-rule

@@ -8,6 +8,7 @@
 use crate::plan::{bool_f, AggFn, DetKind, DetSpec};
 use crate::window::Ring;
 
+/// One detector's state for one (rule, device), shaped by its [`DetSpec`].
 #[derive(Debug, Clone)]
 pub(crate) enum Det {
     Agg {

@@ -12,7 +12,8 @@ use crate::output::{AggFunctions, ArgValue, DeviceName, MetricName, Severity};
 use crate::parser::BinOp;
 
 /// A compiled expression node. Booleans are `1.0`/`0.0`; an unknown value is NaN, which
-/// makes every comparison false.
+/// the engine carries through three-valued logic (a comparison with it is unknown, `false
+/// and unknown` is false), so that only a definite `1.0` makes a condition hold.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Node {
     Const(f64),

@@ -1,10 +1,9 @@
 //! One benchmark per detector family, in readings per second through `Engine::on_reading`
-//! on a warm engine (one core). Figures are recorded in rules/README.md.
+//! on a warm engine (one core). Figures are in docs/performance.md.
 //!
 //! Time is the benchmark thread's own on-CPU time (`CLOCK_THREAD_CPUTIME_ID`), not wall-clock
-//! time: the build machines are shared (load averages of 6 to 13 on two cores were seen), and
-//! wall-clock figures there measure the neighbours as much as the engine. Set
-//! `BENCH_WALL_CLOCK=1` to measure wall-clock time instead.
+//! time: on a shared build machine, wall-clock figures measure the other work as much as the
+//! engine. Set `BENCH_WALL_CLOCK=1` to measure wall-clock time instead.
 #![allow(unsafe_code)] // one libc call to read the thread's CPU clock
 
 use criterion::measurement::{Measurement, ValueFormatter};

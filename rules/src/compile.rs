@@ -10,201 +10,36 @@ use std::sync::Arc;
 
 use edgestream_protocol::limits::{MAX_DEVICE_LEN, MAX_METRIC_LEN};
 
+use crate::engine::slot_bytes;
 use crate::error::{CompileError, CompileErrors, Pos};
 use crate::lexer::{lex, Token};
 use crate::limits::*;
-use crate::output::{AggFunctions, ArgValue, Severity};
+use crate::output::{AggFunctions, ArgValue, DeviceName, MetricName, Severity};
 use crate::parser::{ArgLit, BinOp, Expr, Parser, RuleAst, UnOp};
+use crate::plan::{
+    AggFn, CommandSpec, DetKind, DetSpec, ForwardSpec, Node, Plan, PlanInner, RulePlan, WindowSpec,
+};
 
-/// A compiled expression node. Booleans are `1.0`/`0.0`; an unknown value is NaN, which
-/// makes every comparison false.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Node {
-    Const(f64),
-    /// Latest value of the rule's n-th input metric.
-    Latest(u8),
-    /// Current output of the rule's n-th detector.
-    Det(u8),
-    /// Another aggregate over the n-th detector's window: `max(x, 100) - min(x, 100)` keeps
-    /// one ring, not two.
-    AggOf(u8, AggFn),
-    Neg(Box<Node>),
-    Not(Box<Node>),
-    Abs(Box<Node>),
-    Bin(BinOp, Box<Node>, Box<Node>),
-    /// `metric OP constant`, the shape of most thresholds, fused to skip two node visits.
-    CmpLatest(BinOp, u8, f64),
-}
-
-impl Node {
-    /// Fuses `metric OP constant` comparisons, everywhere in the tree.
-    fn fuse(self) -> Node {
-        match self {
-            Node::Bin(op, a, b) => match (op, *a, *b) {
-                (
-                    BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge | BinOp::Eq | BinOp::Ne,
-                    Node::Latest(i),
-                    Node::Const(c),
-                ) => Node::CmpLatest(op, i, c),
-                (op, a, b) => Node::Bin(op, Box::new(a.fuse()), Box::new(b.fuse())),
-            },
-            Node::Neg(a) => Node::Neg(Box::new(a.fuse())),
-            Node::Not(a) => Node::Not(Box::new(a.fuse())),
-            Node::Abs(a) => Node::Abs(Box::new(a.fuse())),
-            other => other,
-        }
-    }
-}
-
-/// Which statistic a window aggregate computes.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum AggFn {
-    Avg,
-    Min,
-    Max,
-    Sum,
-    Count,
-    Stddev,
-    /// Quantile in `[0, 1]` (median is 0.5).
-    Quantile(f64),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum DetKind {
-    Agg(AggFn),
-    ZScore,
-    MadScore,
-    EwmaDev { alpha: f64 },
-    Ewma { alpha: f64 },
-    Rate,
-    Flatline { dur_ms: u64, tolerance: f64 },
-    Missing { dur_ms: u64 },
-}
-
-/// Shape of a detector's ring buffer. `cap == 0` means the detector keeps no window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct WindowSpec {
-    pub cap: usize,
-    /// Time span in ms for time windows; 0 for sample windows.
-    pub horizon_ms: u64,
-    /// Keeps a sorted copy for quantiles and MAD.
-    pub sorted: bool,
-    /// Keeps the samples' values (everything but `count` reads them).
-    pub values: bool,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct DetSpec {
-    pub kind: DetKind,
-    pub input: u8,
-    pub window: WindowSpec,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct CommandSpec {
-    pub name: Arc<str>,
-    pub args: Arc<[(Arc<str>, ArgValue)]>,
-    pub target: Option<crate::DeviceName>,
-    pub on_clear: bool,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct ForwardSpec {
-    pub functions: AggFunctions,
-    pub input: u8,
-    pub metric: crate::MetricName,
-    pub every_ms: u64,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct RulePlan {
-    pub name: Arc<str>,
-    pub device: Box<str>,
-    pub metric: Option<Box<str>>,
-    pub inputs: Vec<Box<str>>,
-    pub dets: Vec<DetSpec>,
-    pub when: Option<Node>,
-    pub for_ms: u64,
-    pub clear: Option<Node>,
-    pub clear_for_ms: u64,
-    pub alert: Option<(Severity, Arc<str>)>,
-    pub commands: Vec<CommandSpec>,
-    pub tags: Vec<(Arc<str>, Arc<str>)>,
-    pub drop: bool,
-    pub forward: Option<ForwardSpec>,
-    pub max_devices: usize,
-    /// Worst-case bytes of state for one device of this rule.
-    pub slot_bytes: usize,
-    /// Hash of this rule's tokens: equal fingerprints mean an unchanged rule.
-    pub fingerprint: u64,
-    /// Evaluated on ticks too (durations, time windows, missing data, downsampling).
-    pub needs_tick: bool,
-}
-
-#[derive(Debug)]
-pub(crate) struct PlanInner {
-    pub rules: Vec<RulePlan>,
-    pub limits: Limits,
-    pub hash: u64,
-    pub state_bytes: usize,
-}
-
-/// A compiled, validated rule bundle. Cheap to clone (shared).
-#[derive(Debug, Clone)]
-pub struct Plan {
-    pub(crate) inner: Arc<PlanInner>,
-}
-
-impl Plan {
-    /// Number of rules in the bundle.
-    pub fn rule_count(&self) -> usize {
-        self.inner.rules.len()
-    }
-
-    /// Names of the rules that can keep a reading from being forwarded as it came: `drop`,
-    /// or `forward ... every`, which replaces a window's raw readings with aggregates.
-    pub fn dropping_rules(&self) -> impl Iterator<Item = &str> {
-        self.inner
-            .rules
-            .iter()
-            .filter(|r| r.drop || r.forward.is_some())
-            .map(|r| &*r.name)
-    }
-
-    /// Worst-case bytes of per-device state: for every rule, its per-device state times its
-    /// device limit. Checked against [`Limits::max_state_bytes`] at compile time.
-    pub fn state_bytes(&self) -> usize {
-        self.inner.state_bytes
-    }
-
-    /// Stable 64-bit FNV-1a hash of the normalized source (tokens separated by one space;
-    /// comments and layout do not count). The same text gives the same hash on every
-    /// platform and version of this crate's format.
-    pub fn hash(&self) -> u64 {
-        self.inner.hash
-    }
-
-    /// The limits the bundle was compiled under (the engine enforces the run-time ones).
-    pub fn limits(&self) -> &Limits {
-        &self.inner.limits
-    }
-
-    /// Names of the rules, in bundle order.
-    pub fn rule_names(&self) -> impl Iterator<Item = &str> {
-        self.inner.rules.iter().map(|r| &*r.name)
-    }
-
-    /// Worst-case state bytes of each rule (per-device bytes times device limit), in order.
-    pub fn rule_state_bytes(&self) -> impl Iterator<Item = (&str, usize)> {
-        self.inner
-            .rules
-            .iter()
-            .map(|r| (&*r.name, r.slot_bytes.saturating_mul(r.max_devices)))
+/// Fuses `metric OP constant` comparisons, everywhere in the tree.
+fn fuse(node: Node) -> Node {
+    match node {
+        Node::Bin(op, a, b) => match (op, *a, *b) {
+            (
+                BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge | BinOp::Eq | BinOp::Ne,
+                Node::Latest(i),
+                Node::Const(c),
+            ) => Node::CmpLatest(op, i, c),
+            (op, a, b) => Node::Bin(op, Box::new(fuse(a)), Box::new(fuse(b))),
+        },
+        Node::Neg(a) => Node::Neg(Box::new(fuse(*a))),
+        Node::Not(a) => Node::Not(Box::new(fuse(*a))),
+        Node::Abs(a) => Node::Abs(Box::new(fuse(*a))),
+        other => other,
     }
 }
 
 /// FNV-1a, 64 bit: tiny, stable across platforms, good enough for change detection.
-pub(crate) fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
     let mut h = h;
     for b in bytes {
         h ^= u64::from(*b);
@@ -212,7 +47,7 @@ pub(crate) fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
     }
     h
 }
-pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 fn hash_tokens(toks: &[Token<'_>]) -> u64 {
     let mut h = FNV_OFFSET;
@@ -511,7 +346,7 @@ impl<'l, 'e, 'a> RuleCompiler<'l, 'e, 'a> {
                 args.push((Arc::from(k.value), v));
             }
             let target = match &c.target {
-                Some(t) => match crate::DeviceName::try_from(&*t.value) {
+                Some(t) => match DeviceName::try_from(&*t.value) {
                     Ok(d) if !d.is_empty() && !d.contains(['*', '?']) => Some(d),
                     _ => {
                         self.error(t.pos, format!("target device must be one device name of 1 to {MAX_DEVICE_LEN} bytes, without wildcards"));
@@ -580,7 +415,7 @@ impl<'l, 'e, 'a> RuleCompiler<'l, 'e, 'a> {
             forward = Some(ForwardSpec {
                 functions,
                 input,
-                metric: crate::MetricName::try_from(f.metric.value).unwrap_or_default(),
+                metric: MetricName::try_from(f.metric.value).unwrap_or_default(),
                 every_ms,
             });
         }
@@ -608,8 +443,7 @@ impl<'l, 'e, 'a> RuleCompiler<'l, 'e, 'a> {
                 .dets
                 .iter()
                 .any(|d| d.window.horizon_ms > 0 || matches!(d.kind, DetKind::Missing { .. }));
-        let slot_bytes =
-            crate::engine::slot_bytes(self.inputs.len(), &self.dets, forward.is_some());
+        let slot_bytes = slot_bytes(self.inputs.len(), &self.dets, forward.is_some());
         Some(RulePlan {
             name: Arc::from(ast.name),
             device,
@@ -656,7 +490,7 @@ impl<'l, 'e, 'a> RuleCompiler<'l, 'e, 'a> {
             );
             return None;
         }
-        Some(node.fuse())
+        Some(fuse(node))
     }
 
     fn input(&mut self, metric: &'a str, pos: Pos) -> u8 {

@@ -30,7 +30,7 @@ impl fmt::Display for CompileError {
 }
 
 /// Every problem found in a bundle, sorted by position. Never empty when returned by
-/// [`compile`](crate::compile). The caller should show all of them (one per line, as
+/// [`compile`](crate::compile()). The caller should show all of them (one per line, as
 /// `Display` does) and keep running the previous plan.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct CompileErrors(pub Vec<CompileError>);

@@ -1,7 +1,7 @@
 //! edgestream-rules: the rule language of edgestream, its compiler and its engine.
 //!
-//! Operators write rules as text ([grammar and functions in the README](https://example.invalid/edgestream/rules/README.md));
-//! [`compile`] turns a bundle into a validated [`Plan`] or returns every mistake with its
+//! Operators write rules as text (grammar and functions: the crate's README.md);
+//! [`compile()`] turns a bundle into a validated [`Plan`] or returns every mistake with its
 //! line and column; an [`Engine`] runs a plan on each [`Reading`], writing its decisions
 //! (forward or drop, tags, alerts, device commands, downsampled aggregates) into a reusable
 //! [`Output`].
@@ -30,6 +30,7 @@
 //! allocation per reading once the engine is warm; no panics on any rule text.
 
 mod compile;
+mod detector;
 mod engine;
 mod error;
 mod glob;
@@ -37,19 +38,21 @@ mod lexer;
 mod limits;
 mod output;
 mod parser;
+mod plan;
 mod prefetch;
 #[cfg(test)]
 mod proptests;
 mod replay;
 mod window;
 
-pub use compile::{compile, compile_with, Plan};
+pub use compile::{compile, compile_with};
 pub use engine::{Engine, EngineStats, Reading};
 pub use error::{CompileError, CompileErrors};
 pub use glob::glob_match;
-pub use limits::*;
+pub use limits::{Limits, MAX_CACHED_METRICS_PER_DEVICE};
 pub use output::{
     AggFunctions, AggregateEvent, AlertEvent, AlertState, ArgValue, CommandAction, DeviceName,
     Disposition, MetricName, Output, Severity,
 };
-pub use replay::{replay, OwnedReading, ReplayEvent, MAX_REPLAY_TICKS_PER_GAP, REPLAY_TICK_MS};
+pub use plan::Plan;
+pub use replay::{replay, OwnedReading, ReplayEvent};

@@ -1,49 +1,35 @@
 //! Every size the rule compiler and engine accept, in one place.
 //!
-//! Two kinds of bound live here. Constants (`MAX_*`) are fixed by the language itself and
-//! cannot be raised without changing the code that relies on them (the evaluation stack, the
-//! parser's recursion depth). [`Limits`] are policy: the defaults suit a Raspberry Pi-class
+//! Two kinds of bound live here. Constants (`MAX_*`) are fixed, by the language itself (the
+//! evaluation stack, the parser's recursion depth) or by the wire format (everything a rule
+//! emits must fit a message), and cannot be raised without changing the code that relies
+//! on them. [`Limits`] are policy: the defaults suit a Raspberry Pi-class
 //! gateway and an operator may tighten or loosen them when compiling a bundle.
 
 /// Deepest nesting of an expression (parentheses, operators, calls). Bounds the parser's
 /// recursion and the evaluation stack, so hostile input cannot overflow either.
-pub const MAX_EXPR_DEPTH: usize = 32;
+pub(crate) const MAX_EXPR_DEPTH: usize = 32;
 /// Most operations in one compiled expression. The evaluation stack never exceeds this.
-pub const MAX_EXPR_OPS: usize = 256;
-// The next values mirror `edgestream_protocol::limits` constants of the same names, so that
-// everything a rule emits fits the wire format; they are copied (not imported) while that
-// crate settles. Keep them in step.
-/// Longest rule name, in bytes.
-pub const MAX_RULE_NAME_LEN: usize = 48;
-/// Longest alert message, in bytes.
-pub const MAX_ALERT_MESSAGE_LEN: usize = 128;
-/// Most tags one rule attaches.
-pub const MAX_TAGS: usize = 4;
-/// Longest tag key, in bytes.
-pub const MAX_TAG_KEY_LEN: usize = 32;
-/// Longest tag value, in bytes.
-pub const MAX_TAG_VALUE_LEN: usize = 64;
-/// Longest command name, in bytes.
-pub const MAX_COMMAND_NAME_LEN: usize = 32;
-/// Most arguments of one device command.
-pub const MAX_COMMAND_ARGS: usize = 8;
-/// Longest command argument name, in bytes.
-pub const MAX_ARG_KEY_LEN: usize = 32;
-/// Longest text command argument value, in bytes.
-pub const MAX_ARG_STR_LEN: usize = 64;
+pub(crate) const MAX_EXPR_OPS: usize = 256;
+// What a rule emits (rule name, alert message, tags, command name and arguments) is bounded
+// by the wire format's own limits, so that it always fits a message.
+pub(crate) use edgestream_protocol::limits::{
+    MAX_ALERT_MESSAGE_LEN, MAX_ARG_KEY_LEN, MAX_ARG_STR_LEN, MAX_COMMAND_ARGS,
+    MAX_COMMAND_NAME_LEN, MAX_RULE_NAME_LEN, MAX_TAGS, MAX_TAG_KEY_LEN, MAX_TAG_VALUE_LEN,
+};
 /// Longest string literal (alert messages, tag values, command arguments), in bytes.
-pub const MAX_STRING_LEN: usize = 256;
+pub(crate) const MAX_STRING_LEN: usize = 256;
 /// Most `command` actions in one rule.
-pub const MAX_COMMANDS_PER_RULE: usize = 8;
+pub(crate) const MAX_COMMANDS_PER_RULE: usize = 8;
 /// Most distinct metrics one rule may name.
-pub const MAX_METRICS_PER_RULE: usize = 16;
+pub(crate) const MAX_METRICS_PER_RULE: usize = 16;
 /// Most detector calls (window functions, anomaly detectors) in one rule.
-pub const MAX_DETECTORS_PER_RULE: usize = 16;
+pub(crate) const MAX_DETECTORS_PER_RULE: usize = 16;
 /// Distinct metric names the engine caches routing for, per device. Readings of further
 /// metrics are still evaluated correctly, on a slower uncached path.
 pub const MAX_CACHED_METRICS_PER_DEVICE: usize = 64;
 /// Ceiling for a rule's own `max_devices` clause.
-pub const MAX_DEVICES_PER_RULE_CEILING: usize = 65_536;
+pub(crate) const MAX_DEVICES_PER_RULE_CEILING: usize = 65_536;
 
 /// Policy limits for one compiled bundle, checked at compile time and carried by the
 /// [`Plan`](crate::Plan) into the engine.

@@ -4,10 +4,11 @@
 
 use proptest::prelude::*;
 
-use crate::compile::{compile_with, AggFn, DetSpec};
-use crate::engine::Det;
+use crate::compile::compile_with;
+use crate::detector::Det;
+use crate::limits::Limits;
+use crate::plan::{AggFn, DetSpec};
 use crate::window::quantile_sorted;
-use crate::Limits;
 
 /// Time windows in these tests keep at most this many samples, so early eviction happens.
 const CAP: usize = 16;

@@ -3,8 +3,11 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::output::{AggregateEvent, AlertEvent, AlertState, CommandAction, Disposition, Output};
-use crate::{Engine, Plan, Reading};
+use crate::engine::{Engine, Reading};
+use crate::output::{
+    AggregateEvent, AlertEvent, AlertState, ArgValue, CommandAction, Disposition, Output,
+};
+use crate::plan::Plan;
 
 /// A reading that owns its strings (one line of a readings.jsonl file).
 #[derive(Debug, Clone, PartialEq)]
@@ -39,16 +42,17 @@ pub enum ReplayEvent {
 }
 
 /// Period of the ticks replay simulates between readings, as a live agent would tick.
-pub const REPLAY_TICK_MS: u64 = 1_000;
+pub(crate) const REPLAY_TICK_MS: u64 = 1_000;
 /// Most simulated ticks in one gap between readings, so that a timestamp far in the future
 /// cannot make a replay run for ever; past it, time jumps straight to the next reading.
-pub const MAX_REPLAY_TICKS_PER_GAP: u64 = 100_000;
+pub(crate) const MAX_REPLAY_TICKS_PER_GAP: u64 = 100_000;
 
 /// Runs `readings`, in the order given, through a fresh engine for `plan` and returns every
-/// event. Between readings, time advances in ticks at every multiple of [`REPLAY_TICK_MS`]
-/// and at each new reading timestamp, so time-driven detectors (`missing`, durations,
-/// downsampling) fire as they would live with a one-second tick. Pure and deterministic:
-/// the same plan and readings always give the same events in the same order.
+/// event. Between readings, time advances in ticks at every whole second of the readings'
+/// clock and at each new reading timestamp, so time-driven detectors (`missing`, durations,
+/// downsampling) fire as they would live with a one-second tick; a gap of more than 100,000
+/// seconds jumps straight to the next reading after that many ticks. Pure and
+/// deterministic: the same plan and readings always give the same events in the same order.
 pub fn replay(plan: Plan, readings: impl IntoIterator<Item = OwnedReading>) -> Vec<ReplayEvent> {
     let mut engine = Engine::new(plan);
     let mut out = Output::default();
@@ -172,9 +176,9 @@ impl fmt::Display for ReplayEvent {
                         f.write_str(",")?;
                     }
                     match v {
-                        crate::ArgValue::Number(n) => write!(f, "{}:{}", J(k), N(*n))?,
-                        crate::ArgValue::Bool(b) => write!(f, "{}:{b}", J(k))?,
-                        crate::ArgValue::Text(t) => write!(f, "{}:{}", J(k), J(t))?,
+                        ArgValue::Number(n) => write!(f, "{}:{}", J(k), N(*n))?,
+                        ArgValue::Bool(b) => write!(f, "{}:{b}", J(k))?,
+                        ArgValue::Text(t) => write!(f, "{}:{}", J(k), J(t))?,
                     }
                 }
                 f.write_str("}}")

@@ -12,7 +12,12 @@
 //!                                            +--> outbox (commands/outcomes)
 //! ```
 //!
-//! Capacities and full-policies of the command channels are in `commands/mod.rs`.
+//! Capacities and full-policies of the command channels are in `commands/router.rs`.
+//!
+//! The parts, in the order a run goes through them: [`Agent::build`] opens the outbox and
+//! compiles the initial rules (errors here stop the start); [`Agent::start`] wires and spawns
+//! the stages; [`feed_watchdog`] keeps systemd's watchdog fed while the rules stage beats;
+//! [`Running::stop`] is the ordered shutdown below, driven by [`ShutdownPhases`].
 //!
 //! Shutdown order (each step bounded by `gateway.shutdown_timeout_ms`):
 //! 1. sources stop forwarding and drop their senders (they keep their connection open);
@@ -22,11 +27,13 @@
 //!    offline status and disconnects. Whatever is left stays on disk for the next start.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use edgestream_rules::{Engine, Plan};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -36,7 +43,7 @@ use crate::commands::store::CommandStore;
 use crate::config::Config;
 use crate::outbox::store::{OpenReport, Outbox, OutboxError, OutboxSettings};
 use crate::rules_stage::remote::{RemoteRules, RuleStore, StoredState};
-use crate::rules_stage::stage::RulesStage;
+use crate::rules_stage::stage::{RulesStage, TICK};
 use crate::source::mqtt::LocalMqttSource;
 use crate::source::reading::SOURCE_CHANNEL_CAPACITY;
 use crate::source::serial::{SerialSource, SerialSourceError};
@@ -158,6 +165,37 @@ impl Agent {
 
     /// Runs until `shutdown` is cancelled, then stops in order (see the module doc).
     pub async fn run(self, shutdown: CancellationToken) -> Result<StopReport, StartError> {
+        let deadline = Duration::from_millis(self.config.gateway.shutdown_timeout_ms);
+        let outbox = self.outbox.clone();
+        let phases = ShutdownPhases::default();
+        let heartbeat = Arc::new(AtomicU64::new(0));
+        let running = self.start(&shutdown, &phases, heartbeat.clone()).await?;
+
+        // Everything is running: tell systemd (Type=notify), and feed its watchdog only while
+        // the rules stage shows signs of life.
+        crate::sdnotify::notify("READY=1");
+        let watchdog = crate::sdnotify::watchdog_interval()
+            .map(|every| tokio::spawn(feed_watchdog(every, heartbeat, shutdown.clone())));
+
+        shutdown.cancelled().await;
+        crate::sdnotify::notify("STOPPING=1");
+        if let Some(w) = watchdog {
+            w.abort();
+        }
+        tracing::info!("shutting down");
+        let report = running.stop(&phases, deadline, &outbox).await;
+        tracing::info!(outbox_remaining = report.outbox_remaining, stuck = ?report.stuck, "stopped");
+        Ok(report)
+    }
+
+    /// Wires the stages (the graph in the module doc) and spawns each on its own task or
+    /// thread.
+    async fn start(
+        self,
+        shutdown: &CancellationToken,
+        phases: &ShutdownPhases,
+        heartbeat: Arc<AtomicU64>,
+    ) -> Result<Running, StartError> {
         let Agent {
             config,
             metrics,
@@ -167,7 +205,6 @@ impl Agent {
             rule_state,
             ..
         } = self;
-        let deadline = Duration::from_millis(config.gateway.shutdown_timeout_ms);
         let (status_tx, status_rx) = watch::channel(StatusInfo {
             rules_version: rule_state.current.as_ref().map_or(0, |b| b.version),
             rules_hash: crate::rules_stage::remote::hash_hex(&plan),
@@ -208,7 +245,7 @@ impl Agent {
                 .run(bundles_rx)
                 .instrument(tracing::info_span!("remote_rules")),
         );
-        let _metrics_endpoint = crate::telemetry::prometheus::start(
+        let metrics_endpoint = crate::telemetry::prometheus::start(
             &config.metrics,
             metrics.clone(),
             Some(outbox.clone()),
@@ -220,12 +257,7 @@ impl Agent {
             source,
         })?;
 
-        let heartbeat = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let stop_intake = CancellationToken::new();
-        let release_sources = CancellationToken::new();
-        let stages_done = CancellationToken::new();
         let (tx, rx) = mpsc::channel(SOURCE_CHANNEL_CAPACITY);
-
         // One thread and one sender clone per serial port; each drops its sender soon after
         // `stop_intake` (within `serial::READ_TIMEOUT`), like the MQTT source.
         let (routes, port_links) = DeviceRoutes::new(&config.serial, &device_tx);
@@ -234,7 +266,7 @@ impl Agent {
             let thread = SerialSource::new(port.clone())?.with_link(link).spawn(
                 tx.clone(),
                 metrics.clone(),
-                stop_intake.clone(),
+                phases.stop_intake.clone(),
             )?;
             serial_threads.push(thread);
         }
@@ -270,8 +302,8 @@ impl Agent {
                     local_events,
                     tx,
                     metrics.clone(),
-                    stop_intake.clone(),
-                    release_sources.clone(),
+                    phases.stop_intake.clone(),
+                    phases.release_sources.clone(),
                 )
                 .instrument(local_span),
         );
@@ -283,75 +315,82 @@ impl Agent {
         )
         .with_plan_updates(plans_rx)
         .with_commands(RuleCommandIssuer::new(rule_cmds_tx, &config.commands))
-        .with_heartbeat(heartbeat.clone())
+        .with_heartbeat(heartbeat)
         .with_commit_linger(Duration::from_millis(config.outbox.commit_linger_ms));
-        let mut stage_task =
-            tokio::spawn(stage.run(rx).instrument(tracing::info_span!("rules_stage")));
-        let mut uplink_task = tokio::spawn(
+        let stage_task = tokio::spawn(stage.run(rx).instrument(tracing::info_span!("rules_stage")));
+        let uplink_task = tokio::spawn(
             uplink
-                .run(shutdown.clone(), stages_done.clone())
+                .run(shutdown.clone(), phases.stages_done.clone())
                 .instrument(uplink_span),
         );
+        Ok(Running {
+            stage: stage_task,
+            local_source: source_task,
+            serial_threads,
+            uplink: uplink_task,
+            router: router_task,
+            remote_rules: remote_rules_task,
+            _metrics_endpoint: metrics_endpoint,
+        })
+    }
+}
 
-        // Everything is running: tell systemd (Type=notify), and feed its watchdog only while
-        // the rules stage shows signs of life (it beats at least once per TICK, even idle), so
-        // that a wedged pipeline is restarted rather than left hanging.
-        crate::sdnotify::notify("READY=1");
-        let watchdog = crate::sdnotify::watchdog_interval().map(|every| {
-            let shutdown = shutdown.clone();
-            let heartbeat = heartbeat.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                let mut last_seen = heartbeat.load(std::sync::atomic::Ordering::Relaxed);
-                let mut stalled_for = Duration::ZERO;
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tick.tick() => {}
-                    }
-                    let now = heartbeat.load(std::sync::atomic::Ordering::Relaxed);
-                    if now != last_seen {
-                        last_seen = now;
-                        stalled_for = Duration::ZERO;
-                    } else {
-                        stalled_for += every;
-                    }
-                    if stalled_for <= crate::rules_stage::stage::TICK * 3 {
-                        crate::sdnotify::notify("WATCHDOG=1");
-                    } else {
-                        tracing::error!(?stalled_for, "rules stage shows no sign of life; no longer feeding the systemd watchdog");
-                    }
-                }
-            })
-        });
+/// The signals of the ordered shutdown (module doc), each given once, in this order.
+#[derive(Debug, Default)]
+struct ShutdownPhases {
+    /// Sources stop forwarding and drop their senders, so the rules stage drains and ends.
+    stop_intake: CancellationToken,
+    /// The rules stage has acknowledged everything: sources send their last
+    /// acknowledgements and disconnect.
+    release_sources: CancellationToken,
+    /// Nothing more will enter the outbox: the uplink drains it and disconnects.
+    stages_done: CancellationToken,
+}
 
-        shutdown.cancelled().await;
-        crate::sdnotify::notify("STOPPING=1");
-        if let Some(w) = watchdog {
-            w.abort();
-        }
-        tracing::info!("shutting down");
+/// The running stages, as [`Agent::start`] spawned them.
+#[derive(Debug)]
+struct Running {
+    stage: JoinHandle<()>,
+    local_source: JoinHandle<()>,
+    serial_threads: Vec<std::thread::JoinHandle<()>>,
+    uplink: JoinHandle<()>,
+    router: JoinHandle<()>,
+    remote_rules: JoinHandle<()>,
+    /// Serves until the agent's shutdown token is cancelled.
+    _metrics_endpoint: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops the stages in the module doc's order, each within its deadline; a stage that
+    /// misses it is aborted and named in the report.
+    async fn stop(
+        mut self,
+        phases: &ShutdownPhases,
+        deadline: Duration,
+        outbox: &Outbox,
+    ) -> StopReport {
         let mut report = StopReport::default();
-        stop_intake.cancel();
-        if tokio::time::timeout(deadline, &mut stage_task)
+        phases.stop_intake.cancel();
+        if tokio::time::timeout(deadline, &mut self.stage)
             .await
             .is_err()
         {
             tracing::error!("rules stage did not drain in time");
             report.stuck.push("rules stage");
-            stage_task.abort();
+            self.stage.abort();
         }
-        release_sources.cancel();
-        stages_done.cancel();
-        if tokio::time::timeout(Duration::from_secs(2), source_task)
+        phases.release_sources.cancel();
+        phases.stages_done.cancel();
+        if tokio::time::timeout(Duration::from_secs(2), self.local_source)
             .await
             .is_err()
         {
             report.stuck.push("local source");
         }
-        if !serial_threads.is_empty() {
+        if !self.serial_threads.is_empty() {
+            let threads = std::mem::take(&mut self.serial_threads);
             let joined = tokio::task::spawn_blocking(move || {
-                for t in serial_threads {
+                for t in threads {
                     if t.join().is_err() {
                         tracing::error!("a serial source thread panicked");
                     }
@@ -364,33 +403,61 @@ impl Agent {
                 report.stuck.push("serial source");
             }
         }
-        if tokio::time::timeout(deadline + Duration::from_secs(3), &mut uplink_task)
+        if tokio::time::timeout(deadline + Duration::from_secs(3), &mut self.uplink)
             .await
             .is_err()
         {
             tracing::error!("uplink did not stop in time");
             report.stuck.push("uplink");
-            uplink_task.abort();
+            self.uplink.abort();
         }
         if let Err(e) = outbox.flush().await {
             tracing::error!(error = %e, "final outbox flush failed");
         }
         // Every sender of the router's inputs is gone now; it saves its table and ends.
-        if tokio::time::timeout(Duration::from_secs(2), router_task)
+        if tokio::time::timeout(Duration::from_secs(2), self.router)
             .await
             .is_err()
         {
             report.stuck.push("command router");
         }
         // The uplink held the bundle sender; with it gone the consumer finishes.
-        if tokio::time::timeout(Duration::from_secs(1), remote_rules_task)
+        if tokio::time::timeout(Duration::from_secs(1), self.remote_rules)
             .await
             .is_err()
         {
             report.stuck.push("remote rules");
         }
         report.outbox_remaining = outbox.depth();
-        tracing::info!(outbox_remaining = report.outbox_remaining, stuck = ?report.stuck, "stopped");
-        Ok(report)
+        report
+    }
+}
+
+/// Feeds systemd's watchdog every `every` while the rules stage beats (it does at least once
+/// per [`TICK`], even idle), so that a wedged pipeline is restarted rather than left hanging.
+async fn feed_watchdog(every: Duration, heartbeat: Arc<AtomicU64>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    let mut last_seen = heartbeat.load(Ordering::Relaxed);
+    let mut stalled_for = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let now = heartbeat.load(Ordering::Relaxed);
+        if now != last_seen {
+            last_seen = now;
+            stalled_for = Duration::ZERO;
+        } else {
+            stalled_for += every;
+        }
+        if stalled_for <= TICK * 3 {
+            crate::sdnotify::notify("WATCHDOG=1");
+        } else {
+            tracing::error!(
+                ?stalled_for,
+                "rules stage shows no sign of life; no longer feeding the systemd watchdog"
+            );
+        }
     }
 }

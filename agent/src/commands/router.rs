@@ -71,7 +71,6 @@ const MAX_EVENTS_PER_TURN: usize = 64;
 /// Suffix of the cloud topic outcomes go to.
 pub const OUTCOMES_SUFFIX: &str = "commands/outcomes";
 const SOURCE: &str = "commands";
-const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
 
 /// A command a rule issued, with the rule's name.
 #[derive(Debug)]
@@ -115,7 +114,7 @@ pub fn outcome_record(
 fn fingerprint(cmd: &Command) -> u32 {
     let mut bytes = Vec::with_capacity(128);
     match encode_command(cmd, &mut bytes) {
-        Ok(()) => CRC32.checksum(&bytes),
+        Ok(()) => crc32fast::hash(&bytes),
         Err(_) => 0,
     }
 }

@@ -320,11 +320,9 @@ mod tests {
 
     #[test]
     fn the_checksum_is_crc32_iso_hdlc_as_stores_already_hold() {
-        // The catalogue's check value: stores written with the `crc` crate stay readable.
+        // The catalogue's check value of CRC-32/ISO-HDLC: stores written by releases that
+        // computed it with another implementation stay readable.
         assert_eq!(crc32fast::hash(b"123456789"), 0xCBF4_3926);
-        let c = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
-        let body: Vec<u8> = (0..4096u32).map(|i| (i * 31 % 251) as u8).collect();
-        assert_eq!(crc32fast::hash(&body), c.checksum(&body));
     }
 
     fn reading() -> Record {

@@ -29,7 +29,7 @@ use crate::backoff::Backoff;
 use crate::commands::routes::DeviceEvent;
 use crate::config::Config;
 use crate::deadletter::RejectSampler;
-use crate::mqtt_link::{set_nodelay, write_flushed};
+use crate::mqtt_link::{self, set_nodelay, write_flushed};
 use crate::telemetry::metrics::Metrics;
 use crate::uplink::topics::device_metric;
 use crate::validation::valid_name;
@@ -124,51 +124,29 @@ async fn write_acks(
     while let Ok(next) = more.try_recv() {
         acks.extend(next);
     }
-    if eventloop.network.is_none() {
+    if !mqtt_link::is_connected(eventloop) {
         return;
     }
-    let result = match ack_packets(&mut eventloop.state, acks) {
-        Ok(packets) => {
-            let write = write_last_alone(eventloop, packets);
-            match tokio::time::timeout(ACK_WRITE_TIMEOUT, write).await {
-                Ok(r) => r,
-                Err(_) => Err(rumqttc::StateError::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "writing acknowledgements timed out",
-                ))),
+    let result =
+        match mqtt_link::ack_packets(eventloop, acks.into_iter().filter_map(Ack::to_request)) {
+            Ok(packets) => {
+                let write = write_last_alone(eventloop, packets);
+                match tokio::time::timeout(ACK_WRITE_TIMEOUT, write).await {
+                    Ok(r) => r,
+                    Err(_) => Err(rumqttc::StateError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "writing acknowledgements timed out",
+                    ))),
+                }
             }
-        }
-        Err(e) => Err(e),
-    };
+            Err(e) => Err(e),
+        };
     if let Err(e) = result {
         // Drop the connection the way rumqttc does after an error, so that the next poll
         // reconnects (and reports it) instead of writing into a broken socket.
         tracing::warn!(error = %e, "cannot write acknowledgements; reconnecting");
         eventloop.clean();
     }
-}
-
-/// The packets that acknowledge `acks`, registered with rumqttc's state (QoS 2 needs that).
-fn ack_packets(
-    state: &mut rumqttc::MqttState,
-    acks: Vec<Ack>,
-) -> Result<Vec<Packet>, rumqttc::StateError> {
-    let packets = acks
-        .into_iter()
-        .filter_map(Ack::to_request)
-        .filter_map(|request| state.handle_outgoing_packet(request).transpose())
-        .collect();
-    // Each acknowledgement left an `Outgoing` event that nobody reads: drop them rather than
-    // spend a turn of the event loop on each.
-    while matches!(
-        state.events.back(),
-        Some(Event::Outgoing(
-            rumqttc::Outgoing::PubAck(_) | rumqttc::Outgoing::PubRec(_)
-        ))
-    ) {
-        state.events.pop_back();
-    }
-    packets
 }
 
 /// Writes `packets` with one flush, then the last of them with a flush of its own (see

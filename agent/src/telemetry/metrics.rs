@@ -1,5 +1,5 @@
-//! Counters for every stage, shared by the pipeline's tasks and read by the health message,
-//! the demo's status line and (later) the Prometheus endpoint.
+//! Counters for every stage, shared by the pipeline's tasks and read by the health message
+//! and the Prometheus endpoint.
 //!
 //! Plain relaxed atomics: each counter is independent and monotonic (gauges are marked), and a
 //! reader only needs a recent value, never a consistent snapshot across counters.
@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 macro_rules! counters {
-    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+    ($( $(#[$doc:meta])* $name:ident : $kind:ident $family:literal $labels:literal $help:literal ),* $(,)?) => {
         /// Live counters; see each field.
         #[derive(Debug, Default)]
         pub struct Metrics {
@@ -27,90 +27,124 @@ macro_rules! counters {
                 Snapshot { $( $name: self.$name.load(Ordering::Relaxed), )* }
             }
         }
+
+        impl Snapshot {
+            /// Every counter as a Prometheus sample, in the order declared below.
+            pub fn samples(&self) -> impl Iterator<Item = Sample> {
+                [ $( Sample {
+                    family: $family,
+                    kind: Kind::$kind,
+                    labels: $labels,
+                    help: $help,
+                    value: self.$name,
+                }, )* ].into_iter()
+            }
+        }
     };
 }
 
+/// Kind of a metric in the Prometheus exposition format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// One counter as the Prometheus endpoint exposes it: a sample of `family` with `labels`
+/// (empty for none). Samples of one family share its help text, given on its first sample.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    pub family: &'static str,
+    pub kind: Kind,
+    pub labels: &'static str,
+    pub help: &'static str,
+    pub value: u64,
+}
+
+// Each counter: its field, then how Prometheus sees it (kind, family, labels, help on the
+// family's first sample). The endpoint is generated from this list, so a new counter is
+// exposed by declaring it here.
 counters! {
     /// Readings accepted from the local broker.
-    readings_in_mqtt,
+    readings_in_mqtt: Counter "edgestream_readings_in_total" r#"source="mqtt""# "Readings accepted, by source.",
     /// Payloads from the local broker rejected as malformed (see dead letters).
-    rejected_mqtt,
+    rejected_mqtt: Counter "edgestream_parse_errors_total" r#"source="mqtt""# "Inputs rejected as malformed, by source.",
     /// Readings evaluated by the rules stage.
-    rules_evaluated,
+    rules_evaluated: Counter "edgestream_rule_evaluations_total" r#""# "Readings evaluated by the rules stage.",
     /// Alert transitions (raised + cleared) produced by rules.
-    alerts_raised,
-    alerts_cleared,
+    alerts_raised: Counter "edgestream_alerts_total" r#"transition="raised""# "Alert transitions produced by rules.",
+    alerts_cleared: Counter "edgestream_alerts_total" r#"transition="cleared""# "",
     /// Device commands produced by rules.
-    rule_commands,
+    rule_commands: Counter "edgestream_commands_received_total" r#"source="rules""# "",
     /// Aggregates produced by downsampling rules.
-    aggregates,
+    aggregates: Counter "edgestream_aggregates_total" r#""# "Aggregates produced by downsampling rules.",
     /// Readings a rule chose to drop.
-    readings_dropped_by_rule,
+    readings_dropped_by_rule: Counter "edgestream_records_dropped_total" r#"reason="rule""# "Records and readings dropped, by reason.",
     /// Tags not forwarded because rules attached more than the wire format carries.
-    tags_truncated,
+    tags_truncated: Counter "edgestream_records_dropped_total" r#"reason="tags_over_wire_limit""# "",
     /// Records appended to the outbox, and flushes (group commits) that made them durable.
-    outbox_appended,
-    outbox_flushes,
+    outbox_appended: Counter "edgestream_outbox_appended_total" r#""# "Records appended to the outbox.",
+    outbox_flushes: Counter "edgestream_outbox_flushes_total" r#""# "Outbox group commits (flushes to disk).",
     /// Records removed from the outbox because their PUBACK arrived.
-    outbox_acked,
+    outbox_acked: Counter "edgestream_outbox_acked_total" r#""# "Records removed from the outbox on their cloud PUBACK.",
     /// Records dropped because the outbox was full (by policy).
-    outbox_dropped_full,
+    outbox_dropped_full: Counter "edgestream_records_dropped_total" r#"reason="outbox_full""# "",
     /// Telemetry dropped because it was older than `outbox.max_age_secs`.
-    outbox_dropped_age,
+    outbox_dropped_age: Counter "edgestream_records_dropped_total" r#"reason="outbox_age""# "",
     /// Records skipped because they failed their checksum or could not be decoded.
-    outbox_corrupt,
+    outbox_corrupt: Counter "edgestream_records_dropped_total" r#"reason="corrupt""# "",
     /// Records in the outbox (gauge).
-    outbox_depth,
+    outbox_depth: Gauge "edgestream_outbox_records" r#""# "Records waiting in the outbox.",
     /// Bytes held in the outbox (gauge).
-    outbox_bytes,
+    outbox_bytes: Gauge "edgestream_outbox_bytes" r#""# "Record bytes held in the outbox (what the cap counts).",
     /// Publishes sent to the cloud and records they carried.
-    uplink_publishes,
-    uplink_records_sent,
+    uplink_publishes: Counter "edgestream_uplink_publishes_total" r#""# "Publishes sent to the cloud broker.",
+    uplink_records_sent: Counter "edgestream_uplink_records_sent_total" r#""# "Records carried by publishes to the cloud (resends included).",
     /// Payload bytes sent to the cloud.
-    uplink_bytes,
+    uplink_bytes: Counter "edgestream_uplink_bytes_sent_total" r#""# "Payload bytes sent to the cloud broker.",
     /// Connections established to the cloud broker, and failures to.
-    uplink_connects,
-    uplink_connect_failures,
+    uplink_connects: Counter "edgestream_uplink_connects_total" r#""# "Connections established to the cloud broker (reconnects = this - 1).",
+    uplink_connect_failures: Counter "edgestream_uplink_connect_failures_total" r#""# "Failed attempts to connect to the cloud broker.",
     /// 1 while connected to the cloud (gauge).
-    uplink_online,
+    uplink_online: Gauge "edgestream_uplink_online" r#""# "1 while connected to the cloud broker.",
     /// Dead-letter samples queued upstream, and rejected inputs not sampled (rate limit).
-    deadletters_sent,
-    deadletters_suppressed,
+    deadletters_sent: Counter "edgestream_deadletters_total" r#""# "Samples of rejected input queued for the cloud dead-letter topic.",
+    deadletters_suppressed: Counter "edgestream_records_dropped_total" r#"reason="deadletter_rate_limit""# "",
     /// Rule bundles applied and rejected.
-    bundles_applied,
-    bundles_rejected,
+    bundles_applied: Counter "edgestream_rule_bundles_total" r#"result="applied""# "Rule bundles received over MQTT, by result.",
+    bundles_rejected: Counter "edgestream_rule_bundles_total" r#"result="rejected""# "",
     /// Readings accepted from serial ports.
-    readings_in_serial,
+    readings_in_serial: Counter "edgestream_readings_in_total" r#"source="serial""# "",
     /// Serial lines or frames rejected (garbage, over-long, bad CRC, unparsable; see dead
     /// letters).
-    rejected_serial,
+    rejected_serial: Counter "edgestream_parse_errors_total" r#"source="serial""# "",
     /// Bytes read from serial ports.
-    serial_bytes,
+    serial_bytes: Counter "edgestream_serial_bytes_total" r#""# "Bytes read from serial ports.",
     /// Serial port opens that succeeded, and disconnects (read error or end of data).
-    serial_connects,
-    serial_disconnects,
+    serial_connects: Counter "edgestream_serial_connects_total" r#""# "Serial port opens that succeeded.",
+    serial_disconnects: Counter "edgestream_serial_disconnects_total" r#""# "Serial port disconnects (read error or end of data).",
     /// Serial ports open right now (gauge).
-    serial_ports_open,
+    serial_ports_open: Gauge "edgestream_serial_ports_open" r#""# "Serial ports open now.",
     /// Command replies read from serial ports (frames or JSON lines), handed to the router.
-    serial_outcomes,
+    serial_outcomes: Counter "edgestream_serial_command_replies_total" r#""# "Command replies read from serial ports.",
     /// Commands received from the cloud, and issued by rules (that reached the router).
-    commands_received_cloud,
-    commands_from_rules,
+    commands_received_cloud: Counter "edgestream_commands_received_total" r#"source="cloud""# "Device commands received, by source (rules: every command a rule emitted).",
+    commands_from_rules: Counter "edgestream_commands_routed_from_rules_total" r#""# "Commands issued by rules that reached the command router.",
     /// Commands accepted, and rejected (by the gateway or by the device).
-    commands_accepted,
-    commands_rejected,
+    commands_accepted: Counter "edgestream_commands_total" r#"outcome="accepted""# "Device commands, by outcome.",
+    commands_rejected: Counter "edgestream_commands_total" r#"outcome="rejected""# "",
     /// Commands handed to their transport (a serial port or the local broker).
-    commands_dispatched,
+    commands_dispatched: Counter "edgestream_commands_dispatched_total" r#""# "Device commands handed to a serial port or the local broker.",
     /// Commands finished: the device reported success or failure, or no reply came in time.
-    commands_succeeded,
-    commands_failed,
-    commands_timed_out,
+    commands_succeeded: Counter "edgestream_commands_total" r#"outcome="succeeded""# "",
+    commands_failed: Counter "edgestream_commands_total" r#"outcome="failed""# "",
+    commands_timed_out: Counter "edgestream_commands_total" r#"outcome="timed_out""# "",
     /// Accepted commands not yet finished (gauge).
-    commands_pending,
+    commands_pending: Gauge "edgestream_commands_pending" r#""# "Accepted device commands not yet finished.",
     /// Device replies for no pending command: unknown id or wrong device, or after the
     /// command had finished (late). Sampled to the dead-letter topic.
-    command_replies_unmatched,
-    command_replies_late,
+    command_replies_unmatched: Counter "edgestream_command_replies_unmatched_total" r#"why="unknown""# "Device replies that matched no pending command, by why.",
+    command_replies_late: Counter "edgestream_command_replies_unmatched_total" r#"why="late""# "",
 }
 
 impl Metrics {

@@ -22,19 +22,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::outbox::store::Outbox;
 use crate::telemetry::health::{Pid, ProcessStats};
-use crate::telemetry::metrics::{Metrics, Snapshot};
+use crate::telemetry::metrics::{Kind, Metrics, Snapshot};
 
 /// Longest request head read; anything longer is answered 431 and closed.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// How long a client may take to send its request (and read the answer).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Kind of a metric in the exposition format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Counter,
-    Gauge,
-}
 
 /// One family: name, kind, help, and its samples as (labels, value).
 struct Family {
@@ -44,225 +37,60 @@ struct Family {
     samples: Vec<(&'static str, f64)>,
 }
 
+/// The families of every counter (from [`Snapshot::samples`], grouped by family in order of
+/// first appearance) and of the process figures.
 fn families(m: &Snapshot, p: &ProcessStats, outbox_disk_bytes: Option<u64>) -> Vec<Family> {
-    use Kind::{Counter, Gauge};
-    let f = |name, kind, help, samples: &[(&'static str, u64)]| Family {
-        name,
-        kind,
-        help,
-        samples: samples.iter().map(|&(l, v)| (l, v as f64)).collect(),
+    let mut v: Vec<Family> = Vec::with_capacity(48);
+    for s in m.samples() {
+        match v.iter_mut().find(|f| f.name == s.family) {
+            Some(f) => f.samples.push((s.labels, s.value as f64)),
+            None => v.push(Family {
+                name: s.family,
+                kind: s.kind,
+                help: s.help,
+                samples: vec![(s.labels, s.value as f64)],
+            }),
+        }
+    }
+    let mut one = |name, kind, help, value: f64| {
+        v.push(Family {
+            name,
+            kind,
+            help,
+            samples: vec![("", value)],
+        })
     };
-    let mut v = vec![
-        f(
-            "edgestream_readings_in_total",
-            Counter,
-            "Readings accepted, by source.",
-            &[
-                (r#"source="mqtt""#, m.readings_in_mqtt),
-                (r#"source="serial""#, m.readings_in_serial),
-            ],
-        ),
-        f(
-            "edgestream_parse_errors_total",
-            Counter,
-            "Inputs rejected as malformed, by source.",
-            &[
-                (r#"source="mqtt""#, m.rejected_mqtt),
-                (r#"source="serial""#, m.rejected_serial),
-            ],
-        ),
-        f(
-            "edgestream_rule_evaluations_total",
-            Counter,
-            "Readings evaluated by the rules stage.",
-            &[("", m.rules_evaluated)],
-        ),
-        f(
-            "edgestream_alerts_total",
-            Counter,
-            "Alert transitions produced by rules.",
-            &[
-                (r#"transition="raised""#, m.alerts_raised),
-                (r#"transition="cleared""#, m.alerts_cleared),
-            ],
-        ),
-        f(
-            "edgestream_aggregates_total",
-            Counter,
-            "Aggregates produced by downsampling rules.",
-            &[("", m.aggregates)],
-        ),
-        f(
-            "edgestream_commands_received_total",
-            Counter,
-            "Device commands received, by source (rules: every command a rule emitted).",
-            &[
-                (r#"source="cloud""#, m.commands_received_cloud),
-                (r#"source="rules""#, m.rule_commands),
-            ],
-        ),
-        f(
-            "edgestream_commands_total",
-            Counter,
-            "Device commands, by outcome.",
-            &[
-                (r#"outcome="accepted""#, m.commands_accepted),
-                (r#"outcome="rejected""#, m.commands_rejected),
-                (r#"outcome="succeeded""#, m.commands_succeeded),
-                (r#"outcome="failed""#, m.commands_failed),
-                (r#"outcome="timed_out""#, m.commands_timed_out),
-            ],
-        ),
-        f(
-            "edgestream_commands_dispatched_total",
-            Counter,
-            "Device commands handed to a serial port or the local broker.",
-            &[("", m.commands_dispatched)],
-        ),
-        f(
-            "edgestream_commands_pending",
-            Gauge,
-            "Accepted device commands not yet finished.",
-            &[("", m.commands_pending)],
-        ),
-        f(
-            "edgestream_command_replies_unmatched_total",
-            Counter,
-            "Device replies that matched no pending command, by why.",
-            &[
-                (r#"why="unknown""#, m.command_replies_unmatched),
-                (r#"why="late""#, m.command_replies_late),
-            ],
-        ),
-        f(
-            "edgestream_records_dropped_total",
-            Counter,
-            "Records and readings dropped, by reason.",
-            &[
-                (r#"reason="rule""#, m.readings_dropped_by_rule),
-                (r#"reason="outbox_full""#, m.outbox_dropped_full),
-                (r#"reason="outbox_age""#, m.outbox_dropped_age),
-                (r#"reason="corrupt""#, m.outbox_corrupt),
-                (
-                    r#"reason="deadletter_rate_limit""#,
-                    m.deadletters_suppressed,
-                ),
-                (r#"reason="tags_over_wire_limit""#, m.tags_truncated),
-            ],
-        ),
-        f(
-            "edgestream_rule_bundles_total",
-            Counter,
-            "Rule bundles received over MQTT, by result.",
-            &[
-                (r#"result="applied""#, m.bundles_applied),
-                (r#"result="rejected""#, m.bundles_rejected),
-            ],
-        ),
-        f(
-            "edgestream_deadletters_total",
-            Counter,
-            "Samples of rejected input queued for the cloud dead-letter topic.",
-            &[("", m.deadletters_sent)],
-        ),
-        f(
-            "edgestream_outbox_appended_total",
-            Counter,
-            "Records appended to the outbox.",
-            &[("", m.outbox_appended)],
-        ),
-        f(
-            "edgestream_outbox_flushes_total",
-            Counter,
-            "Outbox group commits (flushes to disk).",
-            &[("", m.outbox_flushes)],
-        ),
-        f(
-            "edgestream_outbox_acked_total",
-            Counter,
-            "Records removed from the outbox on their cloud PUBACK.",
-            &[("", m.outbox_acked)],
-        ),
-        f(
-            "edgestream_outbox_records",
-            Gauge,
-            "Records waiting in the outbox.",
-            &[("", m.outbox_depth)],
-        ),
-        f(
-            "edgestream_outbox_bytes",
-            Gauge,
-            "Record bytes held in the outbox (what the cap counts).",
-            &[("", m.outbox_bytes)],
-        ),
-        f(
-            "edgestream_uplink_online",
-            Gauge,
-            "1 while connected to the cloud broker.",
-            &[("", m.uplink_online)],
-        ),
-        f(
-            "edgestream_uplink_connects_total",
-            Counter,
-            "Connections established to the cloud broker (reconnects = this - 1).",
-            &[("", m.uplink_connects)],
-        ),
-        f(
-            "edgestream_uplink_connect_failures_total",
-            Counter,
-            "Failed attempts to connect to the cloud broker.",
-            &[("", m.uplink_connect_failures)],
-        ),
-        f(
-            "edgestream_uplink_publishes_total",
-            Counter,
-            "Publishes sent to the cloud broker.",
-            &[("", m.uplink_publishes)],
-        ),
-        f(
-            "edgestream_uplink_records_sent_total",
-            Counter,
-            "Records carried by publishes to the cloud (resends included).",
-            &[("", m.uplink_records_sent)],
-        ),
-        f(
-            "edgestream_uplink_bytes_sent_total",
-            Counter,
-            "Payload bytes sent to the cloud broker.",
-            &[("", m.uplink_bytes)],
-        ),
-        f(
-            "process_resident_memory_bytes",
-            Gauge,
-            "Resident memory size in bytes.",
-            &[("", p.rss_bytes)],
-        ),
-        f(
-            "edgestream_process_peak_resident_memory_bytes",
-            Gauge,
-            "Highest resident memory size since start, in bytes.",
-            &[("", p.peak_rss_bytes)],
-        ),
-        f(
-            "edgestream_process_disk_write_bytes_total",
-            Counter,
-            "Bytes this process caused to be written to storage.",
-            &[("", p.disk_write_bytes)],
-        ),
-    ];
-    v.push(Family {
-        name: "process_cpu_seconds_total",
-        kind: Counter,
-        help: "Total user and system CPU time spent in seconds.",
-        samples: vec![("", p.cpu_seconds)],
-    });
+    one(
+        "process_resident_memory_bytes",
+        Kind::Gauge,
+        "Resident memory size in bytes.",
+        p.rss_bytes as f64,
+    );
+    one(
+        "edgestream_process_peak_resident_memory_bytes",
+        Kind::Gauge,
+        "Highest resident memory size since start, in bytes.",
+        p.peak_rss_bytes as f64,
+    );
+    one(
+        "edgestream_process_disk_write_bytes_total",
+        Kind::Counter,
+        "Bytes this process caused to be written to storage.",
+        p.disk_write_bytes as f64,
+    );
+    one(
+        "process_cpu_seconds_total",
+        Kind::Counter,
+        "Total user and system CPU time spent in seconds.",
+        p.cpu_seconds,
+    );
     if let Some(disk) = outbox_disk_bytes {
-        v.push(f(
+        one(
             "edgestream_outbox_disk_bytes",
-            Gauge,
+            Kind::Gauge,
             "Size of the outbox directory on disk.",
-            &[("", disk)],
-        ));
+            disk as f64,
+        );
     }
     v
 }

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::mqtt_link::{self, Staged};
 use crate::outbox::record::{Priority, Record};
 use crate::outbox::store::{Key, Outbox, Stored};
 use crate::telemetry::metrics::Metrics;
@@ -333,7 +334,7 @@ impl Uplink {
             let (client, mut events) =
                 AsyncClient::new(self.options(), self.cloud.max_inflight as usize * 2 + 16);
             // The uplink coalesces its publishes itself (`send_staged`).
-            crate::mqtt_link::set_nodelay(&mut events);
+            mqtt_link::set_nodelay(&mut events);
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => continue,
                 r = tokio::time::timeout(CONNECT_TIMEOUT, wait_connack(&mut events)) => match r {
@@ -425,7 +426,7 @@ impl Uplink {
             }
             // Events rumqttc has buffered (a read brings many PUBACKs) are taken first: the
             // window they free is then filled with one write, not one write per PUBACK.
-            if events.state.events.is_empty() {
+            if !mqtt_link::has_buffered_events(events) {
                 if let Err(e) = self.fill_window(&mut s, &mut buf, deadline.is_some()) {
                     tracing::error!(error = %e, "cannot read the outbox");
                 }
@@ -724,32 +725,24 @@ impl Uplink {
 /// PUBACK under that id at once. A publish whose id is still in flight (a collision) is held by
 /// rumqttc ([`Session::collided`]); the rest wait in `staged` until it has gone out.
 async fn send_staged(s: &mut Session, events: &mut rumqttc::EventLoop) -> Result<(), String> {
-    if s.staged.is_empty() || events.network.is_none() {
+    if s.staged.is_empty() || !mqtt_link::is_connected(events) {
         return Ok(());
     }
     let mut packets = Vec::with_capacity(s.staged.len());
-    while s.collided.is_none() && events.state.collision.is_none() {
+    while s.collided.is_none() && !mqtt_link::collision_pending(events) {
         let Some((publish, keys)) = s.staged.pop_front() else {
             break;
         };
-        let packet = events
-            .state
-            .handle_outgoing_packet(rumqttc::Request::Publish(publish))
-            .map_err(|e| format!("cannot send a publish: {e}"))?;
-        // The event rumqttc queued for this publish is answered here, not by a later turn.
-        match events.state.events.pop_back() {
-            Some(Event::Outgoing(Outgoing::Publish(pkid))) => s.await_ack(pkid, keys),
-            Some(Event::Outgoing(Outgoing::AwaitAck(_))) => s.collided = Some(keys),
-            other => {
-                return Err(format!(
-                    "unexpected event after a publish: {other:?}; reconnecting"
-                ))
+        match mqtt_link::stage_publish(events, publish)? {
+            Staged::Sent { pkid, packet } => {
+                s.await_ack(pkid, keys);
+                packets.extend(packet);
             }
+            Staged::Collided => s.collided = Some(keys),
         }
-        packets.extend(packet);
     }
-    let timeout = Duration::from_secs(events.network_options.connection_timeout());
-    match tokio::time::timeout(timeout, crate::mqtt_link::write_flushed(events, packets)).await {
+    let timeout = mqtt_link::write_timeout(events);
+    match tokio::time::timeout(timeout, mqtt_link::write_flushed(events, packets)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("cannot write publishes: {e}")),
         Err(_) => Err(format!("writing publishes took over {timeout:?}")),

@@ -1,5 +1,5 @@
 //! Jittered exponential backoff for reconnect loops (rumqttc reconnects in a tight loop on its
-//! own; see PITFALLS.md).
+//! own after a failed `poll`).
 
 use std::time::Duration;
 

@@ -25,6 +25,7 @@ use edgestream_rules::{AlertState, Disposition, Engine, Output, Plan};
 use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
+use crate::outbox::config::COMMIT_LINGER;
 use crate::outbox::record::{AggregateRecord, AlertRecord, ReadingRecord, Record};
 use crate::outbox::store::Outbox;
 use crate::source::reading::{now_ms, Ack, SourceMsg};
@@ -60,17 +61,7 @@ pub fn drain_prefetching<T, S>(
         each(state, item);
     }
 }
-/// Longest a group waits after its first input for more to share its flush (module doc).
-/// Bounds the latency and the acknowledgement delay that grouping adds. Measured at 10,000
-/// readings/s on the bench: agent CPU per reading 62 -> 36 us at 4 ms; later, with removals
-/// grouped, 19.1 -> 13.3-14.6 us from 4 to 8 ms, p99 latency 25 -> 29-30 ms. From 8 to 16 ms
-/// (tenth session, alternating `--soak 30` pairs and full benches on mosquitto with and
-/// without its window and on rumqttd): 59 -> 100 readings per flush behind mosquitto, CPU per
-/// reading lower in 20 of 21 pairs (median 15 %), flat out unchanged. The p99 cost (about
-/// 6 ms) is paid back by the uplink's default batch of 100 readings instead of 200
-/// (`cloud.batch_size`), which at this rate no longer waits about 20 ms to fill: p99 32-34 ms
-/// either way in calm minutes; on a contended host a few ms more (docs/performance-log.md).
-use crate::outbox::config::COMMIT_LINGER;
+
 /// How often time-driven rules (missing data, durations, downsampling windows) are ticked.
 pub const TICK: Duration = Duration::from_secs(1);
 
@@ -90,12 +81,10 @@ const FIRST_EXPECTED_GROUP: usize = MAX_GROUP;
 ///
 /// A group that took the whole linger shows what the source delivers in that time: it becomes
 /// the expectation, so a source that slows down or goes idle is followed at once (one group
-/// lingers). An early group can only raise it. Taking every early group as the expectation, as
-/// this stage once did, ratchets it down under a steady rate: each group commits as soon as it
-/// holds 3/4 of the previous one and the channel is momentarily empty, so the groups shrink
-/// until a single delivery burst fills one. Measured at 10,000 readings/s behind mosquitto
-/// without an in-flight window: 37 readings per flush (274 flushes/s) with that rule, 66 with
-/// this one; disk bytes per reading 280-370 -> 212-243, agent CPU 10.0-12.3 -> 8.6-10.3 us.
+/// lingers). An early group can only raise it: taking every early group as the expectation
+/// would ratchet it down under a steady rate (each group commits as soon as it holds 3/4 of the
+/// one before and the channel is momentarily empty, so groups shrink until one delivery burst
+/// fills one; at 10,000 readings/s that halves the readings per flush).
 fn next_expected_group(expected: usize, committed: usize, early: bool) -> usize {
     if early {
         committed.max(expected)

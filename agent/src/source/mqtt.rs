@@ -1,7 +1,9 @@
 //! The local MQTT source: subscribes to the sensors' broker and turns each publish on
 //! `.../{device}/{metric}` into a [`Reading`].
 //!
-//! Delivery contract with the local broker (PITFALLS.md, rumqttc):
+//! Delivery contract with the local broker (with automatic acknowledgements and a clean
+//! session, a broker counts as delivered every reading the agent had received but not stored
+//! when it crashed, and drops what arrives while it restarts):
 //! - fixed client id and `clean_session = false`, so the broker keeps our subscription and
 //!   queues readings while the agent is down or restarting;
 //! - manual acknowledgements: a QoS 1 reading is PUBACKed only after what came of it is

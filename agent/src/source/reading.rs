@@ -12,18 +12,16 @@ use crate::outbox::record::DeadLetterRecord;
 
 /// Capacity of the channel from all sources to the rules stage (readings).
 ///
-/// Half a group ([`crate::rules_stage::stage::MAX_GROUP`]) is enough to keep the stage busy: it takes
+/// Half a group (`rules_stage::stage::MAX_GROUP`) is enough to keep the stage busy: it takes
 /// what is queued while the previous group's flush runs, and a broker holds the rest. Every
 /// queued reading is live memory (about 140 bytes, its names inline) that, under a flood, also
-/// fragments the allocator: measured flat out behind mosquitto, peak RSS 20.3-24.5 MiB at
-/// 4096, 19.7-22.4 at 1024, 17.8-19.6 at 512 and 19.0-19.6 at 256, with throughput unchanged
-/// (100-101 % of the broker's limit with its in-flight window of 20).
+/// fragments the allocator: flat out, peak RSS was lowest at 512 (about 18 MiB against 20-24 at
+/// 4096), with the same throughput.
 pub const SOURCE_CHANNEL_CAPACITY: usize = 512;
 
 /// A reading as it arrives, before rules. Its names are bounded by the protocol and kept
-/// inline, so the reading itself allocates nothing between a source and the outbox: measured
-/// flat out behind mosquitto, the two `String`s a reading used to carry were 21 % of the
-/// agent's calls to `malloc`.
+/// inline, so the reading itself allocates nothing between a source and the outbox (as two
+/// `String`s they were a fifth of the agent's calls to `malloc` flat out).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
     pub device: DeviceId,

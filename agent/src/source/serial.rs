@@ -4,7 +4,7 @@
 //!
 //! Guarantees and limits:
 //! - **Own OS thread, bounded hand-off.** serialport I/O is blocking (and `read` can overrun
-//!   its timeout with a misbehaving USB device, PITFALLS.md), so each port is read on its own
+//!   its timeout with a misbehaving USB device), so each port is read on its own
 //!   thread, which hands readings to the rules stage with `blocking_send` on the shared
 //!   [`SourceMsg`] channel. Full-policy **block**: when the rules stage is behind, the thread
 //!   stops reading, the kernel's tty buffer fills, and then the device's writes fail or stall.

@@ -763,7 +763,7 @@ fn build_transport(c: &CloudConfig) -> Result<Transport, UplinkError> {
     if !c.tls {
         return Ok(Transport::Tcp);
     }
-    // ring, not aws-lc-rs: aws-lc-rs has failed to build for ARMv6/ARMv7 (PITFALLS.md).
+    // ring, not aws-lc-rs: aws-lc-rs has failed to build for ARMv6/ARMv7 boards.
     // Installing fails only if a provider is already installed, which is what we want anyway.
     let _already = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let ca_path = c

@@ -9,7 +9,6 @@ use edgestream_protocol::frame::{
 };
 use edgestream_protocol::json::{self, JsonError, PayloadError};
 use edgestream_protocol::limits::*;
-use edgestream_protocol::outbox::{decode_record, encode_record, OutboxRecord};
 use edgestream_protocol::text::{
     parse_json_line, parse_kv_line, CsvMap, CsvMapError, LineAccumulator, LineError, LineFeed,
     TextError, TextErrorKind,
@@ -207,37 +206,6 @@ fn a_stream_of_delimiters_is_not_an_error_and_does_not_recurse() {
     let mut acc = FrameAccumulator::<64>::new();
     let zeros = vec![0u8; 1 << 20];
     assert!(matches!(acc.feed(&zeros), FeedResult::Consumed));
-}
-
-#[test]
-fn outbox_records_detect_damage() {
-    let rec = OutboxRecord::Outcome(CommandOutcome {
-        id: s("c"),
-        device: s("d"),
-        state: OutcomeState::Failed,
-        detail: s("jammed"),
-        ts: None,
-    });
-    let mut buf = [0u8; 256];
-    let bytes = encode_record(&rec, &mut buf).unwrap().to_vec();
-    let mut flipped = bytes.clone();
-    flipped[3] ^= 1;
-    assert!(matches!(
-        decode_record(&flipped),
-        Err(FrameError::BadCrc { .. })
-    ));
-    assert_eq!(decode_record(&bytes[..3]), Err(FrameError::TooShort));
-    assert_eq!(decode_record(&vec![0u8; 5000]), Err(FrameError::TooLong));
-    let mut v2 = bytes[..bytes.len() - 4].to_vec();
-    v2[0] = 2;
-    assert_eq!(
-        decode_record(&with_crc(v2)),
-        Err(FrameError::UnknownVersion(2))
-    );
-    assert_eq!(
-        encode_record(&rec, &mut [0u8; 4]),
-        Err(EncodeError::BufferTooSmall)
-    );
 }
 
 #[test]

@@ -6,7 +6,6 @@ use common::*;
 use edgestream_protocol::frame::{encode_frame, FeedResult, FrameAccumulator};
 use edgestream_protocol::json;
 use edgestream_protocol::limits::*;
-use edgestream_protocol::outbox::{decode_record, encode_record, MAX_OUTBOX_RECORD_LEN};
 use edgestream_protocol::text::{
     parse_json_line, parse_kv_line, CsvMap, LineAccumulator, LineFeed, TextRecord,
 };
@@ -182,13 +181,6 @@ proptest! {
     }
 
     #[test]
-    fn outbox_records_round_trip(rec in outbox_record()) {
-        let mut buf = [0u8; MAX_OUTBOX_RECORD_LEN];
-        let bytes = encode_record(&rec, &mut buf).unwrap().to_vec();
-        prop_assert_eq!(decode_record(&bytes).unwrap(), rec);
-    }
-
-    #[test]
     fn json_commands_round_trip(cmd in command()) {
         let mut out = Vec::new();
         json::encode_command(&cmd, &mut out).unwrap();
@@ -359,27 +351,6 @@ fn largest_messages_fit_their_limits() {
         "command JSON {} bytes",
         out.len()
     );
-
-    let status = BundleStatus::Rejected {
-        version: u64::MAX,
-        reason: s(&big('r', MAX_REASON_LEN)),
-        errors: heapless::Vec::from_slice(&vec![
-            BundleError {
-                line: u32::MAX,
-                column: u32::MAX,
-                message: s(&big('e', MAX_BUNDLE_ERROR_MESSAGE_LEN))
-            };
-            MAX_BUNDLE_ERRORS
-        ])
-        .unwrap(),
-    };
-    let mut rec = [0u8; MAX_OUTBOX_RECORD_LEN];
-    let bytes = encode_record(
-        &edgestream_protocol::outbox::OutboxRecord::BundleStatus(status),
-        &mut rec,
-    )
-    .expect("largest record must fit");
-    assert!(bytes.len() <= MAX_OUTBOX_RECORD_LEN);
 }
 
 proptest! {

@@ -32,15 +32,15 @@
 
 use core::fmt;
 
-use crc::{Crc, CRC_32_ISO_HDLC};
-
 use crate::limits::{FRAME_VERSION, MAX_ENCODED_FRAME_LEN, MAX_FRAME_LEN, MAX_MESSAGE_LEN};
 use crate::types::{DeviceMessage, InvalidField};
 
-/// The frame checksum: CRC-32/ISO-HDLC (the zlib/Ethernet CRC: polynomial
-/// `0x04C11DB7` reflected, init `0xFFFFFFFF`, xorout `0xFFFFFFFF`; check value
-/// of `"123456789"` is `0xCBF43926`).
-pub const FRAME_CRC: Crc<u32> = Crc::<u32>::new(&CRC_32_ISO_HDLC);
+/// The frame checksum of `bytes`: CRC-32/ISO-HDLC (the zlib/Ethernet CRC:
+/// polynomial `0x04C11DB7` reflected, init `0xFFFFFFFF`, xorout `0xFFFFFFFF`;
+/// check value of `"123456789"` is `0xCBF43926`).
+pub fn frame_crc(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
+}
 
 /// Bytes of the CRC trailer.
 const CRC_LEN: usize = 4;
@@ -194,7 +194,7 @@ pub fn encode_frame<'b>(msg: &DeviceMessage, buf: &'b mut [u8]) -> Result<&'b [u
     let len = postcard::to_slice(msg, &mut body[1..1 + MAX_MESSAGE_LEN])
         .map_err(|_| EncodeError::MessageTooLarge)?
         .len();
-    let crc = FRAME_CRC.checksum(&body[..1 + len]);
+    let crc = frame_crc(&body[..1 + len]);
     body[1 + len..1 + len + CRC_LEN].copy_from_slice(&crc.to_le_bytes());
     let body_len = 1 + len + CRC_LEN;
     let n = cobs_encode(&body[..body_len], buf).ok_or(EncodeError::BufferTooSmall)?;
@@ -213,7 +213,7 @@ pub fn decode_body(body: &[u8]) -> Result<DeviceMessage, FrameError> {
     }
     let (covered, crc_bytes) = body.split_at(body.len() - CRC_LEN);
     let received = u32::from_le_bytes([crc_bytes[0], crc_bytes[1], crc_bytes[2], crc_bytes[3]]);
-    let computed = FRAME_CRC.checksum(covered);
+    let computed = frame_crc(covered);
     if received != computed {
         return Err(FrameError::BadCrc { received, computed });
     }

@@ -4,8 +4,8 @@ mod common;
 
 use common::s;
 use edgestream_protocol::frame::{
-    cobs_decode_in_place, cobs_encode, decode_frame, encode_frame, EncodeError, FeedResult,
-    FrameAccumulator, FrameError, FRAME_CRC,
+    cobs_decode_in_place, cobs_encode, decode_frame, encode_frame, frame_crc, EncodeError,
+    FeedResult, FrameAccumulator, FrameError,
 };
 use edgestream_protocol::json::{self, JsonError, PayloadError};
 use edgestream_protocol::limits::*;
@@ -36,7 +36,7 @@ fn raw_frame(body: &[u8]) -> Vec<u8> {
 }
 
 fn with_crc(mut covered: Vec<u8>) -> Vec<u8> {
-    let crc = FRAME_CRC.checksum(&covered);
+    let crc = frame_crc(&covered);
     covered.extend_from_slice(&crc.to_le_bytes());
     covered
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::s;
-use edgestream_protocol::frame::{encode_frame, FeedResult, FrameAccumulator, FRAME_CRC};
+use edgestream_protocol::frame::{encode_frame, frame_crc, FeedResult, FrameAccumulator};
 use edgestream_protocol::json;
 use edgestream_protocol::limits::MAX_ENCODED_FRAME_LEN;
 use edgestream_protocol::types::*;
@@ -219,7 +219,7 @@ fn print_golden() {
 #[test]
 fn crc_is_crc32_iso_hdlc() {
     // The standard check value, so firmware authors can verify their CRC.
-    assert_eq!(FRAME_CRC.checksum(b"123456789"), 0xCBF4_3926);
+    assert_eq!(frame_crc(b"123456789"), 0xCBF4_3926);
 }
 
 #[test]

@@ -15,6 +15,9 @@
 //! ignored, so a sender may start with a `0x00` to flush a receiver's partial
 //! frame.
 //!
+//! COBS comes from the `cobs` crate (the one postcard uses), the CRC from
+//! `crc32fast`; this module adds the framing, the checks and the accumulator.
+//!
 //! # Guarantees of [`FrameAccumulator`]
 //!
 //! - Memory is fixed: `N` bytes of buffer, no allocation.
@@ -32,15 +35,15 @@
 
 use core::fmt;
 
-use crc::{Crc, CRC_32_ISO_HDLC};
-
 use crate::limits::{FRAME_VERSION, MAX_ENCODED_FRAME_LEN, MAX_FRAME_LEN, MAX_MESSAGE_LEN};
 use crate::types::{DeviceMessage, InvalidField};
 
-/// The frame checksum: CRC-32/ISO-HDLC (the zlib/Ethernet CRC: polynomial
-/// `0x04C11DB7` reflected, init `0xFFFFFFFF`, xorout `0xFFFFFFFF`; check value
-/// of `"123456789"` is `0xCBF43926`).
-pub const FRAME_CRC: Crc<u32> = Crc::<u32>::new(&CRC_32_ISO_HDLC);
+/// The frame checksum of `bytes`: CRC-32/ISO-HDLC (the zlib/Ethernet CRC:
+/// polynomial `0x04C11DB7` reflected, init `0xFFFFFFFF`, xorout `0xFFFFFFFF`;
+/// check value of `"123456789"` is `0xCBF43926`).
+pub fn frame_crc(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
+}
 
 /// Bytes of the CRC trailer.
 const CRC_LEN: usize = 4;
@@ -51,7 +54,8 @@ pub enum FrameError {
     /// The frame did not fit the accumulator; its bytes up to the next
     /// delimiter were discarded.
     TooLong,
-    /// The bytes are not valid COBS (a block length runs past the frame).
+    /// The bytes are not valid COBS (a block length runs past the frame, or
+    /// the frame holds a `0x00`).
     Cobs,
     /// The decoded body is shorter than a version byte and a CRC.
     TooShort,
@@ -124,65 +128,6 @@ impl fmt::Display for EncodeError {
 #[cfg(feature = "std")]
 impl std::error::Error for EncodeError {}
 
-/// COBS-encodes `input` into `out`, returning the encoded length (without a
-/// delimiter), or `None` if `out` is too small.
-pub fn cobs_encode(input: &[u8], out: &mut [u8]) -> Option<usize> {
-    // `code_at` is the slot reserved for the current block's length code.
-    let mut code_at = 0;
-    let mut w = 1;
-    let mut code: u8 = 1;
-    out.first()?;
-    for (i, &b) in input.iter().enumerate() {
-        if b != 0 {
-            *out.get_mut(w)? = b;
-            w += 1;
-            code += 1;
-            if code != 0xff {
-                continue;
-            }
-            if i + 1 == input.len() {
-                // A full block that ends the input needs no trailing code
-                // (canonical COBS, as on Wikipedia and in the `cobs` crate).
-                break;
-            }
-        }
-        // A zero, or a full block of 254 data bytes: close the block.
-        *out.get_mut(code_at)? = code;
-        code_at = w;
-        out.get(code_at)?;
-        w += 1;
-        code = 1;
-    }
-    *out.get_mut(code_at)? = code;
-    Some(w)
-}
-
-/// COBS-decodes `buf` in place (the output is never longer than the input),
-/// returning the decoded length, or `None` if `buf` is not valid COBS.
-pub fn cobs_decode_in_place(buf: &mut [u8]) -> Option<usize> {
-    let mut r = 0;
-    let mut w = 0;
-    while r < buf.len() {
-        let code = buf[r] as usize;
-        if code == 0 || r + code > buf.len() {
-            return None;
-        }
-        r += 1;
-        for _ in 1..code {
-            buf[w] = buf[r];
-            w += 1;
-            r += 1;
-        }
-        // A block shorter than 254 data bytes stands for "data then a zero",
-        // except at the very end, where the zero is implied by the delimiter.
-        if code != 0xff && r < buf.len() {
-            buf[w] = 0;
-            w += 1;
-        }
-    }
-    Some(w)
-}
-
 /// Encodes `msg` as one complete frame, delimiter included, into `buf`, and
 /// returns the filled part. The message is validated first.
 ///
@@ -194,10 +139,12 @@ pub fn encode_frame<'b>(msg: &DeviceMessage, buf: &'b mut [u8]) -> Result<&'b [u
     let len = postcard::to_slice(msg, &mut body[1..1 + MAX_MESSAGE_LEN])
         .map_err(|_| EncodeError::MessageTooLarge)?
         .len();
-    let crc = FRAME_CRC.checksum(&body[..1 + len]);
+    let crc = frame_crc(&body[..1 + len]);
     body[1 + len..1 + len + CRC_LEN].copy_from_slice(&crc.to_le_bytes());
     let body_len = 1 + len + CRC_LEN;
-    let n = cobs_encode(&body[..body_len], buf).ok_or(EncodeError::BufferTooSmall)?;
+    let n = cobs::try_encode(&body[..body_len], buf).map_err(|_| EncodeError::BufferTooSmall)?;
+    // `try_encode` (cobs 0.3) can return a length past `buf` when the last
+    // code byte did not fit; the delimiter at `buf[n]` refuses that case too.
     *buf.get_mut(n).ok_or(EncodeError::BufferTooSmall)? = 0;
     Ok(&buf[..n + 1])
 }
@@ -213,7 +160,7 @@ pub fn decode_body(body: &[u8]) -> Result<DeviceMessage, FrameError> {
     }
     let (covered, crc_bytes) = body.split_at(body.len() - CRC_LEN);
     let received = u32::from_le_bytes([crc_bytes[0], crc_bytes[1], crc_bytes[2], crc_bytes[3]]);
-    let computed = FRAME_CRC.checksum(covered);
+    let computed = frame_crc(covered);
     if received != computed {
         return Err(FrameError::BadCrc { received, computed });
     }
@@ -231,8 +178,14 @@ pub fn decode_body(body: &[u8]) -> Result<DeviceMessage, FrameError> {
 
 /// Decodes one COBS-encoded frame (without its delimiter) in place.
 pub fn decode_frame(frame: &mut [u8]) -> Result<DeviceMessage, FrameError> {
-    let n = cobs_decode_in_place(frame).ok_or(FrameError::Cobs)?;
-    decode_body(&frame[..n])
+    let decoded = match cobs::decode_in_place_report(frame) {
+        // No bytes, so no version byte or CRC either.
+        Err(cobs::DecodeError::EmptyFrame) => return Err(FrameError::TooShort),
+        // `src_used` stops at the first 0x00: a frame with one inside is not COBS.
+        Ok(r) if r.src_used == frame.len() => r.dst_used,
+        _ => return Err(FrameError::Cobs),
+    };
+    decode_body(&frame[..decoded])
 }
 
 /// What one call to [`FrameAccumulator::feed`] found.

@@ -7,7 +7,6 @@
 //!   [`frame::FrameAccumulator`], which resynchronises after garbage.
 //! - [`text`]: text serial framing ([`text::LineAccumulator`]) and parsers for
 //!   JSON, `key=value` and CSV lines.
-//! - [`outbox`]: the compact postcard record stored in the gateway's outbox.
 //! - `json` (feature `alloc`): the MQTT JSON payloads, each with `"v": 1`.
 //!
 //! Without default features the crate is `#![no_std]` and needs no allocator
@@ -22,6 +21,5 @@ pub mod frame;
 #[cfg(feature = "alloc")]
 pub mod json;
 pub mod limits;
-pub mod outbox;
 pub mod text;
 pub mod types;

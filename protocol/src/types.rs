@@ -5,9 +5,9 @@
 //! contract allows and no type needs an allocator.
 //!
 //! The derived (or hand-written) serde impls of these types are the compact
-//! **postcard** form used on serial links and in the gateway's on-disk outbox:
-//! fields in declaration order, enums by variant index. Do not reorder fields
-//! or variants: that changes the wire format (the golden tests will fail).
+//! **postcard** form used on serial links: fields in declaration order, enums
+//! by variant index. Do not reorder fields or variants: that changes the wire
+//! format (the golden tests will fail).
 //! The cloud JSON shapes are produced and read by [`crate::json`], which adds
 //! the `"v"` schema version and the gateway id around these types.
 //!
@@ -568,7 +568,7 @@ pub enum AlertState {
     Cleared,
 }
 
-/// A rule's alert, as stored in the outbox and sent to the cloud.
+/// A rule's alert, as sent to the cloud.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlertEvent {
     /// The gateway's outbox sequence number.
@@ -606,7 +606,7 @@ impl AlertEvent {
     }
 }
 
-/// A windowed aggregate a rule computed, as stored and sent to the cloud.
+/// A windowed aggregate a rule computed, as sent to the cloud.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AggregateRecord {
     /// The gateway's outbox sequence number.

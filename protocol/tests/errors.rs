@@ -4,12 +4,10 @@ mod common;
 
 use common::s;
 use edgestream_protocol::frame::{
-    cobs_decode_in_place, cobs_encode, decode_frame, encode_frame, EncodeError, FeedResult,
-    FrameAccumulator, FrameError, FRAME_CRC,
+    decode_frame, encode_frame, frame_crc, EncodeError, FeedResult, FrameAccumulator, FrameError,
 };
 use edgestream_protocol::json::{self, JsonError, PayloadError};
 use edgestream_protocol::limits::*;
-use edgestream_protocol::outbox::{decode_record, encode_record, OutboxRecord};
 use edgestream_protocol::text::{
     parse_json_line, parse_kv_line, CsvMap, CsvMapError, LineAccumulator, LineError, LineFeed,
     TextError, TextErrorKind,
@@ -30,14 +28,14 @@ fn reading(device: &str, value: f64) -> Reading {
 /// Frames `body` (version + message + CRC already laid out by the caller).
 fn raw_frame(body: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; body.len() + body.len() / 254 + 2];
-    let n = cobs_encode(body, &mut out).unwrap();
+    let n = cobs::try_encode(body, &mut out).unwrap();
     out.truncate(n);
     out.push(0);
     out
 }
 
 fn with_crc(mut covered: Vec<u8>) -> Vec<u8> {
-    let crc = FRAME_CRC.checksum(&covered);
+    let crc = frame_crc(&covered);
     covered.extend_from_slice(&crc.to_le_bytes());
     covered
 }
@@ -59,6 +57,7 @@ fn feed_one<const N: usize>(
     }
 }
 
+/// The `cobs` functions `frame` calls keep the canonical COBS of the README.
 #[test]
 fn cobs_matches_the_published_examples() {
     // Examples from the COBS paper / Wikipedia, without the trailing delimiter.
@@ -71,25 +70,52 @@ fn cobs_matches_the_published_examples() {
     ];
     for (raw, enc) in cases {
         let mut out = [0u8; 16];
-        let n = cobs_encode(raw, &mut out).unwrap();
+        let n = cobs::try_encode(raw, &mut out).unwrap();
         assert_eq!(&out[..n], enc);
         let mut dec = enc.to_vec();
-        let m = cobs_decode_in_place(&mut dec).unwrap();
-        assert_eq!(&dec[..m], raw);
+        let r = cobs::decode_in_place_report(&mut dec).unwrap();
+        assert_eq!((r.src_used, &dec[..r.dst_used]), (enc.len(), raw));
     }
     // 254 non-zero bytes: one full block, no trailing code byte.
     let raw: Vec<u8> = (1..=254).collect();
     let mut out = [0u8; 300];
-    let n = cobs_encode(&raw, &mut out).unwrap();
+    let n = cobs::try_encode(&raw, &mut out).unwrap();
     assert_eq!(n, 255);
     assert_eq!(out[0], 0xff);
     // 255 non-zero bytes: a full block, then a block of one.
     let raw: Vec<u8> = (1..=255).collect();
-    let n = cobs_encode(&raw, &mut out).unwrap();
+    let n = cobs::try_encode(&raw, &mut out).unwrap();
     assert_eq!(&out[n - 2..n], &[0x02, 0xff]);
     // Too small an output buffer is refused, not overrun.
-    assert_eq!(cobs_encode(&raw, &mut [0u8; 100]), None);
-    assert_eq!(cobs_encode(&[], &mut []), None);
+    assert!(cobs::try_encode(&raw, &mut [0u8; 100]).is_err());
+}
+
+#[test]
+fn encode_frame_refuses_every_short_buffer() {
+    // A body ending in 0x00 ends in an empty COBS block (`01` before the
+    // delimiter), whose code byte is written last: the case where
+    // `cobs::try_encode` may report a length past `buf`.
+    let msg = (0..u32::MAX)
+        .map(|seq| {
+            DeviceMessage::Reading(Reading {
+                seq: Some(seq),
+                ..reading("d", 1.0)
+            })
+        })
+        .find(|m| encode_frame(m, &mut [0u8; 64]).is_ok_and(|f| f[f.len() - 2] == 0x01))
+        .expect("some sequence number gives a CRC ending in 0x00");
+    let mut buf = [0u8; 64];
+    let frame = encode_frame(&msg, &mut buf).unwrap().to_vec();
+    for len in 0..frame.len() {
+        let mut short = vec![0u8; len];
+        assert_eq!(
+            encode_frame(&msg, &mut short),
+            Err(EncodeError::BufferTooSmall),
+            "buffer of {len} bytes"
+        );
+    }
+    let mut exact = vec![0u8; frame.len()];
+    assert_eq!(encode_frame(&msg, &mut exact), Ok(&frame[..]));
 }
 
 #[test]
@@ -207,37 +233,6 @@ fn a_stream_of_delimiters_is_not_an_error_and_does_not_recurse() {
     let mut acc = FrameAccumulator::<64>::new();
     let zeros = vec![0u8; 1 << 20];
     assert!(matches!(acc.feed(&zeros), FeedResult::Consumed));
-}
-
-#[test]
-fn outbox_records_detect_damage() {
-    let rec = OutboxRecord::Outcome(CommandOutcome {
-        id: s("c"),
-        device: s("d"),
-        state: OutcomeState::Failed,
-        detail: s("jammed"),
-        ts: None,
-    });
-    let mut buf = [0u8; 256];
-    let bytes = encode_record(&rec, &mut buf).unwrap().to_vec();
-    let mut flipped = bytes.clone();
-    flipped[3] ^= 1;
-    assert!(matches!(
-        decode_record(&flipped),
-        Err(FrameError::BadCrc { .. })
-    ));
-    assert_eq!(decode_record(&bytes[..3]), Err(FrameError::TooShort));
-    assert_eq!(decode_record(&vec![0u8; 5000]), Err(FrameError::TooLong));
-    let mut v2 = bytes[..bytes.len() - 4].to_vec();
-    v2[0] = 2;
-    assert_eq!(
-        decode_record(&with_crc(v2)),
-        Err(FrameError::UnknownVersion(2))
-    );
-    assert_eq!(
-        encode_record(&rec, &mut [0u8; 4]),
-        Err(EncodeError::BufferTooSmall)
-    );
 }
 
 #[test]

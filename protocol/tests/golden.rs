@@ -1,14 +1,13 @@
-//! Golden byte vectors: the exact bytes of every message type, frame, outbox
-//! record and JSON shape. A change to the wire format must fail here first;
-//! if it is intended, bump the version and update README.md with the tests.
+//! Golden byte vectors: the exact bytes of every message type, frame and JSON
+//! shape. A change to the wire format must fail here first; if it is
+//! intended, bump the version and update README.md with the tests.
 
 mod common;
 
 use common::s;
-use edgestream_protocol::frame::{encode_frame, FeedResult, FrameAccumulator, FRAME_CRC};
+use edgestream_protocol::frame::{encode_frame, frame_crc, FeedResult, FrameAccumulator};
 use edgestream_protocol::json;
 use edgestream_protocol::limits::MAX_ENCODED_FRAME_LEN;
-use edgestream_protocol::outbox::{decode_record, encode_record, OutboxRecord};
 use edgestream_protocol::types::*;
 
 fn hex(bytes: &[u8]) -> String {
@@ -159,11 +158,6 @@ fn frame_of(msg: DeviceMessage) -> Vec<u8> {
     encode_frame(&msg, &mut buf).unwrap().to_vec()
 }
 
-fn record_of(rec: OutboxRecord) -> Vec<u8> {
-    let mut buf = [0u8; 4096];
-    encode_record(&rec, &mut buf).unwrap().to_vec()
-}
-
 /// Checks encoding gives exactly `want` and decoding gives the message back.
 fn check_frame(msg: DeviceMessage, want: &str) {
     let got = frame_of(msg.clone());
@@ -176,12 +170,6 @@ fn check_frame(msg: DeviceMessage, want: &str) {
         }
         other => panic!("golden frame did not decode: {other:?}"),
     }
-}
-
-fn check_record(rec: OutboxRecord, want: &str) {
-    let got = record_of(rec.clone());
-    assert_eq!(hex(&got), want, "record bytes changed for {rec:?}");
-    assert_eq!(decode_record(&unhex(want)).unwrap(), rec);
 }
 
 #[test]
@@ -198,16 +186,6 @@ fn print_golden() {
             "postcard {name}: {}",
             hex(&postcard::to_allocvec(&m).unwrap())
         );
-    }
-    for (name, r) in [
-        ("reading", OutboxRecord::Reading(telemetry())),
-        ("alert", OutboxRecord::Alert(alert())),
-        ("aggregate", OutboxRecord::Aggregate(aggregate())),
-        ("outcome", OutboxRecord::Outcome(outcome())),
-        ("applied", OutboxRecord::BundleStatus(applied())),
-        ("rejected", OutboxRecord::BundleStatus(rejected())),
-    ] {
-        println!("record {name}: {}", hex(&record_of(r)));
     }
     let mut out = Vec::new();
     json::encode_telemetry_batch("gw-1", &[telemetry()], &mut out).unwrap();
@@ -241,7 +219,7 @@ fn print_golden() {
 #[test]
 fn crc_is_crc32_iso_hdlc() {
     // The standard check value, so firmware authors can verify their CRC.
-    assert_eq!(FRAME_CRC.checksum(b"123456789"), 0xCBF4_3926);
+    assert_eq!(frame_crc(b"123456789"), 0xCBF4_3926);
 }
 
 #[test]
@@ -307,40 +285,6 @@ fn golden_postcard_messages() {
             msg
         );
     }
-}
-
-#[test]
-fn golden_outbox_records() {
-    check_record(
-        OutboxRecord::Reading(telemetry()),
-        "01 00 08 62 6f 69 6c 65 72 2d 31 0b 74 65 6d 70 65 72 61 74 75 72 65 00 00 00 00 00 80 \
-         37 40 fb d0 95 ff bc 31 2a 00 01 04 73 69 74 65 05 6e 6f 72 74 68 2e 67 dd 38",
-    );
-    check_record(
-        OutboxRecord::Alert(alert()),
-        "01 01 2b 08 6f 76 65 72 68 65 61 74 08 62 6f 69 6c 65 72 2d 31 02 00 cd cc cc cc cc 4c \
-         54 40 fb d0 95 ff bc 31 12 62 6f 69 6c 65 72 20 6f 76 65 72 68 65 61 74 69 6e 67 1b 04 \
-         04 10",
-    );
-    check_record(
-        OutboxRecord::Aggregate(aggregate()),
-        "01 02 2c 01 72 01 64 01 6d 80 d0 95 ff bc 31 e0 a4 99 ff bc 31 3c 00 00 00 00 00 80 34 \
-         40 00 00 00 00 00 00 33 40 00 00 00 00 00 00 36 40 50 70 6f f8",
-    );
-    check_record(
-        OutboxRecord::Outcome(outcome()),
-        "01 03 05 63 2d 31 32 33 07 76 61 6c 76 65 2d 31 02 0c 6d 6f 76 65 64 20 74 6f 20 34 30 \
-         25 01 f4 d3 95 ff bc 31 0a 0a ce 11",
-    );
-    check_record(
-        OutboxRecord::BundleStatus(applied()),
-        "01 04 00 07 08 39 66 38 36 64 30 38 31 0c 80 c0 02 11 29 e5 b4",
-    );
-    check_record(
-        OutboxRecord::BundleStatus(rejected()),
-        "01 04 01 07 0e 63 6f 6d 70 69 6c 65 20 66 61 69 6c 65 64 01 03 07 14 75 6e 6b 6e 6f 77 \
-         6e 20 6d 65 74 72 69 63 20 60 74 6d 70 60 95 a1 31 89",
-    );
 }
 
 fn encoded(f: impl FnOnce(&mut Vec<u8>) -> Result<(), json::JsonError>) -> String {

@@ -6,7 +6,6 @@ use common::*;
 use edgestream_protocol::frame::{encode_frame, FeedResult, FrameAccumulator};
 use edgestream_protocol::json;
 use edgestream_protocol::limits::*;
-use edgestream_protocol::outbox::{decode_record, encode_record, MAX_OUTBOX_RECORD_LEN};
 use edgestream_protocol::text::{
     parse_json_line, parse_kv_line, CsvMap, LineAccumulator, LineFeed, TextRecord,
 };
@@ -170,22 +169,15 @@ proptest! {
     }
 
     #[test]
-    fn cobs_round_trips_any_bytes(data in vec(any::<u8>(), 0..1200)) {
-        use edgestream_protocol::frame::{cobs_decode_in_place, cobs_encode};
+    fn cobs_round_trips_any_bytes(data in vec(any::<u8>(), 1..1200)) {
         let mut enc = vec![0u8; data.len() + data.len() / 254 + 2];
-        let n = cobs_encode(&data, &mut enc).unwrap();
+        let n = cobs::try_encode(&data, &mut enc).unwrap();
         prop_assert!(!enc[..n].contains(&0));
-        prop_assert!(n <= data.len() + data.len().div_ceil(254).max(1));
+        prop_assert!(n <= data.len() + data.len().div_ceil(254));
         let mut dec = enc[..n].to_vec();
-        let m = cobs_decode_in_place(&mut dec).unwrap();
-        prop_assert_eq!(&dec[..m], &data[..]);
-    }
-
-    #[test]
-    fn outbox_records_round_trip(rec in outbox_record()) {
-        let mut buf = [0u8; MAX_OUTBOX_RECORD_LEN];
-        let bytes = encode_record(&rec, &mut buf).unwrap().to_vec();
-        prop_assert_eq!(decode_record(&bytes).unwrap(), rec);
+        let r = cobs::decode_in_place_report(&mut dec).unwrap();
+        prop_assert_eq!(r.src_used, n);
+        prop_assert_eq!(&dec[..r.dst_used], &data[..]);
     }
 
     #[test]
@@ -359,27 +351,6 @@ fn largest_messages_fit_their_limits() {
         "command JSON {} bytes",
         out.len()
     );
-
-    let status = BundleStatus::Rejected {
-        version: u64::MAX,
-        reason: s(&big('r', MAX_REASON_LEN)),
-        errors: heapless::Vec::from_slice(&vec![
-            BundleError {
-                line: u32::MAX,
-                column: u32::MAX,
-                message: s(&big('e', MAX_BUNDLE_ERROR_MESSAGE_LEN))
-            };
-            MAX_BUNDLE_ERRORS
-        ])
-        .unwrap(),
-    };
-    let mut rec = [0u8; MAX_OUTBOX_RECORD_LEN];
-    let bytes = encode_record(
-        &edgestream_protocol::outbox::OutboxRecord::BundleStatus(status),
-        &mut rec,
-    )
-    .expect("largest record must fit");
-    assert!(bytes.len() <= MAX_OUTBOX_RECORD_LEN);
 }
 
 proptest! {

@@ -27,7 +27,7 @@ impl Rng {
 }
 
 #[derive(Default, Debug)]
-struct Tally {
+struct ErrorCounts {
     too_long: usize,
     bad_crc: usize,
     other: usize,
@@ -105,7 +105,7 @@ fn run_stream(seed: u64, items: usize) {
 
     let mut acc = FrameAccumulator::<MAX_ENCODED_FRAME_LEN>::new();
     let mut got = Vec::new();
-    let mut tally = Tally::default();
+    let mut counts = ErrorCounts::default();
     let mut pos = 0;
     while pos < wire.len() {
         let n = (1 + rng.below(4096)).min(wire.len() - pos);
@@ -120,9 +120,9 @@ fn run_stream(seed: u64, items: usize) {
                 }
                 FeedResult::Error { error, remaining } => {
                     match error {
-                        FrameError::TooLong => tally.too_long += 1,
-                        FrameError::BadCrc { .. } => tally.bad_crc += 1,
-                        _ => tally.other += 1,
+                        FrameError::TooLong => counts.too_long += 1,
+                        FrameError::BadCrc { .. } => counts.bad_crc += 1,
+                        _ => counts.other += 1,
                     }
                     input = remaining;
                 }
@@ -139,15 +139,15 @@ fn run_stream(seed: u64, items: usize) {
         got == expected,
         "seed {seed}: recovered frames differ from the untouched ones"
     );
-    let errors = tally.too_long + tally.bad_crc + tally.other;
+    let errors = counts.too_long + counts.bad_crc + counts.other;
     assert_eq!(
         got.len() + errors,
         segments,
-        "seed {seed}: one result per frame ({tally:?})"
+        "seed {seed}: one result per frame ({counts:?})"
     );
     assert!(
-        tally.too_long > 0 && tally.bad_crc > 0 && tally.other > 0,
-        "{tally:?}"
+        counts.too_long > 0 && counts.bad_crc > 0 && counts.other > 0,
+        "{counts:?}"
     );
     assert_eq!(acc.pending(), 0);
 }

@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 use edgestream_protocol::limits::*;
-use edgestream_protocol::outbox::OutboxRecord;
 use edgestream_protocol::types::*;
 use heapless::{String, Vec};
 use proptest::collection::vec;
@@ -248,16 +247,6 @@ pub fn bundle_status() -> impl Strategy<Value = BundleStatus> {
                 errors: Vec::from_slice(&errors).unwrap()
             }
         ),
-    ]
-}
-
-pub fn outbox_record() -> impl Strategy<Value = OutboxRecord> {
-    prop_oneof![
-        telemetry().prop_map(OutboxRecord::Reading),
-        alert().prop_map(OutboxRecord::Alert),
-        aggregate().prop_map(OutboxRecord::Aggregate),
-        outcome().prop_map(OutboxRecord::Outcome),
-        bundle_status().prop_map(OutboxRecord::BundleStatus),
     ]
 }
 

@@ -2,13 +2,9 @@
 //! and every guarantee with the test that proves it.
 
 pub mod backoff;
-#[cfg(feature = "tools")]
-pub mod bench;
 pub mod commands;
 pub mod config;
 pub mod deadletter;
-#[cfg(feature = "tools")]
-pub mod demo;
 pub mod durable_file;
 pub mod health;
 pub mod logging;

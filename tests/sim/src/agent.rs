@@ -15,6 +15,18 @@ const READY_LINE: &str = "subscribed to local topics";
 /// the operating system pick the port).
 const METRICS_LINE: &str = "metrics endpoint listening";
 
+/// The end of every config the tools write for the agent: what [`AgentChild`] watches for.
+/// The Prometheus endpoint on a port the operating system picks (the agent logs it), and the
+/// agent's own info lines (its ready line among them), rare events all, in its log.
+pub const CONFIG_TAIL: &str = r#"
+[metrics]
+prometheus = true
+port = 0
+
+[log]
+level = "warn,edgestream_agent=info"
+"#;
+
 /// A running agent; killed when dropped.
 #[derive(Debug)]
 pub struct AgentChild {

@@ -1468,14 +1468,8 @@ file = "{rules_file}"
 
 [health]
 interval_secs = 5
-
-[metrics]
-prometheus = true
-port = 0
-
-[log]
-level = "warn,edgestream_agent=info"
-"#,
+{tail}"#,
+        tail = crate::agent::CONFIG_TAIL,
         data = dir.join("data").display(),
         rules_file = rules_path.display(),
         qos = opts.qos,

@@ -314,19 +314,13 @@ file = "{rules}"
 [health]
 interval_secs = 5
 
-[metrics]
-prometheus = true
-port = 0
-
-[log]
-level = "warn,edgestream_agent=info"
-
 # The burner level of any boiler, 0 to 100: what the `overheat` rule sends.
 [[commands.allow]]
 name = "set_burner"
 devices = ["boiler-*"]
 args.level = {{ type = "integer", min = 0, max = 100, required = true }}
-"#,
+{tail}"#,
+        tail = crate::agent::CONFIG_TAIL,
         data = dir.join("data").display(),
         rules = rules.display(),
     )

@@ -128,6 +128,20 @@ impl AgentChild {
             .context("the agent logged its metrics endpoint without a port")
     }
 
+    /// Waits up to `grace` for the agent to exit by itself (it was signalled already, as by
+    /// Ctrl-C in its terminal: a second signal would make it exit at once), then [`Self::stop`].
+    pub fn wait_exit(&mut self, grace: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Some(status) = self.exited() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.stop(Duration::ZERO)
+    }
+
     /// SIGTERM, a wait of up to `grace`, then SIGKILL. The exit status, unless it was killed
     /// or had been stopped already.
     pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {

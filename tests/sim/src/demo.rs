@@ -175,12 +175,19 @@ async fn run(duration: Option<Duration>, agent_exe: &Path) -> anyhow::Result<Sum
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
+    // Ctrl-C in a terminal reaches the agent too (same process group): it starts its own
+    // orderly stop, so the figures of the last status line are the summary's fallback.
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    let mut last = std::collections::HashMap::new();
+    let mut interrupted = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = &mut ctrl_c => break,
+            _ = &mut ctrl_c => {
+                interrupted = true;
+                break;
+            }
         }
         log.forward(&agent.logs());
         if let Some(status) = agent.exited() {
@@ -193,7 +200,7 @@ async fn run(duration: Option<Duration>, agent_exe: &Path) -> anyhow::Result<Sum
             .await
             .context("scraping the agent's metrics")?;
         let count = |k: &str| m.get(k).copied().unwrap_or(0.0);
-        println!(
+        let status = format!(
             "[{:>4}s] in {:>6} | alerts {:>3} | commands {:>3} | forwarded {:>6} | acked {:>6} | outbox {:>5} | cloud readings {:>6}",
             started.elapsed().as_secs(),
             count(r#"edgestream_readings_in_total{source="mqtt"}"#),
@@ -205,6 +212,8 @@ async fn run(duration: Option<Duration>, agent_exe: &Path) -> anyhow::Result<Sum
             count("edgestream_outbox_records"),
             collector.telemetry_readings().len(),
         );
+        println!("{status}");
+        last = m;
         if duration.is_some_and(|d| started.elapsed() >= d) {
             break;
         }
@@ -214,17 +223,20 @@ async fn run(duration: Option<Duration>, agent_exe: &Path) -> anyhow::Result<Sum
     }
     // What the devices sent last reaches the cloud before the figures are read.
     let drain_deadline = Instant::now() + DRAIN_TIMEOUT;
-    let metrics = loop {
-        let m = crate::prometheus::scrape_parsed(metrics_port).await;
-        let drained = m
-            .as_ref()
-            .is_ok_and(|m| m.get("edgestream_outbox_records") == Some(&0.0));
+    while let Ok(m) = crate::prometheus::scrape_parsed(metrics_port).await {
+        let drained = m.get("edgestream_outbox_records") == Some(&0.0);
+        last = m;
         if drained || Instant::now() > drain_deadline {
-            break m.unwrap_or_default();
+            break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = last;
+    let agent_exit = if interrupted {
+        agent.wait_exit(Duration::from_secs(10))
+    } else {
+        agent.stop(Duration::from_secs(10))
     };
-    let agent_exit = agent.stop(Duration::from_secs(10));
     log.forward(&agent.logs());
     // Let the last publishes reach the subscriber.
     tokio::time::sleep(Duration::from_millis(300)).await;

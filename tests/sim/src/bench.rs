@@ -794,7 +794,9 @@ async fn measure(
     let m0 = MachineTicks::read();
     let (o0, d0) = (load.acked(), delivered.count());
     let p0 = agent.map(|a| ProcessStats::read(a.pid()));
-    let t0_threads = agent.map(|a| thread_cpu(a.pid())).unwrap_or_default();
+    let t0_threads = agent
+        .map(|a| procstat::thread_cpu_by_name(a.pid()))
+        .unwrap_or_default();
     if let Some(l) = latency {
         l.clear_latencies();
     }
@@ -840,7 +842,7 @@ async fn measure(
         r.agent_steady_rss_bytes = Some(steady_rss);
         let mut by_thread = std::collections::BTreeMap::new();
         let mut named = 0.0;
-        for (name, t1) in thread_cpu(a.pid()) {
+        for (name, t1) in procstat::thread_cpu_by_name(a.pid()) {
             let d = t1 - t0_threads.get(&name).copied().unwrap_or(0.0);
             named += d;
             by_thread.insert(name, d * 1e6 / n.max(1.0));
@@ -889,38 +891,6 @@ fn print_by_phase(
 fn quantile_ms(sorted_us: &[u32], q: f64) -> Option<f64> {
     let last = sorted_us.len().checked_sub(1)?;
     Some(f64::from(sorted_us[(last as f64 * q).round() as usize]) / 1000.0)
-}
-
-/// CPU seconds of each live thread of `pid` (`/proc/PID/task/*/schedstat`, or `stat`'s ticks
-/// where that is missing), summed by thread name with numbered pools merged (`sled-io-3`
-/// counts as `sled-io`).
-fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
-    let mut by_name = std::collections::BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return by_name;
-    };
-    for task in tasks.flatten() {
-        let Some(stat) = procstat::stat(task.path().join("stat")) else {
-            continue;
-        };
-        // The main thread is named after the executable: call it by its role.
-        let name = if task.file_name().to_str() == Some(pid.to_string().as_str()) {
-            "main"
-        } else {
-            stat.comm
-                .trim_end_matches(|c: char| c.is_ascii_digit() || c == '-')
-        };
-        // The thread's run time in nanoseconds (`schedstat`, first field). Its utime and stime
-        // come in whole ticks (10 ms), and a tick lost to rounding in each of nine threads
-        // read as most of a microsecond per reading in a 10-second phase at 10,000/s.
-        let exact = procstat::schedstat_ns(task.path().join("schedstat")).map(|ns| ns as f64 / 1e9);
-        let seconds = exact.unwrap_or_else(|| {
-            let (user, system) = procstat::stat_cpu_split(&stat);
-            user + system
-        });
-        *by_name.entry(name.to_string()).or_insert(0.0) += seconds;
-    }
-    by_name
 }
 
 /// Deliveries counted by a subscriber, and (cloud only) their latencies in microseconds.

@@ -1490,6 +1490,17 @@ fn print_table(r: &BenchReport) {
     if let Some(rules) = &o.rules {
         println!("rules: {}", rules.display());
     }
+    // The agent's cloud settings, where the bench set them instead of its defaults.
+    let cloud: Vec<String> = [
+        o.batch_size.map(|n| format!("batch_size {n}")),
+        o.cloud_inflight.map(|n| format!("max_inflight {n}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !cloud.is_empty() {
+        println!("agent cloud: {}", cloud.join(", "));
+    }
     println!();
     println!(
         "{:<32} {:>10} {:>11} {:>7} {:>7} {:>7} {:>10} {:>6} {:>9} {:>9} {:>10}",

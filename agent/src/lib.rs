@@ -6,13 +6,9 @@
 //! one place that wires them; [`config`] composes the sections the stages define.
 
 pub mod backoff;
-#[cfg(feature = "tools")]
-pub mod bench;
 pub mod commands;
 pub mod config;
 pub mod deadletter;
-#[cfg(feature = "tools")]
-pub mod demo;
 pub mod durable_file;
 pub mod logging;
 pub mod mqtt_link;

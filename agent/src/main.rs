@@ -34,42 +34,10 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// `demo`, `bench` and `simulate` (the tools crate's commands).
     #[cfg(feature = "tools")]
-    /// The whole data path with nothing installed: in-process brokers, simulated devices,
-    /// demo rules and a cloud subscriber, with a live status line.
-    Demo {
-        /// Stop by itself after this many seconds.
-        #[arg(long)]
-        duration: Option<u64>,
-    },
-    #[cfg(feature = "tools")]
-    /// End-to-end load benchmark: brokers, simulated devices, the agent (as a child process)
-    /// and a cloud subscriber; prints throughput, latency, CPU, memory and disk figures.
-    Bench(edgestream_agent::bench::BenchOptions),
-    #[cfg(feature = "tools")]
-    /// Run simulated devices against a broker (and/or on pseudo-terminals) to try a setup.
-    Simulate {
-        /// Broker the MQTT devices publish to.
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        #[arg(long, default_value_t = 1883)]
-        port: u16,
-        /// `demo` (six devices with injected anomalies) or `uniform` (`--devices` alike).
-        #[arg(long, default_value = "demo")]
-        fleet: String,
-        /// Number of devices with `--fleet uniform`.
-        #[arg(long, default_value_t = 10)]
-        devices: usize,
-        /// Readings per second per metric with `--fleet uniform`; 0 = flat out.
-        #[arg(long, default_value_t = 1.0)]
-        rate: f64,
-        /// Also run a serial probe on a pseudo-terminal (its path is printed).
-        #[arg(long)]
-        serial: bool,
-        /// Stop after this many seconds (default: Ctrl-C).
-        #[arg(long)]
-        duration: Option<u64>,
-    },
+    #[command(flatten)]
+    Tool(edgestream_sim::ToolCommand),
     /// Compile rule files or replay recorded readings through them.
     Rules {
         #[command(subcommand)]
@@ -108,21 +76,11 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => report(run(config)),
         #[cfg(feature = "tools")]
-        Command::Demo { duration } => report(edgestream_agent::demo::main(duration)),
-        #[cfg(feature = "tools")]
-        Command::Bench(opts) => report(edgestream_agent::bench::main(opts)),
-        #[cfg(feature = "tools")]
-        Command::Simulate {
-            host,
-            port,
-            fleet,
-            devices,
-            rate,
-            serial,
-            duration,
-        } => report(simulate(
-            host, port, &fleet, devices, rate, serial, duration,
-        )),
+        Command::Tool(cmd) => report(
+            std::env::current_exe()
+                .context("cannot find this executable")
+                .and_then(|exe| edgestream_sim::run_tool(cmd, exe)),
+        ),
         Command::Rules { command } => match command {
             RulesCommand::Check { file } => {
                 report(edgestream_agent::rules_stage::cli::check(&file))
@@ -142,45 +100,6 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-#[cfg(feature = "tools")]
-fn simulate(
-    host: String,
-    port: u16,
-    fleet: &str,
-    devices: usize,
-    rate: f64,
-    serial: bool,
-    duration: Option<u64>,
-) -> anyhow::Result<()> {
-    use edgestream_sim::simulate;
-    edgestream_agent::logging::init("warn");
-    let mqtt_devices = match fleet {
-        "demo" => simulate::demo_fleet(),
-        "uniform" => simulate::uniform_fleet(
-            "sim",
-            devices,
-            &["temperature", "pressure"],
-            (rate > 0.0).then_some(rate),
-            1,
-        ),
-        other => anyhow::bail!("unknown fleet {other:?}: use demo or uniform"),
-    };
-    let mut opts = simulate::SimulateOptions::mqtt(host, port, mqtt_devices);
-    if serial {
-        opts.serial_devices.push(simulate::demo_serial_probe());
-    }
-    opts.duration = duration.map(std::time::Duration::from_secs);
-    opts.print = true;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let report = runtime.block_on(simulate::simulate(opts))?;
-    println!("{report}");
-    Ok(())
 }
 
 fn run(path: PathBuf) -> anyhow::Result<()> {

@@ -278,11 +278,11 @@ fn bench_soak_samples_memory_and_store_over_time() {
     );
     let samples = r["soak"].as_array().expect("soak samples");
     assert_eq!(samples.len(), 3, "{r:#}");
-    let mut previous = 0.0;
+    let mut last_at = 0.0;
     for s in samples {
         let at = number(s, "at_s");
-        assert!(at > previous + 1.5, "samples 2 s apart: {s:#}");
-        previous = at;
+        assert!(at > last_at + 1.5, "samples 2 s apart: {s:#}");
+        last_at = at;
         // The load runs at 1,000 readings/s; the agent keeps up at that rate.
         let rate = number(s, "delivered_per_s");
         assert!((500.0..1500.0).contains(&rate), "{s:#}");

@@ -34,4 +34,20 @@ fn demo_runs_end_to_end_without_errors() {
         stdout.lines().filter(|l| l.starts_with('[')).count() >= 8,
         "{stdout}"
     );
+    // The config the demo generated and kept for the user is one the agent accepts.
+    let config = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("agent config: "))
+        .unwrap_or_else(|| panic!("no agent config path in\n{stdout}"));
+    let check = Command::new(env!("CARGO_BIN_EXE_edgestream"))
+        .args(["check", "--config", config])
+        .output()
+        .expect("run edgestream check");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let kept = std::path::Path::new(config).parent().expect("config dir");
+    let _ = std::fs::remove_dir_all(kept);
 }

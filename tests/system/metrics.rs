@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use edgestream_agent::telemetry::prometheus::{parse, scrape};
+use edgestream_sim::prometheus::{parse, scrape};
 use edgestream_sim::{CloudCollector, Mosquitto};
 
 const T0: u64 = 1_700_000_000_000;
@@ -115,9 +115,7 @@ async fn scraped_counters_match_what_was_sent() {
             && v.get("process_cpu_seconds_total").is_some_and(|c| *c > 0.0)
     })
     .await;
-    let kernel_cpu = edgestream_agent::telemetry::health::cpu_seconds(
-        edgestream_agent::telemetry::health::Pid::Other(agent.pid()),
-    );
+    let kernel_cpu = edgestream_sim::procstat::cpu_seconds(agent.pid());
     let get = |k: &str| *v.get(k).unwrap_or_else(|| panic!("{k} not scraped"));
     assert_eq!(get(r#"edgestream_readings_in_total{source="mqtt"}"#), n);
     assert_eq!(get(r#"edgestream_parse_errors_total{source="mqtt"}"#), 3.0);

@@ -111,14 +111,7 @@ async fn backlog_from_an_outage_is_delivered_in_order_while_new_data_keeps_flowi
     let d = delivery(&collector);
     assert_acked_delivered_in_order(&devices, &d);
     // Peak resident memory of the agent process over its whole life, from the kernel.
-    let rss = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))
-        .ok()
-        .and_then(|s| {
-            let l = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_string();
-            l.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
-        .unwrap_or(0)
-        * 1024;
+    let rss = edgestream_sim::procstat::ProcessStats::read(agent.pid()).peak_rss_bytes;
     eprintln!(
         "outage: {:?} cut, backlog {backlog} records at reconnect, drained {drained} in \
          {:?} s at {per_sec} records/s, {} acked readings delivered, agent peak RSS {} KiB",

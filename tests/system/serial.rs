@@ -21,6 +21,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use common::*;
+use edgestream_sim::procstat::cpu_seconds;
 use edgestream_sim::{
     CloudCollector, LineFormat, MetricSpec, Mosquitto, Profile, SerialDevice, SerialDeviceConfig,
     Signal,
@@ -116,25 +117,6 @@ fn runs(seqs: &BTreeSet<u32>) -> usize {
         prev = Some(s);
     }
     n
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 of `rest`.
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
-fn clock_ticks_per_sec() -> u64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100)
 }
 
 async fn start(
@@ -272,7 +254,6 @@ async fn ten_unplugs_reconnect_idle_and_lose_nothing_the_agent_read() {
     let dev = SerialDevice::spawn(device("probe-u", LineFormat::KeyValue, 50.0, 21.0)).unwrap();
     std::os::unix::fs::symlink(dev.path(), &link).unwrap();
     wait_opens(&mut agent, 1).await;
-    let ticks = clock_ticks_per_sec();
     let mut cpu_share = Vec::new();
     for i in 0..10 {
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -280,9 +261,9 @@ async fn ten_unplugs_reconnect_idle_and_lose_nothing_the_agent_read() {
         if i == 4 {
             // A long outage: the backoff reaches its cap and the agent must sit idle.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let (t0, c0) = (Instant::now(), cpu_ticks(agent.pid()));
+            let (t0, c0) = (Instant::now(), cpu_seconds(agent.pid()));
             tokio::time::sleep(Duration::from_secs(4)).await;
-            let used = (cpu_ticks(agent.pid()) - c0) as f64 / ticks as f64;
+            let used = cpu_seconds(agent.pid()) - c0;
             cpu_share.push(used / t0.elapsed().as_secs_f64());
         } else {
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -6,12 +6,17 @@
 //! back to readings from outside is guesswork. Here the device assigns packet
 //! ids itself and sees every packet, so "acknowledged by the broker" is a fact.
 //!
-//! Only what a device uses is implemented: CONNECT/CONNACK, PUBLISH (QoS 0
-//! and 1) both ways, PUBACK, SUBSCRIBE/SUBACK, PINGREQ/PINGRESP, DISCONNECT.
+//! The packets themselves are encoded and decoded by rumqttc's public
+//! `mqttbytes` (v4): this module only frames a connection around them, and it is
+//! the one MQTT encoder of the tools (devices, the bench's load generator).
 //! Every packet is bounded by [`MAX_PACKET`]; a larger one is a protocol error
 //! that closes the connection.
 
 use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4::{Connect, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode};
+use rumqttc::mqttbytes::{self, QoS};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -71,92 +76,103 @@ pub enum Incoming {
     Other(u8),
 }
 
-fn put_str(buf: &mut Vec<u8>, s: &str) {
-    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
-    buf.extend_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(&s.as_bytes()[..usize::from(len)]);
-}
-
-fn frame(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 5);
-    out.push(first);
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
+/// Appends one packet, encoded by rumqttc's own `mqttbytes`, to `buf`. Every packet the
+/// tools write is small and well-formed (topics and client ids are ours), so an encoding
+/// error is a bug in the caller.
+fn put(buf: &mut BytesMut, packet: &Packet) {
+    if let Err(e) = packet.write(buf, MAX_PACKET) {
+        panic!("cannot encode {packet:?}: {e}");
     }
-    out.extend_from_slice(body);
-    out
 }
 
-/// Encodes CONNECT.
+fn encode(packet: &Packet) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    put(&mut buf, packet);
+    buf.to_vec()
+}
+
+fn qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// Encodes CONNECT (MQTT 3.1.1, no credentials, no will).
 pub fn connect(client_id: &str, clean_session: bool, keep_alive: Duration) -> Vec<u8> {
-    let mut body = Vec::new();
-    put_str(&mut body, "MQTT");
-    body.push(4);
-    body.push(if clean_session { 0x02 } else { 0x00 });
-    let ka = u16::try_from(keep_alive.as_secs()).unwrap_or(u16::MAX);
-    body.extend_from_slice(&ka.to_be_bytes());
-    put_str(&mut body, client_id);
-    frame(0x10, &body)
+    let mut c = Connect::new(client_id);
+    c.clean_session = clean_session;
+    c.keep_alive = u16::try_from(keep_alive.as_secs()).unwrap_or(u16::MAX);
+    encode(&Packet::Connect(c))
+}
+
+/// Appends PUBLISH to `buf` (QoS 0 needs `pkid` 0): the load generator batches many
+/// publishes into one socket write.
+pub fn put_publish(
+    buf: &mut BytesMut,
+    topic: &str,
+    payload: &[u8],
+    qos_level: u8,
+    pkid: u16,
+    retain: bool,
+) {
+    let mut p = Publish::from_bytes(topic, qos(qos_level), Bytes::copy_from_slice(payload));
+    p.pkid = pkid;
+    p.retain = retain;
+    put(buf, &Packet::Publish(p));
 }
 
 /// Encodes PUBLISH (QoS 0 needs `pkid` 0).
-pub fn publish(topic: &str, payload: &[u8], qos: u8, pkid: u16, retain: bool) -> Vec<u8> {
-    let mut body = Vec::with_capacity(topic.len() + payload.len() + 4);
-    put_str(&mut body, topic);
-    if qos > 0 {
-        body.extend_from_slice(&pkid.to_be_bytes());
-    }
-    body.extend_from_slice(payload);
-    frame(0x30 | (qos << 1) | u8::from(retain), &body)
+pub fn publish(topic: &str, payload: &[u8], qos_level: u8, pkid: u16, retain: bool) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    put_publish(&mut buf, topic, payload, qos_level, pkid, retain);
+    buf.to_vec()
 }
 
 /// Encodes PUBACK.
 pub fn puback(pkid: u16) -> Vec<u8> {
-    frame(0x40, &pkid.to_be_bytes())
+    encode(&Packet::PubAck(PubAck::new(pkid)))
 }
 
 /// Encodes SUBSCRIBE for one filter.
-pub fn subscribe(pkid: u16, filter: &str, qos: u8) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&pkid.to_be_bytes());
-    put_str(&mut body, filter);
-    body.push(qos);
-    frame(0x82, &body)
+pub fn subscribe(pkid: u16, filter: &str, qos_level: u8) -> Vec<u8> {
+    let mut s = Subscribe::new(filter, qos(qos_level));
+    s.pkid = pkid;
+    encode(&Packet::Subscribe(s))
 }
 
 /// Encodes PINGREQ.
 pub fn pingreq() -> Vec<u8> {
-    vec![0xC0, 0]
+    encode(&Packet::PingReq)
 }
 
 /// Encodes DISCONNECT.
 pub fn disconnect() -> Vec<u8> {
-    vec![0xE0, 0]
+    encode(&Packet::Disconnect)
 }
 
 /// Reads packets from the broker side of a connection.
 #[derive(Debug)]
 pub struct PacketReader {
     read: OwnedReadHalf,
-    buf: Vec<u8>,
+    buf: BytesMut,
 }
 
 impl PacketReader {
+    /// Reads from `read`, a connection already past CONNECT (or one that gets no CONNACK).
+    pub fn new(read: OwnedReadHalf) -> PacketReader {
+        PacketReader {
+            read,
+            buf: BytesMut::new(),
+        }
+    }
+
     /// Reads the next packet. Cancel-safe: bytes read so far stay in the
     /// buffer for the next call.
     pub async fn next(&mut self) -> Result<Incoming, WireError> {
         loop {
-            if let Some((packet, used)) = parse(&self.buf)? {
-                self.buf.drain(..used);
+            if let Some(packet) = parse(&mut self.buf)? {
                 return Ok(packet);
             }
             let mut chunk = [0u8; 4096];
@@ -169,80 +185,59 @@ impl PacketReader {
     }
 }
 
-/// Parses one packet from the front of `buf`: `None` if incomplete.
-fn parse(buf: &[u8]) -> Result<Option<(Incoming, usize)>, WireError> {
-    if buf.len() < 2 {
-        return Ok(None);
-    }
-    let mut len = 0usize;
-    let mut mult = 1usize;
-    let mut i = 1;
-    loop {
-        let Some(&b) = buf.get(i) else {
-            return Ok(None);
-        };
-        len += usize::from(b & 0x7F) * mult;
-        i += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-        mult *= 128;
-        if i > 4 {
-            return Err(WireError::Protocol("remaining length over 4 bytes".into()));
-        }
-    }
-    if len > MAX_PACKET {
-        return Err(WireError::Protocol(format!(
-            "packet of {len} bytes exceeds MAX_PACKET"
-        )));
-    }
-    if buf.len() < i + len {
-        return Ok(None);
-    }
-    let first = buf[0];
-    let body = &buf[i..i + len];
-    let u16_at = |at: usize| -> Result<u16, WireError> {
-        body.get(at..at + 2)
-            .map(|b| u16::from_be_bytes([b[0], b[1]]))
-            .ok_or_else(|| WireError::Protocol(format!("short packet 0x{first:02x}")))
+/// Takes one packet off the front of `buf`: `None` if it is not complete yet.
+pub fn parse(buf: &mut BytesMut) -> Result<Option<Incoming>, WireError> {
+    let packet = match Packet::read(buf, MAX_PACKET) {
+        Ok(p) => p,
+        Err(mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
+        Err(e) => return Err(WireError::Protocol(e.to_string())),
     };
-    let packet = match first >> 4 {
-        2 => Incoming::ConnAck {
-            session_present: body.first().is_some_and(|b| b & 1 == 1),
-            code: *body
-                .get(1)
-                .ok_or_else(|| WireError::Protocol("short CONNACK".into()))?,
+    Ok(Some(match packet {
+        Packet::ConnAck(a) => Incoming::ConnAck {
+            session_present: a.session_present,
+            code: a.code as u8,
         },
-        3 => {
-            let qos = (first >> 1) & 3;
-            let tlen = usize::from(u16_at(0)?);
-            let topic = body
-                .get(2..2 + tlen)
-                .ok_or_else(|| WireError::Protocol("short PUBLISH topic".into()))?;
-            let topic = String::from_utf8(topic.to_vec())
-                .map_err(|_| WireError::Protocol("topic is not UTF-8".into()))?;
-            let mut at = 2 + tlen;
-            let pkid = if qos > 0 {
-                let p = u16_at(at)?;
-                at += 2;
-                p
-            } else {
-                0
-            };
-            Incoming::Publish {
-                topic,
-                payload: body[at..].to_vec(),
-                qos,
-                pkid,
-                retain: first & 1 == 1,
-            }
-        }
-        4 => Incoming::PubAck(u16_at(0)?),
-        9 => Incoming::SubAck(u16_at(0)?, body.get(2..).unwrap_or_default().to_vec()),
-        13 => Incoming::PingResp,
-        other => Incoming::Other(other),
-    };
-    Ok(Some((packet, i + len)))
+        Packet::Publish(p) => Incoming::Publish {
+            topic: p.topic,
+            payload: p.payload.to_vec(),
+            qos: p.qos as u8,
+            pkid: p.pkid,
+            retain: p.retain,
+        },
+        Packet::PubAck(a) => Incoming::PubAck(a.pkid),
+        Packet::SubAck(a) => Incoming::SubAck(
+            a.pkid,
+            a.return_codes
+                .iter()
+                .map(|c| match c {
+                    SubscribeReasonCode::Success(q) => *q as u8,
+                    SubscribeReasonCode::Failure => 0x80,
+                })
+                .collect(),
+        ),
+        Packet::PingResp => Incoming::PingResp,
+        other => Incoming::Other(packet_type(&other)),
+    }))
+}
+
+/// The MQTT control packet type (the fixed header's high nibble) of a packet devices ignore.
+fn packet_type(p: &Packet) -> u8 {
+    match p {
+        Packet::Connect(_) => 1,
+        Packet::ConnAck(_) => 2,
+        Packet::Publish(_) => 3,
+        Packet::PubAck(_) => 4,
+        Packet::PubRec(_) => 5,
+        Packet::PubRel(_) => 6,
+        Packet::PubComp(_) => 7,
+        Packet::Subscribe(_) => 8,
+        Packet::SubAck(_) => 9,
+        Packet::Unsubscribe(_) => 10,
+        Packet::UnsubAck(_) => 11,
+        Packet::PingReq => 12,
+        Packet::PingResp => 13,
+        Packet::Disconnect => 14,
+    }
 }
 
 /// Connects, sends CONNECT and waits for an accepting CONNACK.
@@ -260,10 +255,7 @@ pub async fn open(
         write
             .write_all(&connect(client_id, clean_session, keep_alive))
             .await?;
-        let mut reader = PacketReader {
-            read,
-            buf: Vec::new(),
-        };
+        let mut reader = PacketReader::new(read);
         match reader.next().await? {
             Incoming::ConnAck {
                 session_present,
@@ -287,8 +279,11 @@ mod tests {
     #[test]
     fn publish_roundtrips_through_parse() {
         let bytes = publish("sensors/a/b", b"{\"value\":1}", 1, 7, false);
-        let (p, used) = parse(&bytes).unwrap().unwrap();
-        assert_eq!(used, bytes.len());
+        let mut buf = BytesMut::from(&bytes[..bytes.len() - 1]);
+        assert!(parse(&mut buf).unwrap().is_none());
+        let mut buf = BytesMut::from(&bytes[..]);
+        let p = parse(&mut buf).unwrap().unwrap();
+        assert!(buf.is_empty());
         assert_eq!(
             p,
             Incoming::Publish {
@@ -299,15 +294,13 @@ mod tests {
                 retain: false
             }
         );
-        assert!(parse(&bytes[..bytes.len() - 1]).unwrap().is_none());
     }
 
     #[test]
     fn long_remaining_length() {
         let payload = vec![b'x'; 300];
-        let bytes = publish("t", &payload, 0, 0, true);
-        let (p, _) = parse(&bytes).unwrap().unwrap();
-        match p {
+        let mut buf = BytesMut::from(&publish("t", &payload, 0, 0, true)[..]);
+        match parse(&mut buf).unwrap().unwrap() {
             Incoming::Publish {
                 payload: got,
                 retain,
@@ -318,5 +311,20 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn acks_and_pings_parse() {
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&puback(9));
+        buf.extend_from_slice(&[0xD0, 0x00]); // PINGRESP
+        buf.extend_from_slice(&[0x90, 0x03, 0x00, 0x01, 0x80]); // SUBACK, refused
+        assert_eq!(parse(&mut buf).unwrap(), Some(Incoming::PubAck(9)));
+        assert_eq!(parse(&mut buf).unwrap(), Some(Incoming::PingResp));
+        assert_eq!(
+            parse(&mut buf).unwrap(),
+            Some(Incoming::SubAck(1, vec![0x80]))
+        );
+        assert_eq!(parse(&mut buf).unwrap(), None);
     }
 }

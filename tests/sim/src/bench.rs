@@ -9,9 +9,10 @@
 //! ```
 //!
 //! The brokers (two in-process rumqttd, or two spawned mosquitto), the load generator and the
-//! subscribers run in this process; the agent runs as a **child process** (this same binary,
-//! `edgestream run`), so that its CPU time, resident memory and disk writes are read from its
-//! own `/proc/PID/{stat,status,io}` and not mixed with the load it is measured under.
+//! subscribers run in this process; the agent runs as a **child process** (the `edgestream`
+//! binary's `run` command: the one that started the bench, or `--agent`), so that its CPU
+//! time, resident memory and disk writes are read from its own `/proc/PID/{stat,status,io}`
+//! and not mixed with the load it is measured under.
 //!
 //! - Phase 1 (**limit**): the load, flat out, straight to a bare subscriber on the local broker
 //!   at the same QoS. That is what the broker and this machine can deliver to one consumer;
@@ -38,21 +39,21 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use bytes::BytesMut;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::outbox::config::Durability;
-use crate::telemetry::health::{cpu_seconds, Pid, ProcessStats};
+use crate::agent::AgentChild;
+use crate::procstat::{self, MachineTicks, ProcessStats};
+use crate::wire::{self, Incoming};
 
 /// Twenty rules over every bench device: thresholds with hysteresis, window aggregates and
 /// anomaly detectors on both metrics. None drops or tags readings, so every reading is
@@ -166,7 +167,27 @@ pub enum BrokerKind {
     Mosquitto,
 }
 
-/// What to run; see `edgestream bench --help`.
+/// The agent's `outbox.durability`: flush every group commit before its PUBACKs, or flush
+/// every [`FLUSH_INTERVAL_MS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    Batch,
+    Interval,
+}
+
+impl Durability {
+    /// The value `outbox.durability` takes in the agent's config.
+    fn as_str(self) -> &'static str {
+        match self {
+            Durability::Batch => "batch",
+            Durability::Interval => "interval",
+        }
+    }
+}
+
+/// What to run; see `edgestream bench --help`. The agent settings left out (`None`) are
+/// left out of its config too, so that the agent's own defaults apply.
 #[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct BenchOptions {
     /// Seconds of the flat-out phase; the limit and latency phases take half as long each.
@@ -196,24 +217,23 @@ pub struct BenchOptions {
     #[arg(long, default_value_t = 0)]
     pub local_max_inflight: u32,
     /// Agent `cloud.batch_size` (default: the agent's).
-    #[arg(long, default_value_t = crate::uplink::config::default_batch_size())]
-    pub batch_size: usize,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     /// Agent `cloud.max_inflight` (default: the agent's).
-    #[arg(long, default_value_t = crate::uplink::config::default_max_inflight())]
-    pub cloud_inflight: u16,
+    #[arg(long)]
+    pub cloud_inflight: Option<u16>,
     /// Agent `outbox.durability` (`interval` flushes every 1,000 ms: what the README's disk
     /// figures at gateway rates compare).
     #[arg(long, value_enum, default_value_t = Durability::Batch)]
     pub durability: Durability,
     /// Agent `outbox.commit_linger_ms` (default: the agent's): how long a group commit may
     /// wait for more readings to share its flush. Longer writes less and costs less CPU at
-    /// gateway rates, for that much more latency.
-    #[arg(long, default_value_t = crate::outbox::config::default_commit_linger_ms(),
-          value_parser = clap::value_parser!(u64).range(0..=crate::outbox::config::MAX_COMMIT_LINGER_MS))]
-    pub commit_linger_ms: u64,
-    /// The `edgestream` binary to run as the agent; by default this one. A gateway runs a
-    /// build without the `tools` feature (`scripts/cross-build`, the .deb), which has about
-    /// 1 MiB less code resident than this binary, where `bench` itself lives.
+    /// gateway rates, for that much more latency. The agent refuses a value out of its range.
+    #[arg(long)]
+    pub commit_linger_ms: Option<u64>,
+    /// The `edgestream` binary to run as the agent; by default the one that runs the bench. A
+    /// gateway runs a build without the `tools` feature (`scripts/cross-build`, the .deb),
+    /// which has about 1 MiB less code resident than the binary `bench` itself lives in.
     #[arg(long, value_name = "PATH")]
     pub agent: Option<std::path::PathBuf>,
     /// Soak instead of the three phases: the agent at `--rate` for this many seconds,
@@ -233,15 +253,7 @@ pub struct BenchOptions {
 /// The agent's `outbox.flush_interval_ms` (used with `--durability interval`).
 const FLUSH_INTERVAL_MS: u64 = 1000;
 
-/// The value `outbox.durability` takes in the agent's config.
-fn durability_name(d: Durability) -> &'static str {
-    match d {
-        Durability::Batch => "batch",
-        Durability::Interval => "interval",
-    }
-}
-
-/// One sample of a soak (`--soak`): the interval since the previous sample.
+/// One sample of a soak (`--soak`): the interval since the sample before it.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SoakSample {
     /// Seconds since the soak's load started (after the warm-up).
@@ -347,15 +359,22 @@ pub struct BenchReport {
 }
 
 fn load_average() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0)
+    procstat::load_average().unwrap_or(0.0)
 }
 
-pub fn main(opts: BenchOptions) -> anyhow::Result<()> {
+/// Milliseconds since the Unix epoch: the readings' `ts`, as a device stamps them.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs the bench with `agent_exe` as the agent (unless `--agent` names another) and prints
+/// its report.
+pub fn main(opts: BenchOptions, agent_exe: PathBuf) -> anyhow::Result<()> {
     // The brokers log every disconnect; the bench's output is its report.
-    crate::logging::init("error,rumqttd=off");
+    crate::init_logging("error,rumqttd=off");
     if opts.qos > 1 {
         anyhow::bail!("--qos must be 0 or 1");
     }
@@ -368,7 +387,8 @@ pub fn main(opts: BenchOptions) -> anyhow::Result<()> {
     if let Some(agent) = opts.agent.as_ref().filter(|a| !a.is_file()) {
         anyhow::bail!("--agent {}: no such file", agent.display());
     }
-    let bundle = Bundle::load(&opts)?;
+    let mut bundle = Bundle::load(&opts)?;
+    bundle.agent = opts.agent.clone().unwrap_or(agent_exe);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -386,11 +406,8 @@ pub fn main(opts: BenchOptions) -> anyhow::Result<()> {
 /// Holds whichever brokers were started; they stop when dropped (mosquitto) or with the
 /// process (rumqttd).
 enum Brokers {
-    InProcess(
-        edgestream_sim::InProcessBroker,
-        edgestream_sim::InProcessBroker,
-    ),
-    Mosquitto(Box<(edgestream_sim::Mosquitto, edgestream_sim::Mosquitto)>),
+    InProcess(crate::InProcessBroker, crate::InProcessBroker),
+    Mosquitto(Box<(crate::Mosquitto, crate::Mosquitto)>),
 }
 
 impl Brokers {
@@ -427,16 +444,16 @@ fn local_mosquitto_config(opts: &BenchOptions) -> Vec<String> {
 async fn start_brokers(opts: &BenchOptions) -> anyhow::Result<Brokers> {
     Ok(match opts.broker {
         BrokerKind::InProcess => Brokers::InProcess(
-            edgestream_sim::InProcessBroker::start().await?,
-            edgestream_sim::InProcessBroker::start().await?,
+            crate::InProcessBroker::start().await?,
+            crate::InProcessBroker::start().await?,
         ),
         BrokerKind::Mosquitto => {
-            let local = edgestream_sim::Mosquitto::start_with(edgestream_sim::MosquittoOptions {
+            let local = crate::Mosquitto::start_with(crate::MosquittoOptions {
                 tls: None,
                 extra_config: local_mosquitto_config(opts),
             })
             .await?;
-            let cloud = edgestream_sim::Mosquitto::start_with(edgestream_sim::MosquittoOptions {
+            let cloud = crate::Mosquitto::start_with(crate::MosquittoOptions {
                 tls: None,
                 extra_config: vec![DEBIAN_AUTOSAVE.to_string()],
             })
@@ -553,17 +570,15 @@ impl Report {
             rules_in_bundle,
             ..
         } = cloud;
-        let end = ProcessStats::read(Pid::Other(agent.pid()));
+        let end = ProcessStats::read(agent.pid());
         let counters = match agent.metrics_port() {
-            Some(port) => crate::telemetry::prometheus::parse(
-                &crate::telemetry::prometheus::scrape(port).await?,
-            ),
+            Some(port) => crate::prometheus::scrape_parsed(port).await?,
             None => Default::default(),
         };
         let c = |k: &str| counters.get(k).copied().unwrap_or(0.0);
         let evaluated = c("edgestream_rule_evaluations_total").max(1.0);
         let flushes = c("edgestream_outbox_flushes_total");
-        agent.stop();
+        agent.stop(Duration::from_secs(10));
         cloud_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), cloud_task).await;
         drop(brokers);
@@ -621,12 +636,21 @@ impl Cloud {
             .prefix("edgestream-bench-")
             .tempdir()
             .context("temp dir")?;
-        let mut agent = AgentChild::start(dir.path(), opts, &bundle.text, local_port, cloud_port)?;
+        let config = write_agent_config(dir.path(), opts, &bundle.text, local_port, cloud_port)?;
+        // `EDGESTREAM_BENCH_AGENT_WRAPPER="heaptrack -o /tmp/agent"` runs the agent under a
+        // tool for diagnosis; its CPU and memory figures are then the tool's.
+        let wrapper = std::env::var("EDGESTREAM_BENCH_AGENT_WRAPPER").ok();
+        let mut agent = AgentChild::start(
+            &bundle.agent,
+            &config,
+            &dir.path().join("agent.log"),
+            wrapper.as_deref(),
+        )?;
         let cloud = Counter::default();
         let cloud_stop = CancellationToken::new();
         let cloud_task = tokio::spawn(cloud_counter(cloud_port, cloud.clone(), cloud_stop.clone()));
         cloud.wait_ready().await?;
-        agent.wait_ready().await?;
+        agent.wait_ready(AGENT_READY_TIMEOUT).await?;
         Ok(Cloud {
             _dir: dir,
             agent,
@@ -649,7 +673,7 @@ async fn soak(
     let (local_port, cloud_port) = brokers.ports();
     let c = Cloud::start(&opts, bundle, local_port, cloud_port).await?;
     let (agent, cloud) = (&c.agent, &c.cloud);
-    let pid = Pid::Other(agent.pid());
+    let pid = agent.pid();
     let metrics_port = agent
         .metrics_port()
         .context("the agent did not log its metrics endpoint")?;
@@ -660,7 +684,7 @@ async fn soak(
     let t0 = Instant::now();
     let (o0, d0) = (load.acked(), cloud.count());
     let first = ProcessStats::read(pid);
-    let m0 = machine_ticks();
+    let m0 = MachineTicks::read();
     let mut prev = (0.0, d0, first);
     let mut prev_ticks = m0;
     let mut samples = Vec::new();
@@ -673,12 +697,10 @@ async fn soak(
         let stats = ProcessStats::read(pid);
         let mut lat = cloud.take_latencies();
         lat.sort_unstable();
-        let counters = crate::telemetry::prometheus::parse(
-            &crate::telemetry::prometheus::scrape(metrics_port).await?,
-        );
+        let counters = crate::prometheus::scrape_parsed(metrics_port).await?;
         let gauge = |k: &str| counters.get(k).copied().unwrap_or(0.0);
         let n = (d - prev.1) as f64;
-        let ticks = machine_ticks();
+        let ticks = MachineTicks::read();
         let (cpu_us, system_us) = cpu_us_per_reading(&prev.2, &stats, n);
         let sample = SoakSample {
             at_s: at,
@@ -689,7 +711,7 @@ async fn soak(
             agent_rss_bytes: stats.rss_bytes,
             outbox_records: gauge("edgestream_outbox_records"),
             outbox_disk_bytes: gauge("edgestream_outbox_disk_bytes"),
-            machine_steal_cores: cores_of(prev_ticks, ticks, |t| t.steal),
+            machine_steal_cores: MachineTicks::cores_between(prev_ticks, ticks, |t| t.steal),
         };
         if !opts.json {
             eprintln!("{}", soak_row(&sample));
@@ -703,7 +725,7 @@ async fn soak(
     let (o1, d1) = (load.acked(), cloud.count());
     load.stop().await;
     let end = ProcessStats::read(pid);
-    let m1 = machine_ticks();
+    let m1 = MachineTicks::read();
     let n = (d1 - d0) as f64;
     let (cpu_us, system_us) = cpu_us_per_reading(&first, &end, n);
     let phase = PhaseResult {
@@ -725,8 +747,8 @@ async fn soak(
             .iter()
             .map(|s| s.agent_rss_bytes)
             .max(),
-        machine_busy_cores: cores_of(m0, m1, |t| t.busy),
-        machine_steal_cores: cores_of(m0, m1, |t| t.steal),
+        machine_busy_cores: MachineTicks::cores_between(m0, m1, |t| t.busy),
+        machine_steal_cores: MachineTicks::cores_between(m0, m1, |t| t.steal),
         ..PhaseResult::default()
     };
     let report = Report {
@@ -768,11 +790,13 @@ async fn measure(
 ) -> PhaseResult {
     tokio::time::sleep(WARMUP).await;
     let t0 = Instant::now();
-    let b0 = local_broker.map(|pid| cpu_seconds(Pid::Other(pid)));
-    let m0 = machine_ticks();
+    let b0 = local_broker.map(procstat::cpu_seconds);
+    let m0 = MachineTicks::read();
     let (o0, d0) = (load.acked(), delivered.count());
-    let p0 = agent.map(|a| ProcessStats::read(Pid::Other(a.pid())));
-    let t0_threads = agent.map(|a| thread_cpu(a.pid())).unwrap_or_default();
+    let p0 = agent.map(|a| ProcessStats::read(a.pid()));
+    let t0_threads = agent
+        .map(|a| procstat::thread_cpu_by_name(a.pid()))
+        .unwrap_or_default();
     if let Some(l) = latency {
         l.clear_latencies();
     }
@@ -782,7 +806,7 @@ async fn measure(
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(250)).await;
         if let Some(a) = agent {
-            let rss = ProcessStats::read(Pid::Other(a.pid())).rss_bytes;
+            let rss = ProcessStats::read(a.pid()).rss_bytes;
             peak_rss = peak_rss.max(rss);
             if Instant::now() >= second_half {
                 steady_rss = steady_rss.max(rss);
@@ -792,21 +816,21 @@ async fn measure(
     let secs = t0.elapsed().as_secs_f64();
     let (o1, d1) = (load.acked(), delivered.count());
     let n = (d1 - d0) as f64;
-    let m1 = machine_ticks();
+    let m1 = MachineTicks::read();
     let mut r = PhaseResult {
         offered_per_s: (o1 - o0) as f64 / secs,
         delivered_per_s: n / secs,
-        machine_busy_cores: cores_of(m0, m1, |t| t.busy),
-        machine_steal_cores: cores_of(m0, m1, |t| t.steal),
+        machine_busy_cores: MachineTicks::cores_between(m0, m1, |t| t.busy),
+        machine_steal_cores: MachineTicks::cores_between(m0, m1, |t| t.steal),
         ..PhaseResult::default()
     };
     if let (Some(pid), Some(b0)) = (local_broker, b0) {
-        let cpu = cpu_seconds(Pid::Other(pid)) - b0;
+        let cpu = procstat::cpu_seconds(pid) - b0;
         r.local_broker_cpu_us_per_reading = Some(cpu * 1e6 / n.max(1.0));
         r.local_broker_cpu_cores = Some(cpu / secs);
     }
     if let (Some(a), Some(p0)) = (agent, p0) {
-        let p1 = ProcessStats::read(Pid::Other(a.pid()));
+        let p1 = ProcessStats::read(a.pid());
         let cpu = p1.cpu_seconds - p0.cpu_seconds;
         let (cpu_us, system_us) = cpu_us_per_reading(&p0, &p1, n);
         r.agent_cpu_us_per_reading = Some(cpu_us);
@@ -818,7 +842,7 @@ async fn measure(
         r.agent_steady_rss_bytes = Some(steady_rss);
         let mut by_thread = std::collections::BTreeMap::new();
         let mut named = 0.0;
-        for (name, t1) in thread_cpu(a.pid()) {
+        for (name, t1) in procstat::thread_cpu_by_name(a.pid()) {
             let d = t1 - t0_threads.get(&name).copied().unwrap_or(0.0);
             named += d;
             by_thread.insert(name, d * 1e6 / n.max(1.0));
@@ -846,48 +870,6 @@ fn cpu_us_per_reading(p0: &ProcessStats, p1: &ProcessStats, n: f64) -> (f64, f64
     )
 }
 
-/// The machine's CPU time so far, from the first line of `/proc/stat` (`cpu user nice system
-/// idle iowait irq softirq steal ...`), and its online cores (the `cpuN` lines).
-fn machine_ticks() -> Option<MachineTicks> {
-    parse_machine_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
-}
-
-/// Clock ticks summed over all cores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct MachineTicks {
-    /// Everything but idle and I/O wait (steal included).
-    busy: u64,
-    /// Taken by the hypervisor while a vCPU had work.
-    steal: u64,
-    total: u64,
-    cpus: usize,
-}
-
-fn parse_machine_ticks(stat: &str) -> Option<MachineTicks> {
-    let cpus = stat
-        .lines()
-        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
-        .count();
-    let line = stat.lines().next()?;
-    let mut fields = line.split_whitespace();
-    if fields.next()? != "cpu" {
-        return None;
-    }
-    // guest and guest_nice (9th, 10th) are already counted in user and nice.
-    let v: Vec<u64> = fields
-        .take(8)
-        .map(|f| f.parse().ok())
-        .collect::<Option<_>>()?;
-    let idle = v.get(3)? + v.get(4)?;
-    let total: u64 = v.iter().sum();
-    Some(MachineTicks {
-        busy: total - idle,
-        steal: *v.get(7)?,
-        total,
-        cpus,
-    })
-}
-
 /// Prints `label: phase figure; phase figure; ...` for the phases `figure` has a value for,
 /// or nothing when it has none.
 fn print_by_phase(
@@ -904,68 +886,11 @@ fn print_by_phase(
     }
 }
 
-/// Cores' worth of the ticks `field` picks between two [`machine_ticks`] readings.
-fn cores_of(
-    t0: Option<MachineTicks>,
-    t1: Option<MachineTicks>,
-    field: impl Fn(&MachineTicks) -> u64,
-) -> Option<f64> {
-    let (t0, t1) = (t0?, t1?);
-    let total = t1.total.checked_sub(t0.total).filter(|&t| t > 0)?;
-    Some(field(&t1).saturating_sub(field(&t0)) as f64 / total as f64 * t1.cpus as f64)
-}
-
 /// Quantile `q` of latencies in microseconds, sorted ascending, in milliseconds (nearest
 /// rank); none when there are no samples.
 fn quantile_ms(sorted_us: &[u32], q: f64) -> Option<f64> {
     let last = sorted_us.len().checked_sub(1)?;
     Some(f64::from(sorted_us[(last as f64 * q).round() as usize]) / 1000.0)
-}
-
-/// A thread's run time so far, in nanoseconds: the first field of its `schedstat` file
-/// (`/proc/PID/task/TID/schedstat`, or `/proc/thread-self/schedstat` for the caller).
-pub fn schedstat_ns(path: impl AsRef<Path>) -> Option<u64> {
-    std::fs::read_to_string(path)
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// CPU seconds of each live thread of `pid` (`/proc/PID/task/*/schedstat`, or `stat`'s ticks
-/// where that is missing), summed by thread name with numbered pools merged (`sled-io-3`
-/// counts as `sled-io`).
-fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
-    let mut by_name = std::collections::BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return by_name;
-    };
-    for task in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
-        };
-        // `TID (comm) state ...`: the name may hold spaces, so split at the parentheses.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        // The main thread is named after the executable: call it by its role.
-        let name = if task.file_name().to_str() == Some(pid.to_string().as_str()) {
-            "main"
-        } else {
-            stat[open + 1..close].trim_end_matches(|c: char| c.is_ascii_digit() || c == '-')
-        };
-        // The thread's run time in nanoseconds (`schedstat`, first field). Its utime and stime
-        // come in whole ticks (10 ms), and a tick lost to rounding in each of nine threads
-        // read as most of a microsecond per reading in a 10-second phase at 10,000/s.
-        let exact = schedstat_ns(task.path().join("schedstat")).map(|ns| ns as f64 / 1e9);
-        let seconds = exact.unwrap_or_else(|| {
-            let (user, system) = crate::telemetry::health::stat_cpu_split(&stat);
-            user + system
-        });
-        *by_name.entry(name.to_string()).or_insert(0.0) += seconds;
-    }
-    by_name
 }
 
 /// Deliveries counted by a subscriber, and (cloud only) their latencies in microseconds.
@@ -989,9 +914,7 @@ impl Counter {
     }
     fn add(&self, n: u64) {
         self.inner.count.fetch_add(n, Ordering::Relaxed);
-        self.inner
-            .last_change_ms
-            .store(crate::source::reading::now_ms(), Ordering::Relaxed);
+        self.inner.last_change_ms.store(now_ms(), Ordering::Relaxed);
     }
     fn set_ready(&self) {
         self.inner.ready.store(1, Ordering::Relaxed);
@@ -1012,7 +935,7 @@ impl Counter {
         while Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let last = self.inner.last_change_ms.load(Ordering::Relaxed);
-            if crate::source::reading::now_ms().saturating_sub(last) > 1000 {
+            if now_ms().saturating_sub(last) > 1000 {
                 return;
             }
         }
@@ -1036,11 +959,7 @@ impl Counter {
 }
 
 fn unique_client_id(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        crate::source::reading::now_ms() % 1_000_000
-    )
+    format!("{prefix}-{}-{}", std::process::id(), now_ms() % 1_000_000)
 }
 
 /// Counts readings delivered by the local broker to a plain subscriber (automatic acks).
@@ -1094,7 +1013,7 @@ async fn bridge_phase(
         format!("remote_clientid {}", unique_client_id("bench-bridge")),
         format!("topic sensors/# out {}", opts.qos),
     ]);
-    let bridge = edgestream_sim::Mosquitto::start_with(edgestream_sim::MosquittoOptions {
+    let bridge = crate::Mosquitto::start_with(crate::MosquittoOptions {
         tls: None,
         extra_config: config,
     })
@@ -1234,9 +1153,11 @@ async fn cloud_counter(port: u16, counter: Counter, stop: CancellationToken) {
     }
 }
 
-/// The load generator: `connections` raw MQTT 3.1.1 clients (a few hundred lines of rumqttc
-/// would cost the bench process more CPU than the brokers), each publishing QoS 1 readings for
-/// its share of the devices, with a window of [`LOAD_WINDOW`] unacknowledged publishes.
+/// The load generator: `connections` plain MQTT 3.1.1 connections ([`wire`]: rumqttc's packet
+/// encoder without its event loop, which would cost the bench process more CPU than the
+/// brokers), each publishing QoS 1 readings for its share of the devices, with a window of
+/// [`LOAD_WINDOW`] unacknowledged publishes.
+///
 /// Readings written by all connections, against those delivered.
 #[derive(Clone)]
 struct Credit {
@@ -1274,12 +1195,20 @@ impl Load {
                 .map(|d| format!("dev-{d:03}"))
                 .collect();
             let per_conn = rate.map(|r| r as f64 * devices.len() as f64 / opts.devices as f64);
-            let stream = TcpStream::connect(("127.0.0.1", port))
-                .await
-                .context("load generator cannot connect")?;
+            let client_id = format!("bench-load-{c}-{}", std::process::id());
+            // Clean session, keep-alive 600 s (no phase is that long).
+            let (reader, writer, _) = wire::open(
+                ("127.0.0.1", port),
+                &client_id,
+                true,
+                Duration::from_secs(600),
+                Duration::from_secs(10),
+            )
+            .await
+            .context("load generator cannot connect")?;
             tasks.push(tokio::spawn(load_connection(
-                stream,
-                format!("bench-load-{c}-{}", std::process::id()),
+                (reader, writer),
+                client_id,
                 devices,
                 per_conn,
                 acked.clone(),
@@ -1302,39 +1231,13 @@ impl Load {
     }
 }
 
-fn put_str(buf: &mut Vec<u8>, s: &[u8]) {
-    buf.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    buf.extend_from_slice(s);
-}
-
-fn put_remaining_len(buf: &mut Vec<u8>, mut len: usize) {
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        buf.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-}
-
-/// Appends one QoS 1 PUBLISH.
-fn put_publish(buf: &mut Vec<u8>, topic: &str, pkid: u16, payload: &[u8]) {
-    buf.push(0x32);
-    put_remaining_len(buf, 2 + topic.len() + 2 + payload.len());
-    put_str(buf, topic.as_bytes());
-    buf.extend_from_slice(&pkid.to_be_bytes());
-    buf.extend_from_slice(payload);
-}
-
 /// The agent's rule bundle: `--rules`, or [`BENCH_RULES`]. Read and checked once, before
 /// anything starts.
 struct Bundle {
     text: String,
     rules: usize,
+    /// The `edgestream` binary to run as the agent.
+    agent: PathBuf,
 }
 
 impl Bundle {
@@ -1365,6 +1268,7 @@ impl Bundle {
         Ok(Bundle {
             rules: plan.rule_count(),
             text,
+            agent: PathBuf::new(),
         })
     }
 }
@@ -1388,7 +1292,7 @@ pub fn load_reading(i: usize, devices: usize) -> (usize, usize, f64) {
 }
 
 async fn load_connection(
-    stream: TcpStream,
+    connection: (wire::PacketReader, tokio::net::tcp::OwnedWriteHalf),
     client_id: String,
     devices: Vec<String>,
     rate: Option<f64>,
@@ -1396,57 +1300,26 @@ async fn load_connection(
     credit: Credit,
     stop: CancellationToken,
 ) {
-    let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
-    // CONNECT, clean session, keep-alive 600 s (no phase is that long).
-    let mut body = Vec::new();
-    put_str(&mut body, b"MQTT");
-    body.extend_from_slice(&[4, 0x02, 0x02, 0x58]);
-    put_str(&mut body, client_id.as_bytes());
-    let mut connect = vec![0x10];
-    put_remaining_len(&mut connect, body.len());
-    connect.extend_from_slice(&body);
-    let mut connack = [0u8; 4];
-    if wr.write_all(&connect).await.is_err() || rd.read_exact(&mut connack).await.is_err() {
-        tracing::error!("load generator: no CONNACK");
-        return;
-    }
-    if connack[3] != 0 {
-        tracing::error!(code = connack[3], "load generator: connection refused");
-        return;
-    }
+    let (mut rd, mut wr) = connection;
     tracing::debug!(client_id, "load connection up");
     let window = Arc::new(Semaphore::new(LOAD_WINDOW));
     let reader = {
         let window = window.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut have = 0;
+            // Only PUBACKs and the odd PINGRESP come back.
             loop {
-                let n = tokio::select! {
+                let packet = tokio::select! {
                     _ = stop.cancelled() => break,
-                    r = rd.read(&mut buf[have..]) => match r { Ok(0) | Err(_) => break, Ok(n) => n },
+                    p = rd.next() => p,
                 };
-                have += n;
-                // Only PUBACKs (4 bytes) and the odd PINGRESP (2 bytes) come back.
-                let mut i = 0;
-                let mut acks = 0;
-                while i + 2 <= have {
-                    let len = 2 + buf[i + 1] as usize;
-                    if i + len > have {
-                        break;
+                match packet {
+                    Ok(Incoming::PubAck(_)) => {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                        window.add_permits(1);
                     }
-                    if buf[i] == 0x40 {
-                        acks += 1;
-                    }
-                    i += len;
-                }
-                buf.copy_within(i..have, 0);
-                have -= i;
-                if acks > 0 {
-                    acked.fetch_add(acks, Ordering::Relaxed);
-                    window.add_permits(acks as usize);
+                    Ok(_) => {}
+                    Err(_) => break,
                 }
             }
         })
@@ -1463,7 +1336,7 @@ async fn load_connection(
     let started = Instant::now();
     let mut sent: u64 = 0;
     let mut pkid: u16 = 0;
-    let mut out = Vec::with_capacity(LOAD_BURST * 80);
+    let mut out = BytesMut::with_capacity(LOAD_BURST * 80);
     let mut payload = Vec::with_capacity(64);
     let mut tick = tokio::time::interval(Duration::from_millis(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -1505,13 +1378,9 @@ async fn load_connection(
             }
             let (device, metric, value) = load_reading(sent as usize, topics.len());
             payload.clear();
-            let _ = write!(
-                payload,
-                r#"{{"value":{value},"ts":{}}}"#,
-                crate::source::reading::now_ms()
-            );
+            let _ = write!(payload, r#"{{"value":{value},"ts":{}}}"#, now_ms());
             pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
-            put_publish(&mut out, &topics[device][metric], pkid, &payload);
+            wire::put_publish(&mut out, &topics[device][metric], &payload, 1, pkid, false);
             sent += 1;
             n += 1;
             credit.sent.fetch_add(1, Ordering::Relaxed);
@@ -1525,30 +1394,26 @@ async fn load_connection(
         }
     }
     tracing::debug!(client_id, sent, "load connection done");
-    let _ = wr.write_all(&[0xE0, 0x00]).await; // DISCONNECT
+    let _ = wr.write_all(&wire::disconnect()).await;
     reader.abort();
 }
 
-/// The agent under test: this binary's `run` command as a child process.
-struct AgentChild {
-    child: Option<Child>,
-    log: PathBuf,
-    /// Started in its own process group (under a wrapper): signals go to the group.
-    own_group: bool,
-}
-
-impl AgentChild {
-    fn start(
-        dir: &Path,
-        opts: &BenchOptions,
-        rules: &str,
-        local_port: u16,
-        cloud_port: u16,
-    ) -> anyhow::Result<AgentChild> {
-        let rules_path = dir.join("bench.rules");
-        std::fs::write(&rules_path, rules).context("writing the rule bundle")?;
-        let config = format!(
-            r#"
+/// Writes the agent's rule bundle and config into `dir` and returns the config's path. The
+/// agent settings the options leave out are left out of the config: the agent's defaults.
+fn write_agent_config(
+    dir: &Path,
+    opts: &BenchOptions,
+    rules: &str,
+    local_port: u16,
+    cloud_port: u16,
+) -> anyhow::Result<PathBuf> {
+    let rules_path = dir.join("bench.rules");
+    std::fs::write(&rules_path, rules).context("writing the rule bundle")?;
+    let setting = |name: &str, value: Option<String>| {
+        value.map(|v| format!("{name} = {v}\n")).unwrap_or_default()
+    };
+    let config = format!(
+        r#"
 [gateway]
 id = "{GATEWAY}"
 data_dir = "{data}"
@@ -1563,152 +1428,32 @@ qos = {qos}
 host = "127.0.0.1"
 port = {cloud_port}
 tls = false
-batch_size = {batch}
-max_inflight = {inflight}
-
+{batch}{inflight}
 [outbox]
 durability = "{durability}"
 flush_interval_ms = {FLUSH_INTERVAL_MS}
-commit_linger_ms = {linger}
-
+{linger}
 [rules]
 file = "{rules_file}"
 
 [health]
 interval_secs = 5
-
-[metrics]
-prometheus = true
-port = 0
-
-[log]
-level = "warn,edgestream_agent::source=info,edgestream_agent::telemetry::prometheus=info"
-"#,
-            data = dir.join("data").display(),
-            rules_file = rules_path.display(),
-            qos = opts.qos,
-            batch = opts.batch_size,
-            inflight = opts.cloud_inflight,
-            durability = durability_name(opts.durability),
-            linger = opts.commit_linger_ms,
-        );
-        let path = dir.join("edgestream.toml");
-        std::fs::write(&path, config).context("writing the agent config")?;
-        let log = dir.join("agent.log");
-        let exe = match &opts.agent {
-            Some(p) => p.clone(),
-            None => std::env::current_exe().context("cannot find this executable")?,
-        };
-        // `EDGESTREAM_BENCH_AGENT_WRAPPER="heaptrack -o /tmp/agent"` (split on spaces) runs the
-        // agent under a tool for diagnosis; its CPU and memory figures are then the tool's.
-        // The tool runs the agent as its own child, so the agent is started in a process
-        // group of its own and stopped through the group.
-        let wrapper = std::env::var("EDGESTREAM_BENCH_AGENT_WRAPPER")
-            .ok()
-            .filter(|w| !w.trim().is_empty());
-        let mut cmd = match &wrapper {
-            Some(w) => {
-                let mut words = w.split_whitespace();
-                let mut c = Command::new(words.next().unwrap_or_default());
-                c.args(words).arg(&exe);
-                std::os::unix::process::CommandExt::process_group(&mut c, 0);
-                c
-            }
-            None => Command::new(&exe),
-        };
-        let child = cmd
-            .arg("run")
-            .arg("--config")
-            .arg(&path)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).context("agent log")?)
-            .spawn()
-            .with_context(|| format!("cannot start the agent {}", exe.display()))?;
-        Ok(AgentChild {
-            child: Some(child),
-            log,
-            own_group: wrapper.is_some(),
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-
-    /// The port of the agent's Prometheus endpoint, from its log.
-    fn metrics_port(&self) -> Option<u16> {
-        let logs = self.logs();
-        let line = logs
-            .lines()
-            .find(|l| l.contains("metrics endpoint listening"))?;
-        let rest = &line[line.find("127.0.0.1:")? + "127.0.0.1:".len()..];
-        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-        digits.parse().ok()
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + AGENT_READY_TIMEOUT;
-        while !self.logs().contains("subscribed to local topics") {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                anyhow::bail!("the agent exited ({status}):\n{}", self.logs());
-            }
-            if Instant::now() > deadline {
-                anyhow::bail!("the agent did not subscribe in time:\n{}", self.logs());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
-    }
-
-    /// SIGTERM, a bounded wait, then SIGKILL.
-    fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        self.signal(&child, "-TERM");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.signal(&child, "-KILL");
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-
-    /// Sends `signal` to the agent, or to its whole process group under a wrapper.
-    fn signal(&self, child: &Child, signal: &str) {
-        let target = if self.own_group {
-            format!("-{}", child.id())
-        } else {
-            child.id().to_string()
-        };
-        let _ = Command::new("kill")
-            .arg(signal)
-            .arg("--")
-            .arg(target)
-            .status();
-    }
-}
-
-impl Drop for AgentChild {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            if self.own_group {
-                self.signal(&c, "-KILL");
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+{tail}"#,
+        tail = crate::agent::CONFIG_TAIL,
+        data = dir.join("data").display(),
+        rules_file = rules_path.display(),
+        qos = opts.qos,
+        batch = setting("batch_size", opts.batch_size.map(|v| v.to_string())),
+        inflight = setting("max_inflight", opts.cloud_inflight.map(|v| v.to_string())),
+        durability = opts.durability.as_str(),
+        linger = setting(
+            "commit_linger_ms",
+            opts.commit_linger_ms.map(|v| v.to_string())
+        ),
+    );
+    let path = dir.join("edgestream.toml");
+    std::fs::write(&path, config).context("writing the agent config")?;
+    Ok(path)
 }
 
 fn opt(v: Option<f64>, prec: usize) -> String {
@@ -1723,14 +1468,9 @@ fn print_table(r: &BenchReport) {
         o.devices,
         o.connections,
         r.rules,
-        if o.commit_linger_ms == crate::outbox::config::default_commit_linger_ms() {
-            durability_name(o.durability).to_string()
-        } else {
-            format!(
-                "{}, commit linger {} ms",
-                durability_name(o.durability),
-                o.commit_linger_ms
-            )
+        match o.commit_linger_ms {
+            None => o.durability.as_str().to_string(),
+            Some(ms) => format!("{}, commit linger {ms} ms", o.durability.as_str()),
         },
         o.qos,
         match o.broker {
@@ -1749,6 +1489,17 @@ fn print_table(r: &BenchReport) {
     }
     if let Some(rules) = &o.rules {
         println!("rules: {}", rules.display());
+    }
+    // The agent's cloud settings, where the bench set them instead of its defaults.
+    let cloud: Vec<String> = [
+        o.batch_size.map(|n| format!("batch_size {n}")),
+        o.cloud_inflight.map(|n| format!("max_inflight {n}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !cloud.is_empty() {
+        println!("agent cloud: {}", cloud.join(", "));
     }
     println!();
     println!(
@@ -1875,44 +1626,6 @@ fn print_soak(r: &BenchReport) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn machine_ticks_read_busy_and_total_from_proc_stat() {
-        let stat = "cpu  100 5 50 800 20 3 2 10 7 0\ncpu0 50 2 25 400 10 1 1 5 0 0\n";
-        // busy: user + nice + system + irq + softirq + steal; idle and iowait are not.
-        let one = MachineTicks {
-            busy: 170,
-            steal: 10,
-            total: 990,
-            cpus: 1,
-        };
-        assert_eq!(parse_machine_ticks(stat), Some(one));
-        let two = format!("{stat}cpu1 50 3 25 400 10 2 1 5 7 0\nintr 1 2\n");
-        assert_eq!(
-            parse_machine_ticks(&two),
-            Some(MachineTicks { cpus: 2, ..one })
-        );
-        assert_eq!(parse_machine_ticks("cpu0 1 2 3\n"), None);
-        assert_eq!(parse_machine_ticks("cpu  1 2 x 4 5 6 7 8\n"), None);
-        // A kernel too old to report steal (7 fields): no figures rather than wrong ones.
-        assert_eq!(parse_machine_ticks("cpu  1 2 3 4 5 6 7\n"), None);
-        let at = |busy, steal, total| {
-            Some(MachineTicks {
-                busy,
-                steal,
-                total,
-                cpus: 2,
-            })
-        };
-        // Half of the new ticks busy on 2 cores: one core; a tenth stolen: 0.2 of a core.
-        let (t0, t1) = (at(100, 10, 1000), at(600, 110, 2000));
-        assert_eq!(cores_of(t0, t1, |t| t.busy), Some(1.0));
-        assert_eq!(cores_of(t0, t1, |t| t.steal), Some(0.2));
-        assert_eq!(cores_of(t0, t0, |t| t.busy), None);
-        assert_eq!(cores_of(None, t1, |t| t.busy), None);
-    }
-
     #[test]
     fn bench_rules_are_twenty_and_compile() {
         match edgestream_rules::compile(super::BENCH_RULES) {

@@ -12,7 +12,7 @@ use std::time::Instant;
 use edgestream_agent::outbox::config::{Durability, FullPolicy};
 use edgestream_agent::outbox::record::{Priority, ReadingRecord, Record};
 use edgestream_agent::outbox::store::{Outbox, OutboxSettings};
-use edgestream_agent::telemetry::metrics::Metrics;
+use edgestream_agent::Metrics;
 
 const RECORDS: usize = 100_000;
 /// Records per append (group commit); `OUTBOX_BENCH_BATCH` overrides it (the agent's real

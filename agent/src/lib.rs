@@ -5,19 +5,25 @@
 //! with [`commands`] beside them and [`telemetry`] watching all of them. [`pipeline`] is the
 //! one place that wires them; [`config`] composes the sections the stages define.
 
-pub mod backoff;
-pub mod commands;
+mod backoff;
+mod commands;
 pub mod config;
-pub mod deadletter;
-pub mod durable_file;
+mod deadletter;
+mod durable_file;
 pub mod logging;
-pub mod mqtt_link;
+mod mqtt_link;
+// Public for `agent/benches/outbox.rs` and the outbox's system tests, which drive the store
+// and check its on-disk format directly.
 pub mod outbox;
 pub mod pipeline;
-pub mod rules_stage;
-pub mod sdnotify;
-pub mod select_loop;
-pub mod source;
-pub mod telemetry;
-pub mod uplink;
-pub mod validation;
+mod rules_stage;
+mod sdnotify;
+mod select_loop;
+mod source;
+mod telemetry;
+mod uplink;
+mod validation;
+
+/// `edgestream rules check|test`.
+pub use rules_stage::cli as rules_cli;
+pub use telemetry::metrics::Metrics;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edgestream_agent::config::Config;
 use edgestream_agent::pipeline::Agent;
-use edgestream_agent::telemetry::metrics::Metrics;
+use edgestream_agent::Metrics;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -82,11 +82,9 @@ fn main() -> ExitCode {
                 .and_then(|exe| edgestream_sim::run_tool(cmd, exe)),
         ),
         Command::Rules { command } => match command {
-            RulesCommand::Check { file } => {
-                report(edgestream_agent::rules_stage::cli::check(&file))
-            }
+            RulesCommand::Check { file } => report(edgestream_agent::rules_cli::check(&file)),
             RulesCommand::Test { file, input } => {
-                report(edgestream_agent::rules_stage::cli::test(&file, &input))
+                report(edgestream_agent::rules_cli::test(&file, &input))
             }
         },
     }

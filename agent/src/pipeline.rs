@@ -49,6 +49,7 @@ use crate::source::reading::SOURCE_CHANNEL_CAPACITY;
 use crate::source::serial::{SerialSource, SerialSourceError};
 use crate::telemetry::metrics::Metrics;
 use crate::uplink::link::{StatusInfo, Uplink, UplinkError};
+use crate::uplink::topics::CloudTopics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -210,10 +211,8 @@ impl Agent {
             rules_hash: crate::rules_stage::remote::hash_hex(&plan),
         });
         let (bundles_tx, bundles_rx) = mpsc::channel(crate::rules_stage::remote::INBOUND_CAPACITY);
-        let mut rule_topics = vec![format!(
-            "{}/{}/rules/set",
-            config.cloud.topic_prefix, config.gateway.id
-        )];
+        let topics = CloudTopics::new(&config.cloud.topic_prefix, &config.gateway.id);
+        let mut rule_topics = vec![topics.rules_set];
         if let Some(group) = &config.rules.group {
             rule_topics.push(format!(
                 "{}/groups/{group}/rules/set",
@@ -223,13 +222,9 @@ impl Agent {
         let (cloud_cmds_tx, cloud_cmds_rx) = mpsc::channel(crate::commands::router::CLOUD_CAPACITY);
         let (rule_cmds_tx, rule_cmds_rx) = mpsc::channel(crate::commands::router::RULE_CAPACITY);
         let (device_tx, device_rx) = mpsc::channel(crate::commands::router::DEVICE_CAPACITY);
-        let command_topic = format!(
-            "{}/{}/commands",
-            config.cloud.topic_prefix, config.gateway.id
-        );
         let uplink = Uplink::new(&config, outbox.clone(), metrics.clone(), status_rx)?
             .with_inbound(rule_topics, bundles_tx)
-            .with_inbound(vec![command_topic], cloud_cmds_tx);
+            .with_inbound(vec![topics.commands], cloud_cmds_tx);
         // Capacity 1, full-policy block: a second bundle waits until the first is swapped in.
         let (plans_tx, plans_rx) = mpsc::channel(1);
         let remote_rules = RemoteRules::new(

@@ -113,14 +113,6 @@ impl DeviceRoutes {
         (routes, links)
     }
 
-    /// A table without ports (every device over MQTT).
-    pub fn none() -> Arc<DeviceRoutes> {
-        Arc::new(DeviceRoutes {
-            ports: Vec::new(),
-            learned: Mutex::new(HashMap::new()),
-        })
-    }
-
     pub fn route(&self, device: &str) -> Route {
         if let Some(i) = self
             .ports

@@ -24,7 +24,7 @@ pub const MAX_OUTBOX_AGE_SECS: u64 = 10 * 365 * 24 * 3600;
 /// Longest `outbox.commit_linger_ms` accepted: a second of acknowledgement delay.
 pub const MAX_COMMIT_LINGER_MS: u64 = 1_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Durability {
     /// Every batch is flushed to disk before anything is acknowledged upstream (default).
@@ -87,7 +87,7 @@ fn default_flush_interval_ms() -> u64 {
     1_000
 }
 
-pub(crate) fn default_commit_linger_ms() -> u64 {
+fn default_commit_linger_ms() -> u64 {
     COMMIT_LINGER.as_millis() as u64
 }
 

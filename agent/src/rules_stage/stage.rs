@@ -43,8 +43,8 @@ pub const PREFETCH_AHEAD: usize = 8;
 /// Empties `batch` in order into `each`, telling `prefetch` first about the item
 /// [`PREFETCH_AHEAD`] places further on (and about the first ones before the first item), so
 /// that the engine loads a reading's state while the readings before it are evaluated. Both
-/// get `state` (the rules stage, or the rules bench's engine), one at a time.
-pub fn drain_prefetching<T, S>(
+/// get `state`, one at a time.
+fn drain_prefetching<T, S>(
     batch: &mut Vec<T>,
     state: &mut S,
     prefetch: impl Fn(&S, &T),

@@ -1,9 +1,9 @@
-//! Process figures (memory, CPU, disk writes) and the periodic health message.
+//! The agent's own process figures (memory, CPU, disk writes) and the periodic health message.
 //!
-//! Figures come from Linux `/proc`; on another system, or if a file cannot be read, they are 0
-//! rather than an error: a health message with a missing figure is better than none. The
-//! same readers take a pid so that `edgestream bench` can measure the agent as a child
-//! process, apart from the brokers and load generators in its own process.
+//! Figures come from Linux `/proc/self`; on another system, or if a file cannot be read, they
+//! are 0 rather than an error: a health message with a missing figure is better than none.
+//! The five fields are read by hand: the `procfs-core` crate (which the tools crate uses to
+//! read other processes) adds about 80 KB to a release binary for them.
 
 use serde::Serialize;
 use serde_json::json;
@@ -14,25 +14,7 @@ use crate::telemetry::metrics::Snapshot;
 /// Linux architecture the agent targets (x86_64, arm64, armhf); it is part of the ABI.
 const CLOCK_TICKS_PER_SEC: f64 = 100.0;
 
-/// Which process to read figures of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pid {
-    /// This process.
-    Current,
-    /// Another process (a child we started).
-    Other(u32),
-}
-
-impl Pid {
-    fn proc_file(self, name: &str) -> String {
-        match self {
-            Pid::Current => format!("/proc/self/{name}"),
-            Pid::Other(pid) => format!("/proc/{pid}/{name}"),
-        }
-    }
-}
-
-/// Memory, CPU and disk figures of one process at one moment.
+/// Memory, CPU and disk figures of this process at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct ProcessStats {
     /// Resident set size now (`VmRSS`).
@@ -44,81 +26,56 @@ pub struct ProcessStats {
     /// The part of [`Self::cpu_seconds`] spent in the kernel (`stime`): system calls, the
     /// network stack, wake-ups of other threads.
     pub cpu_system_seconds: f64,
-    /// Bytes this process caused to be written to storage (`write_bytes` of `/proc/*/io`);
+    /// Bytes this process caused to be written to storage (`write_bytes` of `/proc/self/io`);
     /// 0 where the kernel does not account I/O per task.
     pub disk_write_bytes: u64,
 }
 
 impl ProcessStats {
-    pub fn read(pid: Pid) -> ProcessStats {
-        let status = std::fs::read_to_string(pid.proc_file("status")).unwrap_or_default();
-        let kib = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-                .map(|k| k * 1024)
-                .unwrap_or(0)
-        };
-        let (user, system) = cpu_split(pid);
+    /// This process's figures now.
+    pub fn read() -> ProcessStats {
+        let read =
+            |name: &str| std::fs::read_to_string(format!("/proc/self/{name}")).unwrap_or_default();
+        let status = read("status");
+        let kib = |key: &str| field(&status, key).map_or(0, |k| k * 1024);
+        let (user, system) = stat_cpu_split(&read("stat"));
         ProcessStats {
             rss_bytes: kib("VmRSS:"),
             peak_rss_bytes: kib("VmHWM:"),
             cpu_seconds: user + system,
             cpu_system_seconds: system,
-            disk_write_bytes: disk_write_bytes(pid),
+            disk_write_bytes: field(&read("io"), "write_bytes:").unwrap_or(0),
         }
     }
 }
 
-/// User + system CPU seconds of the process (fields 14 and 15 of `/proc/*/stat`).
-pub fn cpu_seconds(pid: Pid) -> f64 {
-    let (user, system) = cpu_split(pid);
-    user + system
+/// The number after `key` on its line of a `/proc` key-value file (`VmRSS:  1234 kB`).
+fn field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
-/// User and system CPU seconds of the process; 0 for what cannot be read.
-fn cpu_split(pid: Pid) -> (f64, f64) {
-    std::fs::read_to_string(pid.proc_file("stat"))
-        .map(|stat| stat_cpu_split(&stat))
-        .unwrap_or_default()
-}
-
-/// utime and stime, in seconds, of a `/proc/.../stat` text (a process's or a thread's); 0
-/// for what does not parse.
-pub(crate) fn stat_cpu_split(stat: &str) -> (f64, f64) {
+/// utime and stime, in seconds, of a `/proc/.../stat` text; 0 for what does not parse.
+fn stat_cpu_split(stat: &str) -> (f64, f64) {
     // The command name (field 2) may contain spaces and parentheses: count from the last ')'.
     let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
         return (0.0, 0.0);
     };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
     // `rest` starts at field 3 (state), so utime (14) and stime (15) are at 11 and 12.
-    let ticks = |i: usize| {
+    let mut fields = rest.split_whitespace().skip(11);
+    let mut ticks = || {
         fields
-            .get(i)
+            .next()
             .and_then(|f| f.parse::<u64>().ok())
             .unwrap_or(0)
     };
+    let user = ticks();
+    let system = ticks();
     (
-        ticks(11) as f64 / CLOCK_TICKS_PER_SEC,
-        ticks(12) as f64 / CLOCK_TICKS_PER_SEC,
+        user as f64 / CLOCK_TICKS_PER_SEC,
+        system as f64 / CLOCK_TICKS_PER_SEC,
     )
-}
-
-fn disk_write_bytes(pid: Pid) -> u64 {
-    std::fs::read_to_string(pid.proc_file("io"))
-        .ok()
-        .and_then(|io| {
-            io.lines()
-                .find_map(|l| l.strip_prefix("write_bytes:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Resident set size of this process in bytes, 0 if unknown.
-pub fn rss_bytes() -> u64 {
-    ProcessStats::read(Pid::Current).rss_bytes
 }
 
 /// The health message published on `{prefix}/{gateway}/health`: a summary a person can read at
@@ -129,7 +86,7 @@ pub fn message(
     m: &Snapshot,
     outbox_disk_bytes: u64,
 ) -> serde_json::Value {
-    let p = ProcessStats::read(Pid::Current);
+    let p = ProcessStats::read();
     json!({
         "v": 1,
         "gateway": gateway,
@@ -193,7 +150,7 @@ mod tests {
 
     #[test]
     fn reads_this_process() {
-        let p = ProcessStats::read(Pid::Current);
+        let p = ProcessStats::read();
         assert!(p.rss_bytes > 0, "{p:?}");
         assert!(p.peak_rss_bytes >= p.rss_bytes, "{p:?}");
         // Burn a little CPU so that the figure is visibly non-zero.
@@ -203,7 +160,7 @@ mod tests {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
         }
         std::hint::black_box(x);
-        let p = ProcessStats::read(Pid::Current);
+        let p = ProcessStats::read();
         assert!(p.cpu_seconds > 0.0, "{p:?}");
         assert!(p.cpu_system_seconds <= p.cpu_seconds, "{p:?}");
     }

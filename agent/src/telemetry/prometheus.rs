@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::outbox::store::Outbox;
-use crate::telemetry::health::{Pid, ProcessStats};
+use crate::telemetry::health::ProcessStats;
 use crate::telemetry::metrics::{Kind, Metrics, Snapshot};
 
 /// Longest request head read; anything longer is answered 431 and closed.
@@ -117,17 +117,6 @@ pub fn render(m: &Snapshot, p: &ProcessStats, outbox_disk_bytes: Option<u64>) ->
     out
 }
 
-/// Parses exposition text into `name{labels}` -> value, for tests and the bench.
-pub fn parse(text: &str) -> std::collections::HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
-
 /// A bound, not yet serving endpoint.
 #[derive(Debug)]
 pub struct PrometheusEndpoint {
@@ -204,7 +193,7 @@ impl PrometheusEndpoint {
             ("405 Method Not Allowed", String::new())
         } else if path == "/metrics" || path.starts_with("/metrics?") {
             let snapshot = self.metrics.snapshot();
-            let process = ProcessStats::read(Pid::Current);
+            let process = ProcessStats::read();
             let disk = self.outbox.as_ref().map(Outbox::size_on_disk);
             ("200 OK", render(&snapshot, &process, disk))
         } else {
@@ -237,28 +226,10 @@ pub async fn start(
     Ok(Some(tokio::spawn(endpoint.run(shutdown))))
 }
 
-/// Fetches `/metrics` from `127.0.0.1:port` (tests, the bench).
-pub async fn scrape(port: u16) -> std::io::Result<String> {
-    let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).await?;
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no HTTP head"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(format!(
-            "scrape failed: {}",
-            head.lines().next().unwrap_or("")
-        )));
-    }
-    Ok(body.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edgestream_sim::prometheus::{parse, scrape};
 
     #[test]
     fn renders_every_family_with_type_and_labels() {

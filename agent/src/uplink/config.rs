@@ -79,7 +79,7 @@ fn default_prefix() -> String {
 
 /// Filled in 10 ms at 10,000 readings/s, so that a batch adds little to the group commit's
 /// wait (`processor::COMMIT_LINGER`); the packaged config has always used it.
-pub(crate) fn default_batch_size() -> usize {
+fn default_batch_size() -> usize {
     100
 }
 
@@ -87,7 +87,7 @@ fn default_linger_ms() -> u64 {
     100
 }
 
-pub(crate) fn default_max_inflight() -> u16 {
+fn default_max_inflight() -> u16 {
     16
 }
 
@@ -101,32 +101,6 @@ fn default_backoff_min_ms() -> u64 {
 
 fn default_backoff_max_ms() -> u64 {
     30_000
-}
-
-impl CloudConfig {
-    /// A plaintext cloud connection to `host:port`, for demos and tests.
-    pub fn plaintext(host: impl Into<String>, port: u16) -> Self {
-        Self {
-            host: host.into(),
-            port,
-            tls: false,
-            ca_file: None,
-            client_cert_file: None,
-            client_key_file: None,
-            alpn: Vec::new(),
-            client_id: None,
-            topic_prefix: default_prefix(),
-            keep_alive_secs: default_keep_alive_secs(),
-            batch_size: default_batch_size(),
-            linger_ms: default_linger_ms(),
-            max_inflight: default_max_inflight(),
-            max_packet_bytes: default_max_packet_bytes(),
-            backoff_min_ms: default_backoff_min_ms(),
-            backoff_max_ms: default_backoff_max_ms(),
-            username: None,
-            password: None,
-        }
-    }
 }
 
 impl CloudConfig {

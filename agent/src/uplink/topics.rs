@@ -1,4 +1,4 @@
-//! The cloud-side topic scheme (documented in README.md, "Topics").
+//! The cloud-side topic scheme (documented in docs/topics.md).
 
 /// Every cloud topic of one gateway: `{prefix}/{gateway}/...`.
 #[derive(Debug, Clone)]
@@ -11,9 +11,7 @@ pub struct CloudTopics {
     pub status: String,
     pub health: String,
     pub commands: String,
-    pub command_outcomes: String,
     pub rules_set: String,
-    pub rules_status: String,
     pub deadletter: String,
 }
 
@@ -28,9 +26,7 @@ impl CloudTopics {
             status: t("status"),
             health: t("health"),
             commands: t("commands"),
-            command_outcomes: t("commands/outcomes"),
             rules_set: t("rules/set"),
-            rules_status: t("rules/status"),
             deadletter: t("deadletter"),
         }
     }

@@ -29,6 +29,7 @@
 //! deterministic); bounded memory computed at compile time ([`Plan::state_bytes`]); no heap
 //! allocation per reading once the engine is warm; no panics on any rule text.
 
+mod batch;
 mod compile;
 mod detector;
 mod engine;
@@ -45,6 +46,7 @@ mod proptests;
 mod replay;
 mod window;
 
+pub use batch::{drain_prefetching, PREFETCH_AHEAD};
 pub use compile::{compile, compile_with};
 pub use engine::{Engine, EngineStats, Reading};
 pub use error::{CompileError, CompileErrors};

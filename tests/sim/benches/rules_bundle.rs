@@ -15,40 +15,14 @@
 //! wake-up brings at 10,000 readings/s), and between two deliveries the bench writes over N
 //! KiB of other memory, as the brokers, the kernel and the rest of the agent do. Only the
 //! engine's calls are timed (wall clock). Passes alternate between evaluating each delivery
-//! as the agent's rules stage does ([`drain_prefetching`]: `Engine::prefetch` a few readings
+//! as the agent's rules stage does (`edgestream_rules::drain_prefetching`: `Engine::prefetch` a few readings
 //! ahead), and without it, so one run shows what the hint saves.
 
 use std::time::Instant;
 
-use edgestream_rules::{Engine, Output, Reading};
+use edgestream_rules::{drain_prefetching, Engine, Output, Reading};
 use edgestream_sim::bench::{load_reading, BENCH_RULES};
 use edgestream_sim::procstat::schedstat_ns;
-
-/// How far ahead of the reading being evaluated the engine is told about the next one: the
-/// agent's rules stage's distance.
-const PREFETCH_AHEAD: usize = 8;
-
-/// Empties `batch` in order into `each`, telling `prefetch` first about the item
-/// [`PREFETCH_AHEAD`] places further on (and about the first ones before the first item), so
-/// that the engine loads a reading's state while the readings before it are evaluated: the
-/// loop the agent's rules stage runs over each delivery.
-fn drain_prefetching<T, S>(
-    batch: &mut Vec<T>,
-    state: &mut S,
-    prefetch: impl Fn(&S, &T),
-    mut each: impl FnMut(&mut S, T),
-) {
-    let mut items = batch.drain(..);
-    for ahead in items.as_slice().iter().take(PREFETCH_AHEAD) {
-        prefetch(state, ahead);
-    }
-    while let Some(item) = items.next() {
-        if let Some(ahead) = items.as_slice().get(PREFETCH_AHEAD - 1) {
-            prefetch(state, ahead);
-        }
-        each(state, item);
-    }
-}
 
 /// Readings per measured pass, and passes (the best pass is reported beside the mean).
 const READINGS: usize = 2_000_000;

@@ -113,7 +113,7 @@ impl Agent {
             OutboxSettings::from(&config.outbox),
             metrics.clone(),
         )?;
-        // A persisted remote bundle wins over the config file (remote_rules.rs module doc).
+        // A persisted remote bundle wins over the config file (rules_stage/remote.rs module doc).
         let rule_store = RuleStore::new(dir);
         let rule_state = rule_store.load().unwrap_or_else(|e| {
             tracing::error!(error = %e, "persisted rule bundle unreadable; starting on the config file's rules");

@@ -40,6 +40,15 @@ fn number(v: &Value, field: &str) -> f64 {
         .unwrap_or_else(|| panic!("no number {field:?} in {v:#}"))
 }
 
+/// A fixed-rate phase's latencies: measured, and in order.
+fn check_latencies(phase: &Value) {
+    for field in ["latency_p50_ms", "latency_p99_ms", "latency_max_ms"] {
+        assert!(number(phase, field) > 0.0, "{phase:#}");
+    }
+    assert!(number(phase, "latency_p50_ms") <= number(phase, "latency_p99_ms"));
+    assert!(number(phase, "latency_p99_ms") <= number(phase, "latency_max_ms"));
+}
+
 /// Checks the report of a JSON run; `broker_process` says whether the local broker ran as a
 /// process of its own (mosquitto), whose CPU the bench then reports.
 fn check_report(stdout: &str, broker_process: bool) {
@@ -51,6 +60,7 @@ fn check_report(stdout: &str, broker_process: bool) {
     let expected: &[&str] = if broker_process {
         &[
             "broker limit (bare subscriber)",
+            "mosquitto bridge at 1000 readings/s",
             "mosquitto bridge flat out",
             "agent at 1000 readings/s",
             "agent flat out",
@@ -95,17 +105,51 @@ fn check_report(stdout: &str, broker_process: bool) {
     assert!(limit["agent_cpu_us_per_reading"].is_null(), "{limit:#}");
     if broker_process {
         // The bridge's deliveries were counted at the cloud broker, with no agent running.
-        let bridge = &phases[1];
-        assert!(bridge["agent_cpu_us_per_reading"].is_null(), "{bridge:#}");
+        let (bridge_at_rate, bridge_flat) = (&phases[1], &phases[2]);
+        for bridge in [bridge_at_rate, bridge_flat] {
+            assert!(bridge["agent_cpu_us_per_reading"].is_null(), "{bridge:#}");
+            assert!(
+                number(bridge, "local_broker_cpu_us_per_reading") > 0.0,
+                "{bridge:#}"
+            );
+        }
         assert!(number(&r, "agent_to_bridge_ratio") > 0.0, "{r:#}");
+        // At the rate, the bridge keeps up and its latency is measured like the agent's.
+        let rate = number(bridge_at_rate, "delivered_per_s");
+        assert!((500.0..1500.0).contains(&rate), "{bridge_at_rate:#}");
+        check_latencies(bridge_at_rate);
+        // The agent's CPU per reading against the bridging mosquitto's, phase for phase: at
+        // the same offered rate, and flat out.
+        for (field, agent, bridge) in [
+            ("agent_to_bridge_cpu_at_rate", latency, bridge_at_rate),
+            ("agent_to_bridge_cpu_flat_out", flat, bridge_flat),
+        ] {
+            let c = &r[field];
+            let ratio = number(c, "ratio");
+            assert!(ratio.is_finite() && ratio > 0.0, "{field}: {c:#}");
+            let agent_us = number(c, "agent_us_per_reading");
+            let bridge_us = number(c, "bridge_us_per_reading");
+            assert_eq!(agent_us, number(agent, "agent_cpu_us_per_reading"), "{r:#}");
+            assert_eq!(
+                bridge_us,
+                number(bridge, "local_broker_cpu_us_per_reading"),
+                "{r:#}"
+            );
+            assert!(
+                (ratio - agent_us / bridge_us).abs() < 1e-9,
+                "{field}: {c:#}"
+            );
+        }
     } else {
-        assert!(r["agent_to_bridge_ratio"].is_null(), "{r:#}");
+        for field in [
+            "agent_to_bridge_ratio",
+            "agent_to_bridge_cpu_at_rate",
+            "agent_to_bridge_cpu_flat_out",
+        ] {
+            assert!(r[field].is_null(), "{field}: {r:#}");
+        }
     }
-    for field in ["latency_p50_ms", "latency_p99_ms", "latency_max_ms"] {
-        assert!(number(latency, field) > 0.0, "{latency:#}");
-    }
-    assert!(number(latency, "latency_p50_ms") <= number(latency, "latency_p99_ms"));
-    assert!(number(latency, "latency_p99_ms") <= number(latency, "latency_max_ms"));
+    check_latencies(latency);
     for p in [latency, flat] {
         for field in [
             "agent_cpu_us_per_reading",

@@ -3,7 +3,7 @@
 //! ```text
 //!  load generator --QoS 1--> local broker --> bare subscriber            (phase 1: the limit)
 //!  load generator --QoS 1--> local mosquitto ==bridge==> cloud broker --> bare subscriber
-//!                                             (mosquitto only: its bridge, flat out)
+//!                                             (mosquitto only: its bridge, fixed rate, flat out)
 //!  load generator --QoS 1--> local broker --> agent --QoS 1--> cloud broker --> cloud counter
 //!                                             (phases 2 and 3: fixed rate, then flat out)
 //! ```
@@ -17,9 +17,11 @@
 //! - Phase 1 (**limit**): the load, flat out, straight to a bare subscriber on the local broker
 //!   at the same QoS. That is what the broker and this machine can deliver to one consumer;
 //!   the agent's throughput is read as a ratio to it.
-//! - With `--broker mosquitto`, the **bridge** phase: the same load, flat out, forwarded by
-//!   mosquitto's own bridge (`topic sensors/# out QOS`) from a second local mosquitto to the
-//!   cloud broker. The agent's throughput is also read as a ratio to it.
+//! - With `--broker mosquitto`, the **bridge** phases: the same load, at `--rate` and then flat
+//!   out, forwarded by mosquitto's own bridge (`topic sensors/# out QOS`) from a second local
+//!   mosquitto to the cloud broker. The agent's throughput is also read as a ratio to it, and
+//!   its CPU per reading as a ratio to the bridging mosquitto's, phase for phase: at the same
+//!   offered rate, and flat out.
 //! - Phase 2 (**latency**): the agent at a fixed rate (`--rate`, default 10,000 readings/s).
 //!   Latency is cloud arrival time minus the reading's `ts`, stamped by the load generator when
 //!   it writes the reading (millisecond timestamps: figures may read up to 1 ms high).
@@ -328,6 +330,35 @@ pub struct PhaseResult {
     pub agent_cpu_us_per_reading_by_thread: std::collections::BTreeMap<String, f64>,
 }
 
+/// The agent's CPU per reading against mosquitto's bridge's in the matching phase.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CpuAgainstBridge {
+    /// `agent_us_per_reading / bridge_us_per_reading`: below 1, the agent spends less on a
+    /// reading than mosquitto spends bridging it.
+    pub ratio: f64,
+    /// The agent's CPU microseconds per reading delivered.
+    pub agent_us_per_reading: f64,
+    /// The bridging mosquitto's CPU microseconds per reading delivered (the whole process:
+    /// taking each reading from the devices and forwarding it).
+    pub bridge_us_per_reading: f64,
+}
+
+impl CpuAgainstBridge {
+    /// From the agent's phase and the bridge's; none unless both CPU figures were measured
+    /// and the bridge's is above zero.
+    fn new(agent: &PhaseResult, bridge: &PhaseResult) -> Option<CpuAgainstBridge> {
+        let bridge_us = bridge
+            .local_broker_cpu_us_per_reading
+            .filter(|us| *us > 0.0)?;
+        let agent_us = agent.agent_cpu_us_per_reading?;
+        Some(CpuAgainstBridge {
+            ratio: agent_us / bridge_us,
+            agent_us_per_reading: agent_us,
+            bridge_us_per_reading: bridge_us,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub options: BenchOptions,
@@ -338,6 +369,11 @@ pub struct BenchReport {
     pub agent_to_limit_ratio: f64,
     /// Agent flat-out throughput over mosquitto's bridge's (`--broker mosquitto` only).
     pub agent_to_bridge_ratio: Option<f64>,
+    /// Agent CPU per reading against the bridging mosquitto's, both at `--rate`
+    /// (`--broker mosquitto` only): the figure CPU is judged by.
+    pub agent_to_bridge_cpu_at_rate: Option<CpuAgainstBridge>,
+    /// The same flat out, where each delivers at its own rate (`--broker mosquitto` only).
+    pub agent_to_bridge_cpu_flat_out: Option<CpuAgainstBridge>,
     /// `VmHWM` of the agent over the whole run.
     pub agent_vm_hwm_bytes: u64,
     pub agent_rss_at_end_bytes: u64,
@@ -368,6 +404,19 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Microseconds since the Unix epoch: when a subscriber received a reading.
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// A reading's latency in microseconds: received at `now_us`, stamped `ts_ms`.
+fn latency_us(now_us: u64, ts_ms: u64) -> u32 {
+    now_us.saturating_sub(ts_ms * 1000).min(u32::MAX as u64) as u32
 }
 
 /// Runs the bench with `agent_exe` as the agent (unless `--agent` names another) and prints
@@ -477,19 +526,27 @@ async fn run(opts: BenchOptions, bundle: Bundle) -> anyhow::Result<BenchReport> 
     // Phase 1: the broker's own limit.
     let limit = PhaseResult {
         name: "broker limit (bare subscriber)".into(),
-        ..bare_phase(&opts, local_port, local_port, half, brokers.local_pid()).await?
+        ..bare_phase(
+            &opts,
+            local_port,
+            local_port,
+            half,
+            None,
+            brokers.local_pid(),
+        )
+        .await?
     };
     phases.push(limit.clone());
 
-    // Phase 1b (mosquitto): the same load through mosquitto's own bridge, before the agent
-    // starts, so that nothing else runs beside it.
+    // Phase 1b (mosquitto): the same load through mosquitto's own bridge, at the rate and flat
+    // out, before the agent starts, so that nothing else runs beside it.
     let bridge = match &brokers {
         Brokers::Mosquitto(_) => {
-            let r = bridge_phase(&opts, cloud_port, half)
+            let b = bridge_phases(&opts, cloud_port, half)
                 .await
                 .context("measuring mosquitto's bridge")?;
-            phases.push(r.clone());
-            Some(r)
+            phases.extend([b.at_rate.clone(), b.flat_out.clone()]);
+            Some(b)
         }
         Brokers::InProcess(..) => None,
     };
@@ -514,7 +571,7 @@ async fn run(opts: BenchOptions, bundle: Bundle) -> anyhow::Result<BenchReport> 
     cloud.wait_quiet(DRAIN_TIMEOUT).await;
     phases.push(PhaseResult {
         name: format!("agent at {} readings/s", opts.rate),
-        ..lat
+        ..lat.clone()
     });
 
     // Phase 3: flat out.
@@ -537,7 +594,15 @@ async fn run(opts: BenchOptions, bundle: Bundle) -> anyhow::Result<BenchReport> 
     let report = Report {
         phases,
         agent_to_limit_ratio: ratio,
-        agent_to_bridge_ratio: bridge.map(|b| flat.delivered_per_s / b.delivered_per_s.max(1.0)),
+        agent_to_bridge_ratio: bridge
+            .as_ref()
+            .map(|b| flat.delivered_per_s / b.flat_out.delivered_per_s.max(1.0)),
+        agent_to_bridge_cpu_at_rate: bridge
+            .as_ref()
+            .and_then(|b| CpuAgainstBridge::new(&lat, &b.at_rate)),
+        agent_to_bridge_cpu_flat_out: bridge
+            .as_ref()
+            .and_then(|b| CpuAgainstBridge::new(&flat, &b.flat_out)),
         soak: Vec::new(),
         load_at_start,
     };
@@ -549,6 +614,8 @@ struct Report {
     phases: Vec<PhaseResult>,
     agent_to_limit_ratio: f64,
     agent_to_bridge_ratio: Option<f64>,
+    agent_to_bridge_cpu_at_rate: Option<CpuAgainstBridge>,
+    agent_to_bridge_cpu_flat_out: Option<CpuAgainstBridge>,
     soak: Vec<SoakSample>,
     load_at_start: f64,
 }
@@ -591,6 +658,8 @@ impl Report {
             phases: self.phases,
             agent_to_limit_ratio: self.agent_to_limit_ratio,
             agent_to_bridge_ratio: self.agent_to_bridge_ratio,
+            agent_to_bridge_cpu_at_rate: self.agent_to_bridge_cpu_at_rate,
+            agent_to_bridge_cpu_flat_out: self.agent_to_bridge_cpu_flat_out,
             agent_vm_hwm_bytes: end.peak_rss_bytes,
             agent_rss_at_end_bytes: end.rss_bytes,
             load_average: [self.load_at_start, load_average()],
@@ -755,6 +824,8 @@ async fn soak(
         phases: vec![phase],
         agent_to_limit_ratio: 0.0,
         agent_to_bridge_ratio: None,
+        agent_to_bridge_cpu_at_rate: None,
+        agent_to_bridge_cpu_flat_out: None,
         soak: samples,
         load_at_start,
     };
@@ -946,6 +1017,13 @@ impl Counter {
     fn clear_latencies(&self) {
         self.latencies().clear();
     }
+    /// Keeps one latency sample, up to [`MAX_LATENCY_SAMPLES`].
+    fn push_latency(&self, us: u32) {
+        let mut l = self.latencies();
+        if l.len() < MAX_LATENCY_SAMPLES {
+            l.push(us);
+        }
+    }
     fn take_latencies(&self) -> Vec<u32> {
         std::mem::take(&mut *self.latencies())
     }
@@ -985,7 +1063,15 @@ async fn bare_subscriber(port: u16, qos: u8, counter: Counter, stop: Cancellatio
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(_))) => counter.set_ready(),
-            Ok(Event::Incoming(Packet::Publish(_))) => counter.add(1),
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if counter.inner.recording.load(Ordering::Relaxed) {
+                    // The bridge's probe carries no `ts`; only readings are timed.
+                    if let Ok(r) = serde_json::from_slice::<ReadingTs>(&p.payload) {
+                        counter.push_latency(latency_us(now_us(), r.ts));
+                    }
+                }
+                counter.add(1);
+            }
             Ok(_) => {}
             Err(e) => {
                 tracing::error!(error = %e, "bare subscriber lost its broker");
@@ -995,17 +1081,19 @@ async fn bare_subscriber(port: u16, qos: u8, counter: Counter, stop: Cancellatio
     }
 }
 
-/// The bridge phase (`--broker mosquitto`): the load, flat out, through mosquitto's own bridge
-/// instead of the agent. A second local mosquitto, with the local broker's settings, bridges
-/// `sensors/#` at the local QoS to the cloud broker, where a bare subscriber counts what
-/// arrives. That is what a gateway forwards with no agent at all: no rules, and a queue kept
-/// in mosquitto's memory (saved every 30 minutes) rather than flushed to disk before each
-/// acknowledgement. The phase's broker CPU is the bridging mosquitto's.
-async fn bridge_phase(
+/// The bridge phases (`--broker mosquitto`): the load through mosquitto's own bridge instead of
+/// the agent, at `--rate` and then flat out. A second local mosquitto, with the local broker's
+/// settings, bridges `sensors/#` at the local QoS to the cloud broker, where a bare subscriber
+/// counts what arrives (and, at the rate, its latency). That is what a gateway forwards with
+/// no agent at all: no rules, and a queue kept in mosquitto's memory (saved every 30 minutes)
+/// rather than flushed to disk before each acknowledgement. The phases' broker CPU is the
+/// bridging mosquitto's: the bridge runs inside it, and it also takes the load from the
+/// devices, which the agent's phases leave to the local broker.
+async fn bridge_phases(
     opts: &BenchOptions,
     cloud_port: u16,
     length: Duration,
-) -> anyhow::Result<PhaseResult> {
+) -> anyhow::Result<BridgePhases> {
     let mut config = local_mosquitto_config(opts);
     config.extend([
         "connection bench-bridge".to_string(),
@@ -1018,23 +1106,39 @@ async fn bridge_phase(
         extra_config: config,
     })
     .await?;
-    let r = bare_phase(opts, bridge.port(), cloud_port, length, bridge.pid())
+    let phase = |rate| bare_phase(opts, bridge.port(), cloud_port, length, rate, bridge.pid());
+    let at_rate = phase(Some(opts.rate))
         .await
         .with_context(|| bridge.log_tail())?;
-    Ok(PhaseResult {
-        name: "mosquitto bridge flat out".into(),
-        ..r
+    let flat_out = phase(None).await.with_context(|| bridge.log_tail())?;
+    Ok(BridgePhases {
+        at_rate: PhaseResult {
+            name: format!("mosquitto bridge at {} readings/s", opts.rate),
+            ..at_rate
+        },
+        flat_out: PhaseResult {
+            name: "mosquitto bridge flat out".into(),
+            ..flat_out
+        },
     })
 }
 
-/// The load, flat out, into the broker on `load_port`, counted by a bare subscriber on the
-/// broker on `count_port` (the same one for the limit phase; the far side of a bridge for the
-/// bridge phase, which must be seen carrying a probe before the load starts).
+/// The figures of mosquitto's bridge, to read the agent's against.
+struct BridgePhases {
+    at_rate: PhaseResult,
+    flat_out: PhaseResult,
+}
+
+/// The load (at `rate` readings/s, or flat out) into the broker on `load_port`, counted by a
+/// bare subscriber on the broker on `count_port` (the same one for the limit phase; the far
+/// side of a bridge for the bridge phases, which must be seen carrying a probe before the load
+/// starts). At a rate, the readings' latency is measured too.
 async fn bare_phase(
     opts: &BenchOptions,
     load_port: u16,
     count_port: u16,
     length: Duration,
+    rate: Option<u64>,
     broker_pid: Option<u32>,
 ) -> anyhow::Result<PhaseResult> {
     let counter = Counter::default();
@@ -1049,8 +1153,11 @@ async fn bare_phase(
     if load_port != count_port {
         wait_bridged(load_port, &counter).await?;
     }
-    let load = Load::start(opts, load_port, None, &counter).await?;
-    let r = measure(length, &load, &counter, None, None, broker_pid).await;
+    let load = Load::start(opts, load_port, rate, &counter).await?;
+    let latency = rate.is_some().then_some(&counter);
+    counter.record_latency(latency.is_some());
+    let r = measure(length, &load, &counter, None, latency, broker_pid).await;
+    counter.record_latency(false);
     load.stop().await;
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
@@ -1082,6 +1189,12 @@ async fn wait_bridged(port: u16, counter: &Counter) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The part of a load reading the bare subscriber times.
+#[derive(serde::Deserialize)]
+struct ReadingTs {
+    ts: u64,
 }
 
 #[derive(serde::Deserialize)]
@@ -1117,10 +1230,7 @@ async fn cloud_counter(port: u16, counter: Counter, stop: CancellationToken) {
             }
             Ok(Event::Incoming(Packet::SubAck(_))) => counter.set_ready(),
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let now_us = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_micros() as u64)
-                    .unwrap_or(0);
+                let now_us = now_us();
                 let Ok(batch) = serde_json::from_slice::<TelemetryBatch>(&p.payload) else {
                     tracing::error!("cloud counter: telemetry batch does not parse");
                     continue;
@@ -1136,8 +1246,7 @@ async fn cloud_counter(port: u16, counter: Counter, stop: CancellationToken) {
                     new += 1;
                     if let Some(l) = lat.as_mut() {
                         if l.len() < MAX_LATENCY_SAMPLES {
-                            let us = now_us.saturating_sub(r.ts * 1000);
-                            l.push(us.min(u32::MAX as u64) as u32);
+                            l.push(latency_us(now_us, r.ts));
                         }
                     }
                 }
@@ -1503,7 +1612,7 @@ fn print_table(r: &BenchReport) {
     }
     println!();
     println!(
-        "{:<32} {:>10} {:>11} {:>7} {:>7} {:>7} {:>10} {:>6} {:>9} {:>9} {:>10}",
+        "{:<36} {:>10} {:>11} {:>7} {:>7} {:>7} {:>10} {:>6} {:>9} {:>9} {:>10}",
         "phase",
         "offered/s",
         "delivered/s",
@@ -1522,7 +1631,7 @@ fn print_table(r: &BenchReport) {
     };
     for p in &r.phases {
         println!(
-            "{:<32} {:>10.0} {:>11.0} {:>7} {:>7} {:>7} {:>10} {:>6} {:>9} {:>9} {:>10}",
+            "{:<36} {:>10.0} {:>11.0} {:>7} {:>7} {:>7} {:>10} {:>6} {:>9} {:>9} {:>10}",
             p.name,
             p.offered_per_s,
             p.delivered_per_s,
@@ -1579,6 +1688,28 @@ fn print_table(r: &BenchReport) {
             r.agent_vm_hwm_bytes as f64 / 1048576.0,
             r.agent_rss_at_end_bytes as f64 / 1048576.0
         );
+        let against_bridge: Vec<String> = [
+            (
+                format!("at {} readings/s", o.rate),
+                r.agent_to_bridge_cpu_at_rate,
+            ),
+            ("flat out".to_string(), r.agent_to_bridge_cpu_flat_out),
+        ]
+        .into_iter()
+        .filter_map(|(phase, c)| {
+            let c = c?;
+            Some(format!(
+                "{phase} {:.2} ({:.2} / {:.2} us)",
+                c.ratio, c.agent_us_per_reading, c.bridge_us_per_reading
+            ))
+        })
+        .collect();
+        if !against_bridge.is_empty() {
+            println!(
+                "agent CPU per reading / mosquitto bridge's: {}",
+                against_bridge.join("; ")
+            );
+        }
     } else {
         print_soak(r);
     }

@@ -308,7 +308,8 @@ impl Agent {
         .with_plan_updates(plans_rx)
         .with_commands(RuleCommandIssuer::new(rule_cmds_tx, &config.commands))
         .with_heartbeat(heartbeat)
-        .with_commit_linger(Duration::from_millis(config.outbox.commit_linger_ms));
+        .with_commit_linger(Duration::from_millis(config.outbox.commit_linger_ms))
+        .with_max_clock_skew_ms(config.rules.max_clock_skew_ms);
         let stage_task = tokio::spawn(stage.run(rx).instrument(tracing::info_span!("rules_stage")));
         let uplink_task = tokio::spawn(
             uplink

@@ -178,3 +178,25 @@ async fn a_full_device_table_is_counted_sampled_and_logged() {
         agent.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_keeps_1024_payload_bytes_and_cuts_a_long_topic() {
+    let (local, _cloud, collector, _dir, agent, _port) = start().await;
+    let topic = format!("sensors/{}/temperature", "d".repeat(10 * 1024));
+    publish_raw(local.port(), &[(topic.clone(), vec![b'x'; 2000])]).await;
+    let arrived = collector
+        .wait_for(
+            |m| m.iter().any(|m| m.topic.ends_with("/deadletter")),
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(arrived, "{}", agent.logs());
+    let d = &collector.payloads_on("deadletter")[0];
+    assert_eq!(d["payload"].as_str().unwrap().len(), 1024, "{d}");
+    let at = d["where"].as_str().unwrap();
+    assert!(at.len() < 300, "`where` not cut: {} bytes", at.len());
+    assert!(
+        at.ends_with(&format!("…[cut, {} bytes]", topic.len())),
+        "{at}"
+    );
+}

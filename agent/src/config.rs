@@ -17,7 +17,7 @@ use crate::rules_stage::config::RulesConfig;
 use crate::source::config::{validate_serial, LocalConfig, SerialConfig};
 use crate::telemetry::config::{HealthConfig, LogConfig, MetricsConfig};
 use crate::uplink::config::CloudConfig;
-use crate::validation::{bad, section};
+use crate::validation::{bad, section, with_placeholders};
 pub use crate::validation::{ConfigErrors, Problem};
 
 /// Longest accepted gateway id; it becomes part of every cloud topic.
@@ -194,6 +194,15 @@ impl Config {
                 problems,
             )),
             (gateway, local, cloud, outbox, rules, health, log, metrics, serial, commands) => {
+                // A section that failed on some fields is still validated on the others, with
+                // placeholders for the failed ones (whose problems are already reported).
+                let mut placeholders = Vec::new();
+                let gateway = gateway.or_else(|| {
+                    let (g, paths) = with_placeholders::<GatewayConfig>(&table, "gateway")?;
+                    placeholders = paths;
+                    Some(g)
+                });
+                let first_value_problem = problems.len();
                 if let Some(g) = &gateway {
                     g.validate(&mut problems);
                 }
@@ -224,6 +233,14 @@ impl Config {
                 if let Some(c) = &commands {
                     c.validate(&mut problems);
                 }
+                let mut i = 0;
+                problems.retain(|p| {
+                    i += 1;
+                    i <= first_value_problem
+                        || !placeholders
+                            .iter()
+                            .any(|f| p.path == *f || p.path.starts_with(&format!("{f}.")))
+                });
                 Ok((None, problems))
             }
         }

@@ -122,6 +122,62 @@ pub(crate) fn section<T: DeserializeOwned>(
     }
 }
 
+/// A section that did not deserialise, built with its failing fields replaced by
+/// placeholders of their type, so that the values of its other fields can be validated too;
+/// with the paths (`gateway.data_dir`) of the replaced fields, whose validation problems are
+/// the placeholders' and must be dropped. `None` if no such stand-in can be built.
+pub(crate) fn with_placeholders<T: DeserializeOwned>(
+    table: &toml::Table,
+    name: &str,
+) -> Option<(T, Vec<String>)> {
+    use toml::Value;
+    let placeholders = || {
+        [
+            Value::String(String::new()),
+            Value::Integer(1),
+            Value::Boolean(false),
+            Value::Float(1.0),
+            Value::Array(Vec::new()),
+            Value::Table(toml::Table::new()),
+        ]
+    };
+    let mut value = table.get(name)?.as_table()?.clone();
+    // Replaced fields and which placeholder each has now.
+    let mut replaced: Vec<(String, usize)> = Vec::new();
+    for _ in 0..64 {
+        let e = match serde_path_to_error::deserialize::<_, T>(Value::Table(value.clone())) {
+            Ok(v) => {
+                let paths = replaced.into_iter().map(|(f, _)| format!("{name}.{f}"));
+                return Some((v, paths.collect()));
+            }
+            Err(e) => e,
+        };
+        let inner = e.path().to_string();
+        let message = e.into_inner().to_string();
+        let field = if value.contains_key(&inner) {
+            inner
+        } else {
+            message
+                .strip_prefix("missing field `")?
+                .split('`')
+                .next()?
+                .to_string()
+        };
+        let next = match replaced.iter_mut().find(|(f, _)| *f == field) {
+            Some((_, i)) => {
+                *i += 1;
+                *i
+            }
+            None => {
+                replaced.push((field.clone(), 0));
+                0
+            }
+        };
+        value.insert(field, placeholders().into_iter().nth(next)?);
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -94,6 +94,18 @@ fn every_wrong_field_of_the_gateway_table_is_reported() {
     let out = edgestream(&["check"], &config);
     let text = printed(&out);
     assert!(!out.status.success());
+    // A wrong value (not a wrong type) beside a wrong type is reported too.
+    let config = write_config(
+        dir.path(),
+        "id = \"not a valid id!\"\ndata_dir = 3\nworker_threads = 0",
+        "",
+    );
+    let out2 = edgestream(&["check"], &config);
+    let text2 = printed(&out2);
+    for field in ["gateway.id", "gateway.data_dir", "gateway.worker_threads"] {
+        assert!(text2.contains(field), "{field} not reported:\n{text2}");
+    }
+    assert_eq!(text2.matches("gateway.data_dir").count(), 1, "{text2}");
     for field in [
         "gateway.id",
         "gateway.data_dir",

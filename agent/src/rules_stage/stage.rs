@@ -348,10 +348,15 @@ impl RulesStage {
                 .filter(|((_, n), seen)| *n > **seen)
                 .map(|((name, _), _)| name)
                 .collect();
-            let reason = format!(
-                "rule(s) {} at max_devices: this device is not evaluated by them",
-                full.join(", ")
-            );
+            let reason = if full.is_empty() {
+                // Refused while a new plan was swapped in, for devices already known.
+                "rule(s) of the new plan at max_devices: known devices beyond it are not evaluated by them".to_string()
+            } else {
+                format!(
+                    "rule(s) {} at max_devices: this device is not evaluated by them",
+                    full.join(", ")
+                )
+            };
             self.rule_refusals_seen = counts;
             self.sample(&device, &reason, &payload, records);
         }

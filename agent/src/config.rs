@@ -17,7 +17,7 @@ use crate::rules_stage::config::RulesConfig;
 use crate::source::config::{validate_serial, LocalConfig, SerialConfig};
 use crate::telemetry::config::{HealthConfig, LogConfig, MetricsConfig};
 use crate::uplink::config::CloudConfig;
-use crate::validation::{bad, section};
+use crate::validation::{bad, section, with_placeholders};
 pub use crate::validation::{ConfigErrors, Problem};
 
 /// Longest accepted gateway id; it becomes part of every cloud topic.
@@ -119,12 +119,8 @@ impl Config {
         text: &str,
         base: Option<&Path>,
     ) -> Result<(Option<Config>, Vec<Problem>), ConfigErrors> {
-        let table: toml::Table = toml::from_str(text).map_err(|e| {
-            ConfigErrors(vec![Problem {
-                path: "<toml>".into(),
-                message: e.to_string().trim().replace('\n', " "),
-            }])
-        })?;
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigErrors(vec![syntax_problem(text, &e)]))?;
         let mut problems = Vec::new();
         const SECTIONS: [&str; 10] = [
             "gateway", "local", "cloud", "outbox", "rules", "health", "log", "metrics", "serial",
@@ -198,6 +194,15 @@ impl Config {
                 problems,
             )),
             (gateway, local, cloud, outbox, rules, health, log, metrics, serial, commands) => {
+                // A section that failed on some fields is still validated on the others, with
+                // placeholders for the failed ones (whose problems are already reported).
+                let mut placeholders = Vec::new();
+                let gateway = gateway.or_else(|| {
+                    let (g, paths) = with_placeholders::<GatewayConfig>(&table, "gateway")?;
+                    placeholders = paths;
+                    Some(g)
+                });
+                let first_value_problem = problems.len();
                 if let Some(g) = &gateway {
                     g.validate(&mut problems);
                 }
@@ -228,6 +233,14 @@ impl Config {
                 if let Some(c) = &commands {
                     c.validate(&mut problems);
                 }
+                let mut i = 0;
+                problems.retain(|p| {
+                    i += 1;
+                    i <= first_value_problem
+                        || !placeholders
+                            .iter()
+                            .any(|f| p.path == *f || p.path.starts_with(&format!("{f}.")))
+                });
                 Ok((None, problems))
             }
         }
@@ -269,7 +282,104 @@ impl Config {
     }
 }
 
+/// A TOML syntax error as the field it is in (when its line is `key = ...` under a table
+/// header), its line and column, and the parser's message, without the excerpt of the line
+/// the parser's own `Display` adds: that line may hold a secret (a password whose closing
+/// quote is missing).
+fn syntax_problem(text: &str, e: &toml::de::Error) -> Problem {
+    let mut path = "<toml>".to_string();
+    let mut at = String::new();
+    if let Some(span) = e.span() {
+        let before = text.get(..span.start).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        at = format!("line {line}, column {column}: ");
+        let bare = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        };
+        let table = text
+            .lines()
+            .take(line)
+            .filter_map(|l| {
+                let l = l.trim();
+                let name = l.strip_prefix('[')?.trim_start_matches('[');
+                let name = name.split(']').next()?.trim();
+                bare(name).then_some(name)
+            })
+            .last();
+        let key = text
+            .lines()
+            .nth(line - 1)
+            .and_then(|l| l.split_once('='))
+            .map(|(k, _)| k.trim())
+            .filter(|k| bare(k));
+        if let Some(key) = key {
+            path = match table {
+                Some(t) => format!("{t}.{key}"),
+                None => key.to_string(),
+            };
+        }
+    }
+    Problem {
+        path,
+        message: format!("{at}{}", e.message().trim().replace('\n', " ")),
+    }
+}
+
 impl GatewayConfig {
+    /// Whether `data_dir` can hold the agent's state: it is a directory (or can be created as
+    /// one) and a file can be created in it. With `create` the directory is created first
+    /// (`run`); without, the nearest existing ancestor is tested instead (`check`, which
+    /// changes nothing). The message says what is wrong in one sentence.
+    pub fn check_data_dir(&self, create: bool) -> Result<(), Problem> {
+        let dir = &self.data_dir;
+        let problem = |message: String| Problem {
+            path: "gateway.data_dir".into(),
+            message: format!("{}: {message}", dir.display()),
+        };
+        if create {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                return Err(problem(match std::fs::metadata(dir) {
+                    Ok(m) if !m.is_dir() => "exists and is not a directory".into(),
+                    _ => format!("cannot create it: {e}"),
+                }));
+            }
+        }
+        let mut probe_dir = dir.as_path();
+        loop {
+            match std::fs::metadata(probe_dir) {
+                Ok(m) if m.is_dir() => break,
+                Ok(_) if probe_dir == dir => {
+                    return Err(problem("exists and is not a directory".into()))
+                }
+                Ok(_) => {
+                    return Err(problem(format!(
+                        "cannot be created: {} is not a directory",
+                        probe_dir.display()
+                    )))
+                }
+                Err(_) => match probe_dir.parent() {
+                    Some(parent) if !parent.as_os_str().is_empty() => probe_dir = parent,
+                    _ => return Ok(()),
+                },
+            }
+        }
+        let probe = probe_dir.join(format!(".edgestream-write-test-{}", std::process::id()));
+        match std::fs::File::create(&probe) {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&probe);
+                Ok(())
+            }
+            Err(e) if probe_dir == dir => Err(problem(format!("is not writable: {e}"))),
+            Err(e) => Err(problem(format!(
+                "cannot be created: {} is not writable: {e}",
+                probe_dir.display()
+            ))),
+        }
+    }
+
     pub(crate) fn validate(&self, p: &mut Vec<Problem>) {
         let id = &self.id;
         if id.is_empty() || id.len() > MAX_GATEWAY_ID_LEN {

@@ -61,7 +61,11 @@ enum RulesCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check { config } => match Config::load(&config).and_then(|c| {
+            c.gateway
+                .check_data_dir(false)
+                .map_err(|p| edgestream_agent::config::ConfigErrors(vec![p]))
+        }) {
             Ok(_) => {
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS

@@ -26,7 +26,7 @@
 //! 4. the uplink drains the outbox until it is empty or the deadline passes, publishes the
 //!    offline status and disconnects. Whatever is left stays on disk for the next start.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,12 +53,9 @@ use crate::uplink::topics::CloudTopics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The data directory cannot be created or used; check the path and permissions.
-    #[error("data directory {path}: {source}")]
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// The data directory cannot be created or written; the message says which and why.
+    #[error("{0}")]
+    DataDir(crate::config::Problem),
     #[error(transparent)]
     Outbox(#[from] OutboxError),
     /// The initial rules do not compile; `edgestream check` lists every error.
@@ -104,10 +101,10 @@ impl Agent {
         metrics: Arc<Metrics>,
     ) -> Result<Agent, StartError> {
         let dir = &config.gateway.data_dir;
-        std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
-            path: dir.clone(),
-            source,
-        })?;
+        config
+            .gateway
+            .check_data_dir(true)
+            .map_err(StartError::DataDir)?;
         let (outbox, open_report) = Outbox::open(
             &dir.join("outbox"),
             OutboxSettings::from(&config.outbox),
@@ -311,7 +308,8 @@ impl Agent {
         .with_plan_updates(plans_rx)
         .with_commands(RuleCommandIssuer::new(rule_cmds_tx, &config.commands))
         .with_heartbeat(heartbeat)
-        .with_commit_linger(Duration::from_millis(config.outbox.commit_linger_ms));
+        .with_commit_linger(Duration::from_millis(config.outbox.commit_linger_ms))
+        .with_max_clock_skew_ms(config.rules.max_clock_skew_ms);
         let stage_task = tokio::spawn(stage.run(rx).instrument(tracing::info_span!("rules_stage")));
         let uplink_task = tokio::spawn(
             uplink

@@ -522,3 +522,65 @@ async fn a_restart_neither_loses_nor_repeats_an_accepted_command() {
     assert!(agent.terminate(Duration::from_secs(10)).success());
     valve_m.stop().await;
 }
+
+/// A reply counts only for the device whose replies topic it came on: one on
+/// `devices/valve-3/replies` that claims to be valve-2's is refused (dead-lettered), and
+/// valve-2's command still waits for valve-2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_for_another_device_is_refused() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let local = Mosquitto::start().await.expect("local broker");
+    let cloud = Mosquitto::start().await.expect("cloud broker");
+    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-spoof")
+        .await
+        .expect("collector");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(
+        "gw-spoof",
+        &dir.path().join("data"),
+        local.port(),
+        cloud.port(),
+        "",
+        ALLOW,
+    );
+    let mut agent = AgentProcess::start(dir.path(), &cfg);
+    agent.wait_subscribed().await;
+    assert!(wait_online(&collector).await, "{}", agent.logs());
+    collector
+        .publish(
+            "commands",
+            &command("c-v2", "valve-2", "set_position", json!({"percent": 30})),
+            false,
+        )
+        .await
+        .unwrap();
+    wait_outcome(&collector, &agent, "c-v2", "accepted").await;
+    let spoof = json!({"v": 1, "id": "c-v2", "device": "valve-2", "state": "succeeded",
+                       "detail": "not really", "ts": now_ms()});
+    publish_raw(
+        local.port(),
+        &[(
+            "devices/valve-3/replies".to_string(),
+            spoof.to_string().into_bytes(),
+        )],
+    )
+    .await;
+    // Nobody answers for valve-2: it times out (reply_timeout_ms = 2000).
+    let why = wait_outcome(&collector, &agent, "c-v2", "timed_out").await;
+    assert!(why.contains("no reply"), "{why}");
+    assert!(
+        !states(&collector, "c-v2").contains(&"succeeded".to_string()),
+        "{:?}",
+        outcomes(&collector, "c-v2")
+    );
+    let dead = collector.payloads_on("deadletter");
+    assert!(
+        dead.iter().any(|d| d["where"] == "devices/valve-3/replies"
+            && d["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("names device `valve-2`")),
+        "{dead:?}"
+    );
+    assert!(agent.is_running());
+}

@@ -176,3 +176,52 @@ async fn scraped_counters_match_what_was_sent() {
     let logs = agent.logs();
     assert!(!logs.contains("ERROR"), "errors logged:\n{logs}");
 }
+
+/// Idle connections cannot hold the endpoint: with 200 connections open and silent, a scrape
+/// is still answered within a second, and the connections are closed by the agent, not kept
+/// forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_do_not_delay_a_scrape() {
+    let local = Mosquitto::start().await.expect("local broker");
+    let cloud = Mosquitto::start().await.expect("cloud broker");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_toml(
+        GATEWAY,
+        &dir.path().join("data"),
+        local.port(),
+        cloud.port(),
+        OVERHEAT_RULES,
+        "[metrics]\nprometheus = true\nport = 0\n",
+    );
+    let mut agent = AgentProcess::start(dir.path(), &cfg);
+    agent
+        .wait_log("metrics endpoint listening", Duration::from_secs(20))
+        .await;
+    let port = endpoint_port(&agent.logs()).expect("endpoint port in the log");
+
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("open an idle connection"),
+        );
+    }
+    // Let the agent accept them all.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for attempt in 0..3 {
+        let start = Instant::now();
+        let scraped = tokio::time::timeout(Duration::from_secs(1), scrape(port)).await;
+        let body = scraped
+            .unwrap_or_else(|_| {
+                panic!("scrape {attempt} took more than 1 s with idle connections open")
+            })
+            .expect("scrape /metrics");
+        assert!(parse(&body).contains_key("edgestream_readings_in_total{source=\"mqtt\"}"));
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
+    assert!(agent.is_running());
+    drop(idle);
+    let status = agent.terminate(Duration::from_secs(15));
+    assert!(status.success(), "agent exited with {status}");
+}

@@ -284,7 +284,8 @@ async fn oversized_and_non_utf8_bundles_are_refused_without_reconnecting() {
 
     let huge = json!({"v": 1, "version": 7, "rules": "#".repeat(300 * 1024)});
     collector.publish("rules/set", &huge, false).await.unwrap();
-    let s = status_for(&collector, 0, 0).await;
+    // Refused before decoding, but its version is read and named.
+    let s = status_for(&collector, 7, 0).await;
     assert_eq!(s["state"], "rejected", "{s}");
     assert!(
         s["reason"].as_str().is_some_and(|r| r.contains("limit")),
@@ -312,7 +313,8 @@ async fn oversized_and_non_utf8_bundles_are_refused_without_reconnecting() {
         }
     })
     .await;
-    let s = status_for(&collector, 0, 1).await;
+    // No version to read: 0, and the reason says so.
+    let s = status_for(&collector, 0, 0).await;
     assert_eq!(s["state"], "rejected", "{s}");
     assert!(
         s["reason"]
@@ -333,6 +335,107 @@ async fn oversized_and_non_utf8_bundles_are_refused_without_reconnecting() {
         "the agent reconnected: {:?}\n{}",
         proxy.stats(),
         agent.logs()
+    );
+    assert!(agent.is_running());
+}
+
+/// Waits until the retained status names `version` as the running one.
+async fn running_version_is(collector: &CloudCollector, version: u64) -> bool {
+    collector
+        .wait_for(
+            |m| {
+                m.iter()
+                    .rev()
+                    .find(|m| m.topic.ends_with("/status"))
+                    .is_some_and(|m| m.payload["rules_version"] == version)
+            },
+            Duration::from_secs(10),
+        )
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_have_a_ceiling_rollbacks_keep_theirs_and_every_status_names_one() {
+    let rig = Rig::start("gw-versions", "", false).await;
+    let Rig {
+        collector,
+        mut agent,
+        ..
+    } = rig;
+    assert!(wait_online(&collector).await, "{}", agent.logs());
+
+    // v10, then v11; an empty rollback (request version 1) restores v10 under its version.
+    for v in [10, 11] {
+        collector
+            .publish("rules/set", &bundle(v, 80), false)
+            .await
+            .unwrap();
+        assert_eq!(status_for(&collector, v, 0).await["state"], "applied");
+    }
+    let rollback = json!({"v": 1, "version": 1, "rules": "", "rollback": true, "meta": {}});
+    collector
+        .publish("rules/set", &rollback, false)
+        .await
+        .unwrap();
+    assert_eq!(status_for(&collector, 1, 0).await["state"], "applied");
+    assert!(
+        running_version_is(&collector, 10).await,
+        "the restored bundle should run as version 10: {:?}\n{}",
+        collector.payloads_on("status"),
+        agent.logs()
+    );
+    // v10 runs, so v10 is not newer, and v11 is.
+    collector
+        .publish("rules/set", &bundle(10, 80), false)
+        .await
+        .unwrap();
+    assert_eq!(status_for(&collector, 10, 1).await["state"], "rejected");
+
+    // u64::MAX is above the ceiling: refused, and a newer version can still be pushed.
+    collector
+        .publish("rules/set", &bundle(u64::MAX, 80), false)
+        .await
+        .unwrap();
+    let max = status_for(&collector, u64::MAX, 0).await;
+    assert_eq!(max["state"], "rejected", "{max}");
+    assert!(
+        max["reason"].as_str().unwrap_or("").contains("ceiling"),
+        "{max}"
+    );
+    collector
+        .publish("rules/set", &bundle(12, 80), false)
+        .await
+        .unwrap();
+    assert_eq!(status_for(&collector, 12, 0).await["state"], "applied");
+
+    // Refused before decoding (too large, or malformed): the status still names the version.
+    let mut big = bundle(13, 80);
+    big["meta"] = json!({"pad": "x".repeat(300 * 1024)});
+    collector.publish("rules/set", &big, false).await.unwrap();
+    let s13 = status_for(&collector, 13, 0).await;
+    assert_eq!(s13["state"], "rejected", "{s13}");
+    assert!(
+        s13["reason"].as_str().unwrap_or("").contains("limit"),
+        "{s13}"
+    );
+    let malformed = json!({"v": 1, "version": 14, "rules": 5});
+    collector
+        .publish("rules/set", &malformed, false)
+        .await
+        .unwrap();
+    assert_eq!(status_for(&collector, 14, 0).await["state"], "rejected");
+    // Nothing readable: version 0, and the reason says why.
+    collector
+        .publish("rules/set", &json!("not a bundle"), false)
+        .await
+        .unwrap();
+    let s0 = status_for(&collector, 0, 0).await;
+    assert!(
+        s0["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("version unreadable: "),
+        "{s0}"
     );
     assert!(agent.is_running());
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::validation::{bad, Problem};
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RulesConfig {
     /// Rule file loaded at start.
@@ -20,6 +20,29 @@ pub struct RulesConfig {
     /// `{prefix}/groups/{group}/rules/set`.
     #[serde(default)]
     pub group: Option<String>,
+    /// How far ahead of the gateway's clock a reading's timestamp may be, in milliseconds;
+    /// a reading stamped further ahead is rejected (counted, dead-lettered). 0: no limit.
+    #[serde(default = "default_max_clock_skew_ms")]
+    pub max_clock_skew_ms: u64,
+}
+
+/// Five minutes: far beyond the drift of a device whose clock is set at all, and short
+/// enough that a wrong clock is noticed within one look at the counters.
+pub const DEFAULT_MAX_CLOCK_SKEW_MS: u64 = 300_000;
+
+fn default_max_clock_skew_ms() -> u64 {
+    DEFAULT_MAX_CLOCK_SKEW_MS
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        Self {
+            file: None,
+            text: None,
+            group: None,
+            max_clock_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
+        }
+    }
 }
 
 impl RulesConfig {

@@ -4,8 +4,10 @@
 //! as `{"v":1,"version":7,"rules":"...","rollback":false,"meta":{}}`. For each one, in order:
 //!
 //! 1. it is decoded and checked against the protocol's limits (size, UTF-8, schema);
-//! 2. a version not newer than the running one is refused, unless `rollback` is true
-//!    (`rollback` with empty `rules` means "go back to the bundle before this one");
+//! 2. a version above [`MAX_BUNDLE_VERSION`] is refused (else one bundle at `u64::MAX` would
+//!    leave no newer version to push); a version not newer than the running one is refused,
+//!    unless `rollback` is true (`rollback` with empty `rules` means "go back to the bundle
+//!    before this one", which then runs under its own version again);
 //! 3. the rules are compiled; any error refuses the whole bundle, reporting every error with
 //!    its line and column;
 //! 4. the accepted bundle is written to `data_dir/rules/bundle.json` (temporary file, fsync,
@@ -18,6 +20,11 @@
 //!    only then is the MQTT message acknowledged. A crash before the acknowledgement makes the
 //!    broker redeliver the bundle, which is then refused as not newer (already applied) or
 //!    applied again: never lost.
+//!
+//! Every status names the version of the request it answers (for a rollback to the previous
+//! bundle, the request's version; the retained status shows the version that runs). A bundle
+//! refused before its version could be read at all is answered with version 0 and a reason
+//! that starts `version unreadable: `.
 //!
 //! Precedence at start-up: a persisted remote bundle wins over `[rules]` in the config file
 //! (the config's rules are version 0, the factory default). Delete `data_dir/rules/` to go
@@ -45,6 +52,31 @@ use crate::uplink::wire::truncated;
 /// Capacity of the channel from the uplink to this consumer (full-policy: block the uplink;
 /// bundles are rare).
 pub const INBOUND_CAPACITY: usize = 4;
+
+/// Highest bundle version accepted: 2^53 - 1, the largest integer every JSON implementation
+/// (a JavaScript cloud among them) reads exactly. A higher version is refused, so that the
+/// version space cannot be used up by one bundle.
+pub const MAX_BUNDLE_VERSION: u64 = (1 << 53) - 1;
+
+/// The `version` of a bundle that did not decode, if it can be read at all.
+fn readable_version(payload: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Version {
+        version: u64,
+    }
+    serde_json::from_slice::<Version>(payload)
+        .ok()
+        .map(|v| v.version)
+}
+
+/// `reason` for a bundle refused before its version could be read.
+fn unreadable(reason: String, version: Option<u64>) -> (u64, String) {
+    match version {
+        Some(v) => (v, reason),
+        // First, so that cutting the reason to the protocol's length keeps it.
+        None => (0, format!("version unreadable: {reason}")),
+    }
+}
 
 /// A bundle as persisted on the gateway.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,37 +192,42 @@ impl RemoteRules {
     /// Checks, persists and applies one bundle; returns the status to report.
     async fn handle(&mut self, payload: &[u8]) -> BundleStatus {
         if payload.len() > MAX_BUNDLE_JSON_LEN {
-            return self.reject(
-                0,
+            let (version, why) = unreadable(
                 format!(
                     "bundle is {} bytes, the limit is {MAX_BUNDLE_JSON_LEN}",
                     payload.len()
                 ),
-                &[],
+                readable_version(payload),
             );
+            return self.reject(version, why, &[]);
         }
         let bundle = match decode_bundle(payload) {
             Ok(b) => b,
             Err(e) => {
-                let version = serde_json::from_slice::<serde_json::Value>(payload)
-                    .ok()
-                    .and_then(|v| v["version"].as_u64())
-                    .unwrap_or(0);
                 let why = if std::str::from_utf8(payload).is_err() {
                     format!("bundle is not valid UTF-8 JSON: {e}")
                 } else {
                     format!("bundle is malformed: {e}")
                 };
+                let (version, why) = unreadable(why, readable_version(payload));
                 return self.reject(version, why, &[]);
             }
         };
+        if bundle.version > MAX_BUNDLE_VERSION {
+            return self.reject(
+                bundle.version,
+                format!(
+                    "version {} is above the ceiling {MAX_BUNDLE_VERSION}",
+                    bundle.version
+                ),
+                &[],
+            );
+        }
         let running = self.running_version();
         let target = if bundle.rollback && bundle.rules.trim().is_empty() {
             match &self.state.previous {
-                Some(prev) => StoredBundle {
-                    version: bundle.version,
-                    rules: prev.rules.clone(),
-                },
+                // The restored bundle runs under its own version again.
+                Some(prev) => prev.clone(),
                 None => {
                     return self.reject(
                         bundle.version,
@@ -242,13 +279,15 @@ impl RemoteRules {
                 "rules stage is gone; the bundle is persisted and applies at the next start"
             );
         }
+        let running = self.running_version();
         self.status.send_replace(StatusInfo {
-            rules_version: bundle.version,
+            rules_version: running,
             rules_hash: hash.clone(),
         });
         Metrics::inc(&self.metrics.bundles_applied);
         tracing::info!(
-            version = bundle.version,
+            version = running,
+            request_version = bundle.version,
             rollback = bundle.rollback,
             rules = rule_count,
             "rule bundle applied"

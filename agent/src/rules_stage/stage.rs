@@ -14,6 +14,17 @@
 //! about a window's worth, instead of lingering for input the broker will not send before its
 //! acks.
 //!
+//! Readings stamped further ahead of the gateway's clock than `rules.max_clock_skew_ms` are
+//! rejected before the engine sees them: the engine takes each reading's timestamp as the
+//! device's time, and one reading from the far future would make every later reading of that
+//! (device, metric) late, so that no rule acted on it again. Readings from the past are
+//! evaluated as they come: they cannot move a device's time forward (a late one changes no
+//! state and is still forwarded), and devices that buffer readings while offline send them.
+//! Such rejections, and devices a full device table leaves unevaluated (a rule's
+//! `max_devices`, the engine's own limit), are counted, logged at most once per
+//! [`LOG_INTERVAL`](crate::deadletter::LOG_INTERVAL) and sampled to the dead-letter topic
+//! (source `rules`).
+//!
 //! If the outbox cannot store a group (disk full, I/O error) the stage retries it with backoff
 //! and acknowledges nothing meanwhile: sources block, brokers hold the data, nothing is lost.
 
@@ -25,6 +36,7 @@ use edgestream_rules::{drain_prefetching, AlertState, Disposition, Engine, Outpu
 use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
+use crate::deadletter::RejectSampler;
 use crate::outbox::config::COMMIT_LINGER;
 use crate::outbox::record::{AggregateRecord, AlertRecord, ReadingRecord, Record};
 use crate::outbox::store::Outbox;
@@ -85,6 +97,14 @@ pub struct RulesStage {
     commands: Option<crate::commands::router::RuleCommandIssuer>,
     /// Longest a group waits for more input ([`COMMIT_LINGER`] unless configured).
     linger: Duration,
+    /// `rules.max_clock_skew_ms` (0: no limit).
+    max_clock_skew_ms: u64,
+    /// Rejections and refusals of this stage, logged and sampled as dead letters.
+    sampler: RejectSampler,
+    /// The engine's refusal counts last reported: per rule (plan order), and its own.
+    rule_refusals_seen: Vec<u64>,
+    rule_refusals_total: u64,
+    engine_refusals_seen: u64,
 }
 
 impl RulesStage {
@@ -104,7 +124,27 @@ impl RulesStage {
             heartbeat: Arc::default(),
             commands: None,
             linger: COMMIT_LINGER,
+            max_clock_skew_ms: crate::rules_stage::config::DEFAULT_MAX_CLOCK_SKEW_MS,
+            sampler: RejectSampler::new("rules"),
+            rule_refusals_seen: Vec::new(),
+            rule_refusals_total: 0,
+            engine_refusals_seen: 0,
         }
+        .with_refusals_seen()
+    }
+
+    /// Takes the engine's refusal counts as reported (at start and after a plan swap).
+    fn with_refusals_seen(mut self) -> Self {
+        self.rule_refusals_seen = self.engine.rule_refusals().map(|(_, n)| n).collect();
+        self.rule_refusals_total = self.engine.stats().rule_devices_refused;
+        self.engine_refusals_seen = self.engine.stats().engine_devices_refused;
+        self
+    }
+
+    /// Rejects readings stamped more than `ms` ahead of the gateway's clock (0: no limit).
+    pub fn with_max_clock_skew_ms(mut self, ms: u64) -> Self {
+        self.max_clock_skew_ms = ms;
+        self
     }
 
     /// Sets how long a group may wait after its first input for more to share its flush
@@ -171,16 +211,29 @@ impl RulesStage {
                 Some(plan) = crate::select_loop::recv_or_pending(&mut self.plan_updates) => {
                     tracing::info!(rules = plan.rule_count(), "swapping rule plan");
                     self.engine.swap_plan(plan);
+                    // The new plan's rules (their order and names) are what the next
+                    // report compares with; refusals of the swap itself are counted.
+                    self.rule_refusals_seen = self.engine.rule_refusals().map(|(_, n)| n).collect();
+                    self.report_refusals(None, &mut records);
                     continue;
                 }
             }
             group_since.get_or_insert_with(Instant::now);
             group_inputs += msgs.len();
+            // Readings stamped after this are rejected (module doc); 0: no limit.
+            let latest_ts = match self.max_clock_skew_ms {
+                0 => u64::MAX,
+                skew => now_ms().saturating_add(skew),
+            };
             drain_prefetching(
                 &mut msgs,
                 &mut self,
                 Self::prefetch,
                 |stage, msg| match msg {
+                    SourceMsg::Reading(r, ack) if r.ts_ms > latest_ts => {
+                        stage.reject_clock_skew(&r, &mut records);
+                        acks.extend(ack);
+                    }
                     SourceMsg::Reading(r, ack) => {
                         let reading = edgestream_rules::Reading {
                             device: &r.device,
@@ -190,6 +243,7 @@ impl RulesStage {
                         };
                         stage.engine.on_reading(&reading, &mut out);
                         Metrics::inc(&stage.metrics.rules_evaluated);
+                        stage.report_refusals(Some(&r), &mut records);
                         stage.collect(&out, Some(r), &mut records);
                         acks.extend(ack);
                     }
@@ -239,6 +293,84 @@ impl RulesStage {
     fn prefetch(&self, msg: &SourceMsg) {
         if let SourceMsg::Reading(r, _) = msg {
             self.engine.prefetch(&r.device, &r.metric);
+        }
+    }
+
+    /// Counts, logs and samples a reading stamped too far ahead of the gateway's clock.
+    fn reject_clock_skew(
+        &mut self,
+        r: &crate::source::reading::Reading,
+        records: &mut Vec<Record>,
+    ) {
+        Metrics::inc(&self.metrics.readings_clock_skew);
+        let reason = format!(
+            "timestamp {} is more than rules.max_clock_skew_ms ({} ms) ahead of the gateway's clock",
+            r.ts_ms, self.max_clock_skew_ms
+        );
+        let location = format!("{}/{}", r.device, r.metric);
+        self.sample(&location, &reason, &reading_json(r), records);
+    }
+
+    /// Reports devices the engine refused since the last report: a rule at its `max_devices`,
+    /// or the engine at its own device limit. Cheap when nothing changed (two comparisons).
+    fn report_refusals(
+        &mut self,
+        reading: Option<&crate::source::reading::Reading>,
+        records: &mut Vec<Record>,
+    ) {
+        let stats = self.engine.stats();
+        let (engine_total, rules_total) =
+            (stats.engine_devices_refused, stats.rule_devices_refused);
+        if engine_total == self.engine_refusals_seen && rules_total == self.rule_refusals_total {
+            return;
+        }
+        let device = reading.map_or_else(String::new, |r| r.device.to_string());
+        let payload = reading.map(reading_json).unwrap_or_default();
+        if engine_total > self.engine_refusals_seen {
+            Metrics::add(
+                &self.metrics.engine_devices_refused,
+                engine_total - self.engine_refusals_seen,
+            );
+            let reason = "the rules engine tracks no more devices (its device limit): this device's readings are forwarded without rules";
+            self.sample(&device, reason, &payload, records);
+        }
+        self.engine_refusals_seen = engine_total;
+        if rules_total > self.rule_refusals_total {
+            Metrics::add(
+                &self.metrics.rule_devices_refused,
+                rules_total - self.rule_refusals_total,
+            );
+            let counts: Vec<u64> = self.engine.rule_refusals().map(|(_, n)| n).collect();
+            let full: Vec<&str> = self
+                .engine
+                .rule_refusals()
+                .zip(self.rule_refusals_seen.iter().chain(std::iter::repeat(&0)))
+                .filter(|((_, n), seen)| *n > **seen)
+                .map(|((name, _), _)| name)
+                .collect();
+            let reason = if full.is_empty() {
+                // Refused while a new plan was swapped in, for devices already known.
+                "rule(s) of the new plan at max_devices: known devices beyond it are not evaluated by them".to_string()
+            } else {
+                format!(
+                    "rule(s) {} at max_devices: this device is not evaluated by them",
+                    full.join(", ")
+                )
+            };
+            self.rule_refusals_seen = counts;
+            self.sample(&device, &reason, &payload, records);
+        }
+        self.rule_refusals_total = rules_total;
+    }
+
+    /// Logs (at most once per interval) and samples one rejection as a dead letter.
+    fn sample(&mut self, location: &str, reason: &str, payload: &[u8], records: &mut Vec<Record>) {
+        match self.sampler.reject(location, reason, payload) {
+            Some(s) => {
+                Metrics::inc(&self.metrics.deadletters_sent);
+                records.push(Record::DeadLetter(s));
+            }
+            None => Metrics::inc(&self.metrics.deadletters_suppressed),
         }
     }
 
@@ -357,6 +489,18 @@ impl RulesStage {
             }
         }
     }
+}
+
+/// A reading as the dead-letter sample shows it (the protocol's local reading, with names).
+fn reading_json(r: &crate::source::reading::Reading) -> Vec<u8> {
+    serde_json::json!({
+        "device": r.device.as_str(),
+        "metric": r.metric.as_str(),
+        "value": r.value,
+        "ts": r.ts_ms,
+    })
+    .to_string()
+    .into_bytes()
 }
 
 /// How soon acknowledgements refused by a full channel to the local source are offered again.

@@ -170,6 +170,23 @@ async fn write_last_alone(
 /// (as rumqttc does for its own writes).
 const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Decodes a reply on `devices/{device}/replies`: a command outcome for that same device (a
+/// device answers only for itself, so a reply naming another device is refused).
+fn decode_reply(
+    topic: &str,
+    payload: &[u8],
+) -> Result<edgestream_protocol::types::CommandOutcome, String> {
+    let outcome = edgestream_protocol::json::decode_outcome(payload).map_err(|e| e.to_string())?;
+    let on = topic.split('/').nth(1).unwrap_or_default();
+    if outcome.device.as_str() != on {
+        return Err(format!(
+            "names device `{}` but came on the replies topic of `{on}`",
+            outcome.device
+        ));
+    }
+    Ok(outcome)
+}
+
 /// Turns one publish into a reading or a rejection reason.
 pub fn decode(topic: &str, payload: &[u8]) -> Result<Reading, RejectReason> {
     let (device, metric) = device_metric(topic).ok_or(RejectReason::Topic)?;
@@ -316,10 +333,9 @@ impl LocalMqttSource {
                     let ack = (p.qos != QoS::AtMostOnce).then_some(());
                     let kind = classify(&p.topic);
                     if kind == LocalTopic::Reply {
-                        if let (Some(replies), Ok(outcome)) = (
-                            &self.replies,
-                            edgestream_protocol::json::decode_outcome(&p.payload),
-                        ) {
+                        if let (Some(replies), Ok(outcome)) =
+                            (&self.replies, decode_reply(&p.topic, &p.payload))
+                        {
                             let reply = DeviceEvent::Reply {
                                 outcome: Box::new(outcome),
                                 ack: ack.map(|_| ack_token(&p)),
@@ -338,9 +354,9 @@ impl LocalMqttSource {
                     let decoded = match kind {
                         LocalTopic::Reading => decode(&p.topic, &p.payload),
                         LocalTopic::Reply => Err(RejectReason::Reply(
-                            edgestream_protocol::json::decode_outcome(&p.payload)
+                            decode_reply(&p.topic, &p.payload)
                                 .err()
-                                .map_or_else(|| "no command router".to_string(), |e| e.to_string()),
+                                .unwrap_or_else(|| "no command router".to_string()),
                         )),
                         LocalTopic::OwnCommand => {
                             // Our own command echoed by a wide filter: only acknowledge it.

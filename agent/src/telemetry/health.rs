@@ -103,6 +103,11 @@ pub fn message(
                 "bytes": m.serial_bytes,
             },
             "rule_evaluations": m.rules_evaluated,
+            "rules_refused": {
+                "clock_skew": m.readings_clock_skew,
+                "rule_devices_full": m.rule_devices_refused,
+                "engine_devices_full": m.engine_devices_refused,
+            },
             "alerts": { "raised": m.alerts_raised, "cleared": m.alerts_cleared },
             "commands": {
                 "from_cloud": m.commands_received_cloud,

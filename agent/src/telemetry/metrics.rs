@@ -69,6 +69,14 @@ counters! {
     readings_in_mqtt: Counter "edgestream_readings_in_total" r#"source="mqtt""# "Readings accepted, by source.",
     /// Payloads from the local broker rejected as malformed (see dead letters).
     rejected_mqtt: Counter "edgestream_parse_errors_total" r#"source="mqtt""# "Inputs rejected as malformed, by source.",
+    /// Readings rejected by the rules stage because their timestamp is further ahead of the
+    /// gateway's clock than `rules.max_clock_skew_ms` (see dead letters).
+    readings_clock_skew: Counter "edgestream_readings_rejected_total" r#"reason="clock_skew""# "Readings the rules stage rejected, by reason.",
+    /// Devices a rule did not track because it was at its `max_devices` (once per rule and
+    /// device), and readings of devices the engine did not track because it was at its
+    /// device limit (once per reading).
+    rule_devices_refused: Counter "edgestream_rule_devices_refused_total" r#"limit="rule""# "Not evaluated because a device table was full: devices per rule (limit=rule), readings (limit=engine).",
+    engine_devices_refused: Counter "edgestream_rule_devices_refused_total" r#"limit="engine""# "",
     /// Readings evaluated by the rules stage.
     rules_evaluated: Counter "edgestream_rule_evaluations_total" r#""# "Readings evaluated by the rules stage.",
     /// Alert transitions (raised + cleared) produced by rules.

@@ -4,10 +4,14 @@
 //! Guarantees:
 //! - **Localhost only.** The listener binds 127.0.0.1; exposing it further is a job for a
 //!   reverse proxy that adds authentication.
-//! - **Bounded.** One connection is served at a time, its request may be at most
-//!   [`MAX_REQUEST_BYTES`] and must arrive within [`REQUEST_TIMEOUT`]; a scraper cannot make
-//!   the agent hold more than one small buffer, nor stall the pipeline (it runs on its own
-//!   task and only reads atomics and `/proc`).
+//! - **Concurrent and bounded.** Each connection is served by a task of its own, so a slow or
+//!   idle client delays nobody else. At most [`MAX_CONNECTIONS`] are open at once: a new
+//!   connection beyond that closes the oldest open one (a scrape is answered within
+//!   milliseconds of its request, so the oldest is one that sent nothing). A request head may
+//!   be at most [`MAX_REQUEST_BYTES`] and must arrive within [`HEADER_TIMEOUT`]; the answer
+//!   must be taken within [`WRITE_TIMEOUT`]. The endpoint never holds more than
+//!   [`MAX_CONNECTIONS`] small buffers, and cannot stall the pipeline (it only reads atomics
+//!   and `/proc`).
 //! - **Off by default** (`[metrics] prometheus = true` turns it on). With `port = 0` the
 //!   operating system picks a free port, which is logged (`metrics endpoint listening`).
 
@@ -26,8 +30,12 @@ use crate::telemetry::metrics::{Kind, Metrics, Snapshot};
 
 /// Longest request head read; anything longer is answered 431 and closed.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
-/// How long a client may take to send its request (and read the answer).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send its request head after connecting.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a client may take to read the answer.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections open at once; a new one beyond this closes the oldest.
+pub const MAX_CONNECTIONS: usize = 32;
 
 /// One family: name, kind, help, and its samples as (labels, value).
 struct Family {
@@ -146,11 +154,19 @@ impl PrometheusEndpoint {
 
     /// Serves scrapes until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
+        let shared = Arc::new(Scrape {
+            metrics: self.metrics,
+            outbox: self.outbox,
+        });
+        let mut open = tokio::task::JoinSet::new();
+        // Open connections in accept order, for closing the oldest when full.
+        let mut order: std::collections::VecDeque<tokio::task::AbortHandle> =
+            std::collections::VecDeque::with_capacity(MAX_CONNECTIONS + 1);
         loop {
-            // Cancellation safety: `accept` loses nothing when dropped; a connection being
-            // served is bounded by REQUEST_TIMEOUT.
+            // Cancellation safety: `accept` and `join_next` lose nothing when dropped.
             let stream = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                Some(_) = open.join_next() => continue,
                 r = self.listener.accept() => match r {
                     Ok((s, _)) => s,
                     Err(e) => {
@@ -160,26 +176,32 @@ impl PrometheusEndpoint {
                     }
                 },
             };
-            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, self.serve(stream)).await {
-                tracing::debug!(error = %e, "metrics scrape timed out");
+            order.retain(|h| !h.is_finished());
+            if order.len() >= MAX_CONNECTIONS {
+                if let Some(oldest) = order.pop_front() {
+                    tracing::debug!("metrics endpoint full; closing its oldest connection");
+                    oldest.abort();
+                }
             }
+            order.push_back(open.spawn(Arc::clone(&shared).serve(stream)));
         }
+        open.shutdown().await;
     }
+}
 
-    async fn serve(&self, mut stream: TcpStream) {
-        let mut buf = [0u8; MAX_REQUEST_BYTES];
-        let mut len = 0;
-        let head_complete = loop {
-            match stream.read(&mut buf[len..]).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => len += n,
-            }
-            if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                break true;
-            }
-            if len == buf.len() {
-                break false;
-            }
+/// What a scrape reads.
+#[derive(Debug)]
+struct Scrape {
+    metrics: Arc<Metrics>,
+    outbox: Option<Outbox>,
+}
+
+impl Scrape {
+    async fn serve(self: Arc<Self>, mut stream: TcpStream) {
+        let mut buf = vec![0u8; MAX_REQUEST_BYTES];
+        let head = tokio::time::timeout(HEADER_TIMEOUT, read_head(&mut stream, &mut buf)).await;
+        let Ok(Some((len, head_complete))) = head else {
+            return;
         };
         let request_line = std::str::from_utf8(&buf[..len])
             .ok()
@@ -203,10 +225,33 @@ impl PrometheusEndpoint {
             "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
         );
-        if stream.write_all(head.as_bytes()).await.is_ok() {
-            let _ = stream.write_all(body.as_bytes()).await;
+        let write = async {
+            if stream.write_all(head.as_bytes()).await.is_ok() {
+                let _ = stream.write_all(body.as_bytes()).await;
+            }
+            let _ = stream.shutdown().await;
+        };
+        if tokio::time::timeout(WRITE_TIMEOUT, write).await.is_err() {
+            tracing::debug!("metrics scrape not taken in time; closed");
         }
-        let _ = stream.shutdown().await;
+    }
+}
+
+/// Reads a request head into `buf`: its length and whether it ended (a blank line) within
+/// `buf`; `None` if the client closed or failed first.
+async fn read_head(stream: &mut TcpStream, buf: &mut [u8]) -> Option<(usize, bool)> {
+    let mut len = 0;
+    loop {
+        match stream.read(&mut buf[len..]).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => len += n,
+        }
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            return Some((len, true));
+        }
+        if len == buf.len() {
+            return Some((len, false));
+        }
     }
 }
 

@@ -377,3 +377,126 @@ async fn telemetry_older_than_the_age_limit_is_dropped_and_reported_by_reason() 
         .contains("telemetry older than the outbox age limit dropped"));
     agent.terminate(Duration::from_secs(15));
 }
+
+/// Peak resident memory of a running process, from the kernel.
+fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let l = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_string();
+            l.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// Records the outbox in `data` holds, by `edgestream outbox verify` (the agent stopped).
+fn stored_records(data: &std::path::Path) -> u64 {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgestream"))
+        .args(["outbox", "verify", "--data-dir"])
+        .arg(data)
+        .output()
+        .expect("run outbox verify");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("total: "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Bounded memory with a large backlog: 2,000,000 readings (`OUTBOX_BACKLOG_READINGS`
+/// overrides it) stored while the cloud is down, the agent restarted with that backlog, the
+/// backlog drained. Peak RSS stays under 16 MiB in every phase, and the data directory is back
+/// under 10 % of its peak within a minute of the drain ending. Takes several minutes:
+/// `cargo test -p edgestream-agent --test outbox_outage -- --ignored --nocapture
+/// a_large_backlog`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "several minutes; run by name"]
+async fn a_large_backlog_is_stored_reopened_and_drained_in_bounded_memory_and_disk() {
+    const RSS_MAX: u64 = 16 << 20;
+    let n: u64 = std::env::var("OUTBOX_BACKLOG_READINGS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000_000);
+    let local = Mosquitto::start().await.expect("local broker");
+    let cloud = Mosquitto::start().await.expect("cloud broker");
+    let proxy = FaultProxy::start(cloud.addr()).await.expect("proxy");
+    proxy.cut();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = config_toml("gw-big", &data, local.port(), proxy.port(), "", "");
+    let mut agent = AgentProcess::start(dir.path(), &cfg);
+    agent.wait_subscribed().await;
+    let t = Instant::now();
+    let chunk = 20_000u64;
+    for start in (0..n).step_by(chunk as usize) {
+        let samples: Vec<Sample> = (start..(start + chunk).min(n))
+            .map(|i| sample(&format!("dev-{}", i % 16), "temperature", i as f64, T0 + i))
+            .collect();
+        publish_samples(local.port(), &samples).await;
+    }
+    // Stop gracefully (everything handed over is stored) until every reading is in.
+    let mut store_rss = 0;
+    let mut tries = 0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        store_rss = store_rss.max(peak_rss(agent.pid()));
+        assert!(
+            agent.terminate(Duration::from_secs(60)).success(),
+            "{}",
+            agent.logs()
+        );
+        let stored = stored_records(&data);
+        if stored >= n {
+            break;
+        }
+        tries += 1;
+        assert!(
+            tries < 20,
+            "only {stored} of {n} readings stored\n{}",
+            agent.logs()
+        );
+        agent = AgentProcess::start(dir.path(), &cfg);
+        agent.wait_subscribed().await;
+    }
+    let store_secs = t.elapsed().as_secs_f64();
+    let peak_disk = dir_bytes(&data.join("outbox"));
+    // Restart with the backlog, the cloud back: it drains.
+    proxy.restore();
+    let t = Instant::now();
+    let mut agent = AgentProcess::start(dir.path(), &cfg);
+    agent
+        .wait_log("backlog drained", Duration::from_secs(1800))
+        .await;
+    let drain_secs = t.elapsed().as_secs_f64();
+    let drained_at = Instant::now();
+    let mut disk = dir_bytes(&data.join("outbox"));
+    while disk * 10 >= peak_disk && drained_at.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        disk = dir_bytes(&data.join("outbox"));
+    }
+    let disk_after = drained_at.elapsed();
+    let drain_rss = peak_rss(agent.pid());
+    eprintln!(
+        "large backlog: {n} readings stored in {store_secs:.0} s, peak RSS {} KiB; directory \
+         {peak_disk} bytes; restart + drain {drain_secs:.0} s, peak RSS {} KiB; directory \
+         {disk} bytes ({:.1} % of its peak) {:.1} s after the drain",
+        store_rss / 1024,
+        drain_rss / 1024,
+        disk as f64 * 100.0 / peak_disk as f64,
+        disk_after.as_secs_f64()
+    );
+    assert!(
+        store_rss < RSS_MAX,
+        "peak RSS {store_rss} storing the backlog"
+    );
+    assert!(
+        drain_rss < RSS_MAX,
+        "peak RSS {drain_rss} reopening and draining it"
+    );
+    assert!(
+        disk * 10 < peak_disk,
+        "directory {disk} bytes after the drain, peak {peak_disk}"
+    );
+    agent.terminate(Duration::from_secs(15));
+}

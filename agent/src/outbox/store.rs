@@ -1576,6 +1576,8 @@ fn migrate(dir: &Path, settings: &OutboxSettings, metrics: &Arc<Metrics>) -> io:
         std::fs::remove_file(stage.join(LOCK_FILE))?;
         File::create(&marker)?.sync_all()?;
         sync_dir(&stage)?;
+        // The staging directory's own entry, before anything of the sled store goes.
+        sync_dir(dir)?;
         tracing::warn!(
             records = migrated,
             "outbox migrated from the sled store of an earlier release"

@@ -2007,6 +2007,32 @@ mod tests {
     }
 
     #[test]
+    fn acknowledgements_reach_the_disk_within_a_second_without_a_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(1 << 20, FullPolicy::DropOldestTelemetry);
+        let (ob, _) = Outbox::open(dir.path(), s.clone(), Arc::default()).unwrap();
+        ob.append(&(0..100).map(|i| record(i, false, 10)).collect::<Vec<_>>())
+            .unwrap();
+        ob.flush_blocking().unwrap();
+        let mut read = Vec::new();
+        ob.read_after(Priority::Low, None, 60, &mut read).unwrap();
+        let keys: Vec<Key> = read.iter().map(|s| s.key).collect();
+        assert_eq!(ob.remove(&keys).unwrap(), 60);
+        // No group commit follows (no new input): the background thread writes them.
+        std::thread::sleep(ACK_PERSIST_INTERVAL + Duration::from_millis(500));
+        // What a crash of the process would leave: the files as they are now.
+        let copy = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(dir.path()).unwrap().flatten() {
+            if e.file_name() != LOCK_FILE {
+                std::fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
+            }
+        }
+        let (again, report) = Outbox::open(copy.path(), s, Arc::default()).unwrap();
+        assert_eq!((report.records, again.depth()), (40, 40));
+        drop(ob);
+    }
+
+    #[test]
     fn a_torn_tail_is_truncated_at_the_last_valid_record_and_no_stored_seq_is_reused() {
         let dir = tempfile::tempdir().unwrap();
         let s = settings(1 << 20, FullPolicy::DropOldestTelemetry);

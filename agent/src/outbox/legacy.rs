@@ -31,7 +31,15 @@ pub fn read(
         .cache_capacity(4 << 20)
         .mode(sled::Mode::LowSpace)
         .open()
-        .map_err(io::Error::other)?;
+        .map_err(|e| {
+            // Held by another process (an old agent still running): not broken, so never
+            // moved aside; opening waits and fails instead.
+            if e.to_string().contains("could not acquire lock") {
+                io::Error::new(io::ErrorKind::WouldBlock, e.to_string())
+            } else {
+                io::Error::other(e)
+            }
+        })?;
     let tree = db.open_tree("outbox").map_err(io::Error::other)?;
     let mut next = match tree.get(META_NEXT_SEQ).map_err(io::Error::other)? {
         Some(v) if v.len() == 8 => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),

@@ -2187,6 +2187,29 @@ mod tests {
     }
 
     #[test]
+    fn a_sled_store_still_held_by_an_old_agent_is_not_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox");
+        let db = sled::Config::new().path(&path).open().unwrap();
+        db.open_tree("outbox")
+            .unwrap()
+            .insert(key(Priority::Low, 0), record(0, false, 5).encode().unwrap())
+            .unwrap();
+        db.flush().unwrap();
+        let s = settings(1 << 20, FullPolicy::DropOldestTelemetry);
+        let err = Outbox::open(&path, s.clone(), Arc::default()).unwrap_err();
+        assert!(matches!(err, OutboxError::Open { .. }), "{err}");
+        assert!(
+            crate::outbox::legacy::present(&path),
+            "the old store was touched"
+        );
+        drop(db);
+        let (ob, report) = Outbox::open(&path, s, Arc::default()).unwrap();
+        assert_eq!((report.migrated, ob.depth()), (1, 1));
+        assert!(report.moved_aside.is_none());
+    }
+
+    #[test]
     fn a_migration_cut_after_it_completed_finishes_on_the_next_open() {
         let dir = tempfile::tempdir().unwrap();
         let s = settings(1 << 20, FullPolicy::DropOldestTelemetry);

@@ -11,7 +11,7 @@
 //! there.
 //!
 //! **Acknowledgement file** `acks`: two slots of [`ACK_SLOT`] bytes, written alternately, each
-//! `[magic "ESAK"][generation: u64][next seq: u64]` then per priority (high, low) `[head
+//! `[magic "ESAK"][generation: u64][next seq: u64][closed: u8]` then per priority (high, low) `[head
 //! segment id: u64][head offset: u64][n: u32][n removed seqs: u64]`, then the crc32 of all that
 //! (all little-endian). The head is the first record not yet acknowledged; the removed seqs are
 //! records after it acknowledged out of order. A slot torn by a power cut fails its CRC and the
@@ -35,7 +35,7 @@ pub const ACK_SLOT: usize = 4096;
 pub const ACK_FILE: &str = "acks";
 /// Removed seqs a slot holds per priority; more than that (out-of-order acknowledgements
 /// beyond the uplink's window) are resent after a restart.
-pub const ACK_MAX_REMOVED: usize = (ACK_SLOT - 4 - 8 - 8 - 4 - 2 * (8 + 8 + 4)) / 16;
+pub const ACK_MAX_REMOVED: usize = (ACK_SLOT - 4 - 8 - 8 - 1 - 4 - 2 * (8 + 8 + 4)) / 16;
 /// Bytes read from a segment at a time.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -332,6 +332,9 @@ pub struct AckPos {
 pub struct AckState {
     pub generation: u64,
     pub next_seq: u64,
+    /// Written by the store's last commit when it is closed; any other slot says `false`, so
+    /// an open that finds `false` knows the previous holder stopped without closing it.
+    pub closed: bool,
     /// Indexed by `Priority as usize`.
     pub pos: [AckPos; 2],
 }
@@ -342,6 +345,7 @@ impl AckState {
         b.extend_from_slice(&ACK_MAGIC);
         b.extend_from_slice(&self.generation.to_le_bytes());
         b.extend_from_slice(&self.next_seq.to_le_bytes());
+        b.push(u8::from(self.closed));
         for p in &self.pos {
             b.extend_from_slice(&p.head_seg.to_le_bytes());
             b.extend_from_slice(&p.head_off.to_le_bytes());
@@ -370,6 +374,11 @@ impl AckState {
         }
         let generation = u64_of(take(8)?);
         let next_seq = u64_of(take(8)?);
+        let closed = match take(1)? {
+            [0] => false,
+            [1] => true,
+            _ => return None,
+        };
         let mut pos: [AckPos; 2] = Default::default();
         for p in &mut pos {
             p.head_seg = u64_of(take(8)?);
@@ -387,6 +396,7 @@ impl AckState {
         (crc == crc32fast::hash(&b[..end])).then_some(AckState {
             generation,
             next_seq,
+            closed,
             pos,
         })
     }
@@ -563,6 +573,7 @@ mod tests {
         let mut a = AckState {
             generation: 7,
             next_seq: 99,
+            closed: true,
             pos: Default::default(),
         };
         a.pos[1] = AckPos {

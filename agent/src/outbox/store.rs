@@ -26,7 +26,9 @@
 //! - **Order.** Each priority's records are read in append order; sequence numbers are unique
 //!   and increase for the life of the store (the acknowledgement file keeps the next one, and
 //!   opening goes past the highest stored record in any case), so the cloud can spot
-//!   duplicates.
+//!   duplicates. After a stop that did not close the store they continue after a gap of
+//!   [`SEQ_GAP_AFTER_CRASH`]: a record lost unsynced may have reached the cloud, and its
+//!   number is not given to another (`acknowledgements_reach_the_disk_within_a_second_...`).
 //! - **Bounded.** Counted bytes never exceed `max_bytes`. Each record counts what it took as a
 //!   single sled value (9-byte key + 5-byte version/CRC header + body), more than its frame
 //!   takes on disk (body + 7 to 13 bytes), so the files stay under the cap plus one segment per
@@ -75,6 +77,14 @@ const KEY_LEN: usize = 9;
 /// Longest an acknowledgement waits to be written to disk (by a group commit or the
 /// background thread); bounds what a restart after a power cut resends.
 pub const ACK_PERSIST_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How far sequence numbers jump after a stop that did not close the store (a crash or a
+/// power cut): records appended but not synced before it are lost, and may have reached the
+/// cloud already (the uplink reads records as they are appended); their numbers are not
+/// given to other records. More than any unsynced window holds (a group with `"batch"`,
+/// `flush_interval_ms` of input with `"interval"`), and small enough that 2^29 such stops keep
+/// numbers under 2^53 for consumers that parse JSON numbers as doubles.
+pub const SEQ_GAP_AFTER_CRASH: u64 = 1 << 24;
 
 /// Positions of this many records last read are remembered per priority, so that removing
 /// them needs no disk read.
@@ -128,6 +138,9 @@ pub struct OpenReport {
     pub discarded_segments: u64,
     /// Records migrated from a sled store left by an earlier release.
     pub migrated: u64,
+    /// The store was not closed by its previous holder (a crash or a power cut): sequence
+    /// numbers continue after a gap of [`SEQ_GAP_AFTER_CRASH`].
+    pub unclean: bool,
 }
 
 /// What happened to an appended batch.
@@ -604,7 +617,7 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Err(e) = self.commit(true) {
+        if let Err(e) = self.commit_as(true, true) {
             tracing::error!(error = %e, "final outbox commit failed");
         }
     }
@@ -726,7 +739,7 @@ impl Outbox {
         report.bytes = bytes;
         Metrics::set(&metrics.outbox_bytes, bytes);
         Metrics::set(&metrics.outbox_depth, depth);
-        Ok(Outbox {
+        let outbox = Outbox {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 settings: settings.clone(),
@@ -742,7 +755,12 @@ impl Outbox {
                 age_checked: AtomicU64::new(0),
                 _lock: lock,
             }),
-        })
+        };
+        // From here until it is closed, the disk says the store is open: a stop without the
+        // closing commit is known as one at the next open.
+        outbox.state().acks_dirty = true;
+        outbox.inner.commit(true)?;
+        Ok(outbox)
     }
 
     /// The thread that commits on a timer: every `flush_interval_ms` with `"interval"`
@@ -1283,16 +1301,23 @@ impl Inner {
     /// whenever they were last written. Syncs happen outside the state lock, so appends and
     /// reads go on meanwhile.
     fn commit(&self, acks_now: bool) -> io::Result<()> {
+        self.commit_as(acks_now, false)
+    }
+
+    /// [`Inner::commit`]; `closing` also writes the acknowledgement slot that marks the store
+    /// closed (the last commit of its holder).
+    fn commit_as(&self, acks_now: bool, closing: bool) -> io::Result<()> {
         let _one = self.commit.lock().unwrap_or_else(|p| p.into_inner());
         let (files, dir_dirty, acks) = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.acks_dirty |= closing;
             let acks_due =
                 st.acks_dirty && (acks_now || st.last_ack_write.elapsed() >= ACK_PERSIST_INTERVAL);
             let acks = acks_due.then(|| {
                 st.ack_generation += 1;
                 st.acks_dirty = false;
                 st.last_ack_write = Instant::now();
-                ack_state(&st)
+                ack_state(&st, closing)
             });
             (
                 std::mem::take(&mut st.dirty),
@@ -1323,7 +1348,7 @@ impl Inner {
     }
 }
 
-fn ack_state(st: &State) -> AckState {
+fn ack_state(st: &State, closed: bool) -> AckState {
     let pos = |l: &Log| AckPos {
         head_seg: l.head.seg,
         head_off: l.head.off,
@@ -1332,6 +1357,7 @@ fn ack_state(st: &State) -> AckState {
     AckState {
         generation: st.ack_generation,
         next_seq: st.next_seq,
+        closed,
         pos: [pos(&st.logs[0]), pos(&st.logs[1])],
     }
 }
@@ -1359,6 +1385,7 @@ fn load(dir: &Path, metrics: &Metrics, report: &mut OpenReport) -> io::Result<(S
         ack_file.sync_all()?;
         sync_dir(dir)?;
     }
+    report.unclean = acks.as_ref().is_some_and(|a| !a.closed);
     let acks = acks.unwrap_or_default();
     let files = list_segments(dir)?;
     // New segments must never take an id at or below an acknowledged head: opening would take
@@ -1511,6 +1538,13 @@ fn load(dir: &Path, metrics: &Metrics, report: &mut OpenReport) -> io::Result<(S
     }
     if dir_dirty {
         sync_dir(dir)?;
+    }
+    if report.unclean {
+        tracing::warn!(
+            gap = SEQ_GAP_AFTER_CRASH,
+            "outbox was not closed by its last holder (crash or power cut); sequence numbers continue after a gap"
+        );
+        next_seq = next_seq.saturating_add(SEQ_GAP_AFTER_CRASH);
     }
     Ok((
         State {
@@ -2029,6 +2063,12 @@ mod tests {
         }
         let (again, report) = Outbox::open(copy.path(), s, Arc::default()).unwrap();
         assert_eq!((report.records, again.depth()), (40, 40));
+        // Not closed: numbers continue after a gap, past any record lost unsynced.
+        assert!(report.unclean);
+        again.append(&[record(100, false, 10)]).unwrap();
+        let last = all(&again, Priority::Low).pop().unwrap().0;
+        assert_eq!(last, 100 + SEQ_GAP_AFTER_CRASH);
+        drop(again);
         drop(ob);
     }
 
@@ -2059,12 +2099,11 @@ mod tests {
         ob.append(&[record(6, true, 5)]).unwrap();
         let got = all(&ob, Priority::High);
         let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
-        assert_eq!(seqs, vec![0, 1, 2, 3, 4, 5]);
-        assert_eq!(
-            got[5].1,
-            record(6, true, 5),
-            "the new record took the next free number"
-        );
+        // The store was closed (its last commit recorded next seq 6), so the torn record's
+        // number 5 is not given again.
+        assert_eq!(seqs, vec![0, 1, 2, 3, 4, 6]);
+        assert!(!report.unclean);
+        assert_eq!(got[5].1, record(6, true, 5));
     }
 
     #[test]

@@ -43,6 +43,25 @@ enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// Inspect the durable outbox of a stopped agent.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum OutboxCommand {
+    /// Check every stored record: print records, bytes, the oldest record's age and anything
+    /// damaged, per segment; exit 1 if anything is damaged (2 if it cannot be read).
+    Verify {
+        /// The agent's `gateway.data_dir` (or its `outbox` directory).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Truncate torn segment tails at the last valid record, as the agent's start does.
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -85,6 +104,30 @@ fn main() -> ExitCode {
                 .context("cannot find this executable")
                 .and_then(|exe| edgestream_sim::run_tool(cmd, exe)),
         ),
+        Command::Outbox {
+            command: OutboxCommand::Verify { data_dir, repair },
+        } => {
+            use edgestream_agent::outbox::verify;
+            let dir = verify::outbox_dir(&data_dir);
+            match verify::verify(&dir, repair) {
+                Ok(v) => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    print!("{}", v.render(now));
+                    if v.damaged() {
+                        ExitCode::from(1)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", dir.display());
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Rules { command } => match command {
             RulesCommand::Check { file } => report(edgestream_agent::rules_cli::check(&file)),
             RulesCommand::Test { file, input } => {

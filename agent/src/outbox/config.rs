@@ -29,8 +29,9 @@ pub const MAX_COMMIT_LINGER_MS: u64 = 1_000;
 pub enum Durability {
     /// Every batch is flushed to disk before anything is acknowledged upstream (default).
     Batch,
-    /// Flushed every `flush_interval_ms`: fewer writes for SD cards, but a power cut can lose
-    /// up to that much of what was acknowledged.
+    /// Committed (`fdatasync`) every `flush_interval_ms`: fewer syncs for SD cards, but a
+    /// power cut loses what was appended since the last commit (at most that interval of
+    /// input plus the commit in progress), although it was acknowledged.
     Interval,
 }
 
@@ -49,7 +50,8 @@ pub struct OutboxConfig {
     /// Cap on stored record bytes (keys + values); see ARCHITECTURE.md for the on-disk margin.
     #[serde(default = "default_outbox_bytes")]
     pub max_bytes: u64,
-    /// sled page cache; its default of 1 GiB is wrong for a Pi.
+    /// Accepted and unused: the outbox's segment log keeps no cache of its own (the kernel's
+    /// page cache serves its reads). Still validated, so that existing configs stay valid.
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: u64,
     #[serde(default = "default_durability")]

@@ -1,10 +1,16 @@
 //! The durable outbox: every record bound for the cloud waits on disk until the cloud broker
 //! has acknowledged it.
 //!
-//! - [`store`]: the [`store::OutboxStore`] contract and its sled implementation;
-//! - [`record`]: what is stored and its checksummed on-disk form;
+//! - [`store`]: the [`store::OutboxStore`] contract and the segment-log [`store::Outbox`];
+//! - [`log`]: the files on disk (segments of CRC-framed records, the acknowledgement file);
+//! - [`record`]: what is stored, and the value forms of the sled store of earlier releases;
+//! - [`legacy`]: reading that sled store, to migrate its backlog;
+//! - [`verify`]: the offline check behind `edgestream outbox verify`;
 //! - [`config`]: the `[outbox]` section (durability, byte cap, age limit, commit linger).
 
 pub mod config;
+pub mod legacy;
+pub mod log;
 pub mod record;
 pub mod store;
+pub mod verify;

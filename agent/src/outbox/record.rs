@@ -1,7 +1,8 @@
-//! What the outbox stores: one [`Record`] per reading, alert, aggregate or dead letter, and its
-//! on-disk form.
+//! What the outbox stores: one [`Record`] per reading, alert, aggregate or dead letter. The
+//! segment log (`log.rs`) stores a record's postcard body in a CRC-framed frame.
 //!
-//! Two value forms share the outbox (the first byte tells them apart):
+//! The rest of this module is the value forms of the sled store of earlier releases, read
+//! only to migrate its backlog (`legacy.rs`); the first byte tells them apart:
 //!
 //! - **Single record** (version 1, [`FORMAT_VERSION`]): `[1][crc32 of body: u32 LE][body:
 //!   postcard]`. Written by releases before segments, and for alerts and control messages by

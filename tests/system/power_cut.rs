@@ -293,11 +293,34 @@ struct Plan {
     kind: CutKind,
     /// The cloud broker is down during the whole cut loop, so the backlog only grows.
     outage: bool,
+    /// `outbox.max_bytes`, when the test needs the byte cap to drop the oldest telemetry.
+    max_bytes: Option<u64>,
+    /// Readings per second over all devices.
+    rate: f64,
+    /// How long the load runs before the first cut.
+    fill: Duration,
+}
+
+impl Plan {
+    fn new(gateway: &'static str, durability: Durability, cuts: usize, kind: CutKind) -> Plan {
+        Plan {
+            gateway,
+            durability,
+            cuts,
+            kind,
+            outage: false,
+            max_bytes: None,
+            rate: rate(),
+            fill: Duration::ZERO,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct Figures {
     published: u64,
+    /// Readings published per device (values `0..n`).
+    per_device: Vec<u64>,
     rate: f64,
     received: usize,
     arrivals: usize,
@@ -495,12 +518,15 @@ async fn run(plan: Plan) -> Figures {
         .await
         .expect("collector");
     let data_dir = fs.mnt.join("d");
-    let outbox = match plan.durability {
+    let mut outbox = match plan.durability {
         Durability::Batch => "[outbox]\ndurability = \"batch\"\n".to_string(),
         Durability::Interval => format!(
             "[outbox]\ndurability = \"interval\"\nflush_interval_ms = {FLUSH_INTERVAL_MS}\n"
         ),
     };
+    if let Some(cap) = plan.max_bytes {
+        outbox.push_str(&format!("max_bytes = {cap}\n"));
+    }
     let config = config_toml(
         plan.gateway,
         &data_dir,
@@ -528,7 +554,8 @@ async fn run(plan: Plan) -> Figures {
     if plan.outage {
         cloud.stop().await.expect("stop the cloud broker");
     }
-    let load = Load::start(local.port(), DEVICES, rate());
+    let load = Load::start(local.port(), DEVICES, plan.rate);
+    tokio::time::sleep(plan.fill).await;
     let mut rng = rand::rng();
     while h.figures.cuts < plan.cuts {
         let life = rng.random_range(LIFE_MS);
@@ -595,6 +622,7 @@ async fn run(plan: Plan) -> Figures {
     let mut f = std::mem::take(&mut h.figures);
     h.fs.unmount();
     f.published = published.total;
+    f.per_device = published.per_device.clone();
     f.rate = published.rate;
     f.received = got.unique.len();
     f.arrivals = got.arrivals;
@@ -691,26 +719,24 @@ fn interval_bound(f: &Figures) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_durability_loses_nothing_acknowledged_across_power_cuts() {
-    let f = run(Plan {
-        gateway: "gw-pc-batch",
-        durability: Durability::Batch,
-        cuts: cuts(),
-        kind: CutKind::Plain,
-        outage: false,
-    })
+    let f = run(Plan::new(
+        "gw-pc-batch",
+        Durability::Batch,
+        cuts(),
+        CutKind::Plain,
+    ))
     .await;
     assert_nothing_lost(&f);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interval_durability_loses_at_most_its_window_per_power_cut() {
-    let f = run(Plan {
-        gateway: "gw-pc-interval",
-        durability: Durability::Interval,
-        cuts: cuts(),
-        kind: CutKind::Plain,
-        outage: false,
-    })
+    let f = run(Plan::new(
+        "gw-pc-interval",
+        Durability::Interval,
+        cuts(),
+        CutKind::Plain,
+    ))
     .await;
     assert_eq!(
         f.restarts_ready, f.restarts,
@@ -740,13 +766,12 @@ async fn interval_durability_loses_at_most_its_window_per_power_cut() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_during_start_up_recovery_loses_nothing_acknowledged() {
-    let f = run(Plan {
-        gateway: "gw-pc-startup",
-        durability: Durability::Batch,
-        cuts: cuts(),
-        kind: CutKind::DuringStartup,
-        outage: false,
-    })
+    let f = run(Plan::new(
+        "gw-pc-startup",
+        Durability::Batch,
+        cuts(),
+        CutKind::DuringStartup,
+    ))
     .await;
     assert!(
         f.startup_cuts > 0,
@@ -758,11 +783,13 @@ async fn a_cut_during_start_up_recovery_loses_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cuts_during_a_cloud_outage_lose_nothing_from_the_backlog() {
     let f = run(Plan {
-        gateway: "gw-pc-outage",
-        durability: Durability::Batch,
-        cuts: cuts() / 2,
-        kind: CutKind::Plain,
         outage: true,
+        ..Plan::new(
+            "gw-pc-outage",
+            Durability::Batch,
+            cuts() / 2,
+            CutKind::Plain,
+        )
     })
     .await;
     assert_nothing_lost(&f);
@@ -775,13 +802,12 @@ async fn cuts_during_a_cloud_outage_lose_nothing_from_the_backlog() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn torn_writes_on_the_store_lose_nothing_acknowledged() {
-    let f = run(Plan {
-        gateway: "gw-pc-torn",
-        durability: Durability::Batch,
-        cuts: cuts(),
-        kind: CutKind::Torn,
-        outage: false,
-    })
+    let f = run(Plan::new(
+        "gw-pc-torn",
+        Durability::Batch,
+        cuts(),
+        CutKind::Torn,
+    ))
     .await;
     assert!(
         f.torn_fired > 0,
@@ -908,5 +934,209 @@ async fn a_cut_while_a_rule_bundle_is_applied_leaves_the_old_or_the_new_one() {
          times, on the old one {old_after_cut} (then applied on redelivery {redelivered}); \
          {} readings published meanwhile",
         published.total
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cuts_while_the_byte_cap_drops_the_oldest_keep_the_newest_without_a_hole() {
+    // The smallest cap the agent accepts, filled during a cloud outage; the cuts come while
+    // every new group makes room by dropping the oldest telemetry.
+    let f = run(Plan {
+        outage: true,
+        max_bytes: Some(1 << 20),
+        rate: rate() * 2.0,
+        fill: Duration::from_secs(10),
+        ..Plan::new("gw-pc-cap", Durability::Batch, cuts() / 2, CutKind::Plain)
+    })
+    .await;
+    assert_eq!(
+        f.restarts_ready, f.restarts,
+        "not every restart came up on its own"
+    );
+    assert!(
+        !f.lost.is_empty(),
+        "the cap dropped nothing ({} readings published): the case was not exercised",
+        f.published
+    );
+    // A store that loses what it held at each cut also leaves only a newest run; what tells
+    // them apart is how much was kept: a reading here counts well under 100 bytes, so a full
+    // 1 MiB cap holds more than 10,000 of them.
+    assert!(
+        f.received >= 10_000,
+        "only {} readings reached the cloud after the outage, far less than the 1 MiB cap \
+         holds: the cuts lost what the cap had kept",
+        f.received
+    );
+    // What the cap drops is the oldest: per device, the readings that never reached the cloud
+    // are exactly its first ones, and everything after them arrived.
+    let mut lost: Vec<Vec<u64>> = vec![Vec::new(); f.per_device.len()];
+    for &(d, v) in &f.lost {
+        lost[d].push(v);
+    }
+    for (d, vs) in lost.iter_mut().enumerate() {
+        vs.sort_unstable();
+        let hole = vs.iter().enumerate().find(|&(i, &v)| v != i as u64);
+        assert!(
+            hole.is_none(),
+            "pc-{d}: reading {} lost while older ones arrived: a cut lost acknowledged \
+             readings the cap had kept ({} of {} lost on this device)",
+            hole.map_or(0, |h| *h.1),
+            vs.len(),
+            f.per_device[d]
+        );
+    }
+    eprintln!(
+        "byte cap: {} of {} readings dropped as the oldest, newest {} kept across {} cuts",
+        f.lost.len(),
+        f.published,
+        f.received,
+        f.cuts
+    );
+}
+
+const COMMANDS: &str = r#"
+[commands]
+reply_timeout_ms = 30000
+
+[[commands.allow]]
+name = "set_position"
+devices = ["valve-*"]
+args.percent = { type = "number", min = 0, max = 100, required = true }
+"#;
+
+/// Outcome states the cloud got for command `id`, in arrival order.
+fn outcome_states(collector: &CloudCollector, id: &str) -> Vec<String> {
+    collector
+        .outcomes()
+        .iter()
+        .filter(|o| o["id"] == id)
+        .map(|o| o["state"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_while_a_command_is_accepted_neither_forgets_nor_repeats_it() {
+    use edgestream_sim::{
+        CommandBehavior, MetricSpec, MqttDevice, MqttDeviceConfig, Profile, Signal,
+    };
+
+    let _one_at_a_time = SERIAL.lock().await;
+    let base = tempfile::Builder::new()
+        .prefix("pc")
+        .tempdir_in("/tmp")
+        .expect("temp dir");
+    let mut fs = LazyFs::mount(base.path(), "256mb");
+    let local = Mosquitto::start().await.expect("local broker");
+    let cloud = Mosquitto::start().await.expect("cloud broker");
+    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-pc-cmd")
+        .await
+        .expect("collector");
+    // A slow actuator: it answers 300 ms after a command, so cuts land before, between and
+    // after the acceptance and the reply.
+    let mut valve = MqttDeviceConfig::new(
+        "valve-1",
+        vec![MetricSpec::new(
+            "position",
+            Signal::new(Profile::Constant(10.0), 0.0, 3),
+        )],
+        2.0,
+    );
+    valve.commands = CommandBehavior::SucceedAfter(Duration::from_millis(300));
+    let mut valve = MqttDevice::spawn("127.0.0.1", local.port(), valve);
+    let config = config_toml(
+        "gw-pc-cmd",
+        &fs.mnt.join("d"),
+        local.port(),
+        cloud.port(),
+        "",
+        COMMANDS,
+    );
+    let agent_dir = base.path().join("agent");
+    let mut agent = AgentProcess::start(&agent_dir, &config);
+    wait_ready(&mut agent).await.expect("first start");
+    assert!(wait_online(&collector).await, "{}", agent.logs());
+    assert!(valve.wait_connected(Duration::from_secs(10)).await);
+    let mut rng = rand::rng();
+    let rounds = cuts().max(1);
+    let (mut accepted_before_cut, mut succeeded_before_cut) = (0, 0);
+    for i in 0..rounds {
+        let id = format!("c-{i}");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let cmd = serde_json::json!({"v": 1, "id": id, "device": "valve-1",
+            "name": "set_position", "args": {"percent": i % 100},
+            "issued_at": now, "expires_at": now + 300_000});
+        collector
+            .publish("commands", &cmd, false)
+            .await
+            .expect("publish a command");
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..500))).await;
+        let before = outcome_states(&collector, &id);
+        if before.iter().any(|s| s == "accepted") {
+            accepted_before_cut += 1;
+        }
+        if before.iter().any(|s| s == "succeeded") {
+            succeeded_before_cut += 1;
+        }
+        agent.kill();
+        fs.power_cut();
+        agent = AgentProcess::start(&agent_dir, &config);
+        if let Err(why) = wait_ready(&mut agent).await {
+            panic!("restart after cut {i} failed: {why}");
+        }
+        // Accepted before the cut or not yet received (the cloud broker redelivers what the
+        // agent did not acknowledge): either way it must end, once.
+        let ended = collector
+            .wait_for(
+                |m| {
+                    m.iter().any(|m| {
+                        m.topic.ends_with("/commands/outcomes")
+                            && m.payload["id"] == id.as_str()
+                            && m.payload["state"] != "accepted"
+                    })
+                },
+                // Longer than `reply_timeout_ms`: a command whose reply was lost ends in a timeout.
+                Duration::from_secs(40),
+            )
+            .await;
+        assert!(
+            ended,
+            "command {id} (outcomes before the cut: {before:?}) never ended after the cut: \
+             forgotten\n{}",
+            agent.logs()
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut received: HashMap<String, usize> = HashMap::new();
+    for c in valve.commands() {
+        *received
+            .entry(c["id"].as_str().unwrap_or_default().to_string())
+            .or_default() += 1;
+    }
+    for i in 0..rounds {
+        let id = format!("c-{i}");
+        let states = outcome_states(&collector, &id);
+        assert_eq!(
+            received.get(&id).copied().unwrap_or(0),
+            1,
+            "command {id} reached the device {} times (outcomes {states:?})",
+            received.get(&id).copied().unwrap_or(0)
+        );
+        assert!(
+            states.iter().any(|s| s == "succeeded")
+                && !states.iter().any(|s| s != "accepted" && s != "succeeded"),
+            "command {id}: outcomes {states:?}"
+        );
+    }
+    agent.terminate(Duration::from_secs(15));
+    drop(agent);
+    valve.stop().await;
+    fs.unmount();
+    eprintln!(
+        "commands: {rounds} cuts; accepted before the cut {accepted_before_cut}, succeeded \
+         before the cut {succeeded_before_cut}; every command reached the device once and \
+         succeeded"
     );
 }

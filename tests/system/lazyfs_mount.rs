@@ -203,6 +203,42 @@ impl LazyFs {
         }
     }
 
+    /// The share of LazyFS's cache in use, in percent. When it is full, writes go straight
+    /// to the root directory and survive a cut, so a test must stay well below it.
+    pub fn cache_usage(&self) -> f64 {
+        const NEEDLE: &str = "cache usage (%pages) is ";
+        let count = |text: &str| text.matches(NEEDLE).count();
+        let logs = || {
+            ["fifo.log", "fifo.out"]
+                .iter()
+                .map(|e| std::fs::read_to_string(self.fifo.with_extension(e)).unwrap_or_default())
+                .collect::<String>()
+        };
+        let before = count(&logs());
+        assert!(
+            self.send("lazyfs::display-cache-usage"),
+            "LazyFS is not running"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = logs();
+            if count(&text) > before {
+                let at = text.rfind(NEEDLE).unwrap() + NEEDLE.len();
+                return text[at..]
+                    .split('%')
+                    .next()
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or_else(|| panic!("unreadable cache usage: {}", &text[at..]));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "LazyFS did not report its cache usage; its log:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Unmounts (dropping the cache: also a power cut) and mounts again on the same root,
     /// with no fault configured. Used after LazyFS killed itself on a torn write.
     pub fn remount(&mut self) {

@@ -350,6 +350,8 @@ struct Figures {
     store_complaints: usize,
     /// What those complaints said (one line of each kind).
     complaint_kinds: Vec<String>,
+    /// LazyFS's cache in use at the end, percent.
+    cache_usage: f64,
     elapsed: Duration,
 }
 
@@ -627,7 +629,14 @@ async fn run(plan: Plan) -> Figures {
         "the collector overflowed: the count is incomplete"
     );
     h.agent.terminate(Duration::from_secs(15));
+    let cache_usage = h.fs.cache_usage();
+    assert!(
+        cache_usage < 80.0,
+        "LazyFS's cache is {cache_usage}% full: past full, writes go straight to disk and \
+         survive a cut, so the count under-reports loss; raise LAZYFS_CACHE_SIZE"
+    );
     let mut f = std::mem::take(&mut h.figures);
+    f.cache_usage = cache_usage;
     h.fs.unmount();
     f.published = published.total;
     f.per_device = published.per_device.clone();
@@ -641,7 +650,7 @@ async fn run(plan: Plan) -> Figures {
         "power cut [{} {:?} {:?}{}]: {} cuts ({} during start-up, {} torn of {} armed), \
          {}/{} restarts ready (downtime {}..{} ms), published {} at {:.0}/s, cloud got {} \
          distinct ({} arrivals), lost {}, outbox seq reused {}, backlog recovered per restart \
-         {:?}, restarts with store complaints {} {:?}, took {:?}",
+         {:?}, restarts with store complaints {} {:?}, LazyFS cache {:.1}% used, took {:?}",
         plan.gateway,
         plan.durability,
         plan.kind,
@@ -663,6 +672,7 @@ async fn run(plan: Plan) -> Figures {
         f.recovered,
         f.store_complaints,
         f.complaint_kinds,
+        f.cache_usage,
         f.elapsed,
     );
     f

@@ -122,8 +122,9 @@ pub struct Stored {
     pub size: usize,
 }
 
-/// What happened when a store was opened: what was recovered and what was discarded.
-#[derive(Debug, Clone, Default)]
+/// What happened when a store was opened: what was recovered and what was discarded. Logged
+/// at open and repeated in every health message (`outbox_opened`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct OpenReport {
     /// Where a store that failed to open was moved to, and why, if that happened.
     pub moved_aside: Option<(PathBuf, String)>,

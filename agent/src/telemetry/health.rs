@@ -8,6 +8,7 @@
 use serde::Serialize;
 use serde_json::json;
 
+use crate::outbox::store::OpenReport;
 use crate::telemetry::metrics::Snapshot;
 
 /// Kernel clock ticks per second for `/proc/*/stat` CPU times. `USER_HZ` is 100 on every
@@ -85,6 +86,7 @@ pub fn message(
     uptime_s: u64,
     m: &Snapshot,
     outbox_disk_bytes: u64,
+    outbox_opened: &OpenReport,
 ) -> serde_json::Value {
     let p = ProcessStats::read();
     json!({
@@ -93,6 +95,7 @@ pub fn message(
         "uptime_s": uptime_s,
         "rss_bytes": p.rss_bytes,
         "outbox_disk_bytes": outbox_disk_bytes,
+        "outbox_opened": outbox_opened,
         "summary": {
             "readings_in": { "mqtt": m.readings_in_mqtt, "serial": m.readings_in_serial },
             "parse_errors": { "mqtt": m.rejected_mqtt, "serial": m.rejected_serial },
@@ -188,7 +191,16 @@ mod tests {
             outbox_dropped_age: 6,
             ..Snapshot::default()
         };
-        let v = message("gw", 1, &m, 0);
+        let opened = OpenReport {
+            records: 12,
+            truncated_bytes: 40,
+            unclean: true,
+            ..OpenReport::default()
+        };
+        let v = message("gw", 1, &m, 0, &opened);
+        assert_eq!(v["outbox_opened"]["records"], 12);
+        assert_eq!(v["outbox_opened"]["truncated_bytes"], 40);
+        assert_eq!(v["outbox_opened"]["unclean"], true);
         assert_eq!(v["summary"]["readings_in"]["mqtt"], 7);
         assert_eq!(v["summary"]["parse_errors"]["mqtt"], 2);
         assert_eq!(v["summary"]["uplink"]["reconnects"], 2);

@@ -683,6 +683,7 @@ impl Uplink {
             self.started.elapsed().as_secs(),
             &self.metrics.snapshot(),
             self.outbox.size_on_disk(),
+            self.outbox.open_report(),
         );
         if let Ok(bytes) = serde_json::to_vec(&payload) {
             if s.client

@@ -41,7 +41,7 @@ use crate::outbox::record::{Priority, Record};
 use crate::outbox::store::{Key, Outbox, Stored};
 use crate::telemetry::metrics::Metrics;
 use crate::uplink::config::CloudConfig;
-use crate::uplink::inbound::{InboundAck, InboundMsg};
+use crate::uplink::inbound::{AckToken, InboundAck, InboundMsg};
 use crate::uplink::topics::CloudTopics;
 use crate::uplink::wire;
 
@@ -111,6 +111,11 @@ pub struct Uplink {
     shutdown_timeout: Duration,
     started: Instant,
     transport: Transport,
+    /// Acknowledgements of cloud messages, from their consumers (see [`InboundAck`]).
+    acks_tx: mpsc::UnboundedSender<AckToken>,
+    acks_rx: mpsc::UnboundedReceiver<AckToken>,
+    /// Connections made so far; numbers each one for [`AckToken`].
+    connections: u64,
 }
 
 impl std::fmt::Debug for Uplink {
@@ -132,6 +137,8 @@ enum Exit {
 /// State of one connection; thrown away when it ends.
 struct Session {
     client: AsyncClient,
+    /// This connection's number (see [`Uplink::connections`]).
+    connection: u64,
     /// Publishes handed to rumqttc's request channel (status and health) whose packet id is
     /// not known yet, in order.
     queued: VecDeque<Vec<Key>>,
@@ -169,9 +176,10 @@ struct Session {
 impl Session {
     /// A session that starts reading the outbox from its beginning; `backlog` is the outbox's
     /// depth at connect time.
-    fn new(client: AsyncClient, backlog: u64, batch_size: usize) -> Session {
+    fn new(client: AsyncClient, connection: u64, backlog: u64, batch_size: usize) -> Session {
         Session {
             client,
+            connection,
             queued: VecDeque::new(),
             staged: VecDeque::new(),
             collided: None,
@@ -238,7 +246,11 @@ impl Uplink {
     ) -> Result<Self, UplinkError> {
         let cloud = config.cloud.clone();
         let transport = build_transport(&cloud)?;
+        let (acks_tx, acks_rx) = mpsc::unbounded_channel();
         Ok(Self {
+            acks_tx,
+            acks_rx,
+            connections: 0,
             topics: CloudTopics::new(&cloud.topic_prefix, &config.gateway.id),
             client_id: config.cloud_client_id(),
             gateway: config.gateway.id.clone(),
@@ -356,7 +368,9 @@ impl Uplink {
                     };
                     tracing::info!(?mode, backlog, "connected to cloud broker");
                     was_online = true;
-                    let session = Session::new(client, backlog, self.cloud.batch_size);
+                    self.connections += 1;
+                    let session =
+                        Session::new(client, self.connections, backlog, self.cloud.batch_size);
                     let exit = self
                         .online(session, &mut events, &shutdown, &stages_done)
                         .await;
@@ -473,6 +487,11 @@ impl Uplink {
                     Err(e) => break Exit::Lost(e.to_string()),
                 },
                 _ = self.outbox.appended() => s.unseen_appends = true,
+                Some(first) = self.acks_rx.recv() => {
+                    if let Err(e) = self.write_inbound_acks(&s, events, first).await {
+                        break Exit::Lost(e);
+                    }
+                }
                 _ = acks_linger_ends.elapsed() => {}
                 _ = batch_linger_ends.elapsed() => {}
                 _ = self.status.changed() => self.publish_status(&mut s, "online"),
@@ -529,22 +548,63 @@ impl Uplink {
             // Not one of our subscriptions (a stale one from an earlier configuration, kept by
             // the persistent session): acknowledge so that the broker forgets it.
             tracing::debug!(topic = %p.topic, "cloud message on no route; acknowledged and ignored");
-            if let Err(e) = s.client.try_ack(&p) {
-                tracing::debug!(error = %e, "PUBACK not queued");
-            }
+            self.inbound_ack(s, &p).ack();
             return;
         };
         let msg = InboundMsg {
-            ack: InboundAck {
-                client: s.client.clone(),
-                publish: p.clone(),
-            },
+            ack: self.inbound_ack(s, &p),
             publish: p,
         };
         if inbound.tx.send(msg).await.is_err() {
             tracing::warn!(
                 "inbound consumer has stopped; message left unacknowledged for redelivery"
             );
+        }
+    }
+
+    /// The handle that acknowledges `p`, a message that arrived on `s`'s connection.
+    fn inbound_ack(&self, s: &Session, p: &rumqttc::Publish) -> InboundAck {
+        InboundAck {
+            tx: self.acks_tx.clone(),
+            token: (p.qos != QoS::AtMostOnce).then_some(AckToken {
+                connection: s.connection,
+                pkid: p.pkid,
+            }),
+        }
+    }
+
+    /// Writes the PUBACKs of `first` and of every other acknowledgement waiting, with one
+    /// flush. Those for an earlier connection are dropped: the broker redelivers their messages.
+    ///
+    /// rumqttc's own path (`AsyncClient::try_ack`) goes through its request channel, which
+    /// the event loop drains one request per turn and only when it has no buffered events: a
+    /// burst of commands filled it, the PUBACKs that found it full were lost, and the broker
+    /// kept those messages in flight (its window closed, the burst stalled) and delivered them
+    /// again on the next connection.
+    async fn write_inbound_acks(
+        &mut self,
+        s: &Session,
+        events: &mut rumqttc::EventLoop,
+        first: AckToken,
+    ) -> Result<(), String> {
+        let mut tokens = vec![first];
+        while let Ok(t) = self.acks_rx.try_recv() {
+            tokens.push(t);
+        }
+        let requests = tokens
+            .into_iter()
+            .filter(|t| t.connection == s.connection)
+            .map(|t| rumqttc::Request::PubAck(rumqttc::PubAck::new(t.pkid)));
+        let packets = mqtt_link::ack_packets(events, requests)
+            .map_err(|e| format!("cannot acknowledge cloud messages: {e}"))?;
+        if packets.is_empty() || !mqtt_link::is_connected(events) {
+            return Ok(());
+        }
+        let timeout = mqtt_link::write_timeout(events);
+        match tokio::time::timeout(timeout, mqtt_link::write_flushed(events, packets)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("cannot write acknowledgements: {e}")),
+            Err(_) => Err(format!("writing acknowledgements took over {timeout:?}")),
         }
     }
 
@@ -803,7 +863,7 @@ mod tests {
         o.set_inflight(2);
         let (client, mut events) = AsyncClient::new(o, 10);
         wait_connack(&mut events).await.unwrap();
-        let mut s = Session::new(client, 0, 10);
+        let mut s = Session::new(client, 1, 0, 10);
         let keys: Vec<Key> = (1..=3u8).map(|i| [i; 9]).collect();
         for k in &keys {
             let p = rumqttc::Publish::new("t/collision", QoS::AtLeastOnce, k.to_vec());

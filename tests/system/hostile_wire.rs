@@ -1,0 +1,210 @@
+//! System tests of input that must not wedge the agent (issue 29): the real `edgestream`
+//! binary between two real mosquitto brokers.
+//!
+//! - a burst of 1,000 cloud commands is answered at once, one final outcome each;
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use edgestream_sim::prometheus::scrape_parsed;
+use edgestream_sim::{
+    CloudCollector, CommandBehavior, FaultProxy, MetricSpec, Mosquitto, MqttDevice,
+    MqttDeviceConfig, Profile, Signal,
+};
+use serde_json::{json, Value};
+
+const ALLOW: &str = r#"
+[commands]
+reply_timeout_ms = 10000
+max_pending = 4096
+
+[[commands.allow]]
+name = "set_position"
+devices = ["valve-*"]
+args.percent = { type = "number", min = 0, max = 100, required = true }
+"#;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn command(id: &str, device: &str, percent: u64) -> Value {
+    let now = now_ms();
+    json!({"v": 1, "id": id, "device": device, "name": "set_position",
+           "args": {"percent": percent}, "issued_at": now, "expires_at": now + 60_000})
+}
+
+fn valve(name: &str) -> MqttDeviceConfig {
+    let mut c = MqttDeviceConfig::new(
+        name,
+        vec![MetricSpec::new(
+            "position",
+            Signal::new(Profile::Constant(10.0), 0.0, 3),
+        )],
+        0.5,
+    );
+    c.commands = CommandBehavior::Succeed;
+    c
+}
+
+const FINAL: [&str; 4] = ["succeeded", "failed", "rejected", "timed_out"];
+
+/// Final outcomes per command id. The same outcome twice (same state, detail and time) is one:
+/// an outbox record in flight when a connection drops is sent again.
+fn finals(c: &CloudCollector) -> HashMap<String, Vec<String>> {
+    let mut m: HashMap<String, Vec<String>> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for o in c.outcomes() {
+        let state = o["state"].as_str().unwrap_or_default();
+        if FINAL.contains(&state) && seen.insert(o.to_string()) {
+            m.entry(o["id"].as_str().unwrap_or_default().to_string())
+                .or_default()
+                .push(state.to_string());
+        }
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_a_thousand_cloud_commands_is_answered_at_once() {
+    let local = Mosquitto::start().await.expect("local broker");
+    let mut device = MqttDevice::spawn("127.0.0.1", local.port(), valve("valve-b"));
+    let cloud = Mosquitto::start().await.expect("cloud broker");
+    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-burst")
+        .await
+        .expect("collector");
+    // The proxy lets the test reconnect the agent afterwards: a command whose PUBACK was
+    // lost would be delivered again then, and answered twice.
+    let proxy = FaultProxy::start(cloud.addr()).await.expect("proxy");
+    let dir = tempfile::tempdir().unwrap();
+    // No health message during the test: a publish of the agent's own must not be what
+    // moves the commands along.
+    let config = config_toml(
+        "gw-burst",
+        &dir.path().join("data"),
+        local.port(),
+        proxy.port(),
+        "",
+        ALLOW,
+    )
+    .replace("interval_secs = 1\n", "interval_secs = 3600\n")
+        + "[metrics]\nprometheus = true\nport = 0\n";
+    let mut agent = AgentProcess::start(dir.path(), &config);
+    agent.wait_subscribed().await;
+    assert!(wait_online(&collector).await, "{}", agent.logs());
+    assert!(
+        wait_device_connected(&device).await,
+        "the simulated valve never connected"
+    );
+
+    const N: usize = 1000;
+    let start = Instant::now();
+    for i in 0..N {
+        let c = command(&format!("b-{i}"), "valve-b", (i % 100) as u64);
+        collector.publish("commands", &c, false).await.unwrap();
+    }
+    let all = collector
+        .wait_for(
+            |msgs| {
+                let mut ids = std::collections::HashSet::new();
+                for m in msgs {
+                    if m.topic.ends_with("/commands/outcomes")
+                        && FINAL.contains(&m.payload["state"].as_str().unwrap_or_default())
+                    {
+                        ids.insert(m.payload["id"].as_str().unwrap_or_default().to_string());
+                    }
+                }
+                ids.len() >= N
+            },
+            Duration::from_secs(5),
+        )
+        .await;
+    let took = start.elapsed();
+    let got = finals(&collector);
+    assert!(
+        all,
+        "{} of {N} commands have a final outcome after {took:?}; missing e.g. {:?}",
+        got.len(),
+        (0..N)
+            .map(|i| format!("b-{i}"))
+            .filter(|id| !got.contains_key(id))
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    eprintln!("{N} cloud commands answered in {took:?}");
+    // Every command was acknowledged: after a reconnect nothing is delivered again, so
+    // nothing more arrives for them: one final outcome each, and all succeeded.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.restore();
+    let reconnected = collector
+        .wait_for(
+            |msgs| {
+                msgs.iter()
+                    .filter(|m| m.topic.ends_with("/status") && m.payload["state"] == "online")
+                    .count()
+                    >= 2
+            },
+            Duration::from_secs(20),
+        )
+        .await;
+    assert!(reconnected, "{}", agent.logs());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let m = scrape_parsed(metrics_port(&agent.logs()))
+        .await
+        .expect("scrape");
+    assert_eq!(
+        m.get("edgestream_commands_received_total{source=\"cloud\"}"),
+        Some(&(N as f64)),
+        "commands delivered again after the reconnect (their PUBACK was lost)"
+    );
+    let got = finals(&collector);
+    for i in 0..N {
+        let id = format!("b-{i}");
+        assert_eq!(
+            got.get(&id).map(Vec::as_slice),
+            Some(&["succeeded".to_string()][..]),
+            "{id}"
+        );
+    }
+    assert_eq!(
+        device.commands().len(),
+        N,
+        "each command reached the valve once"
+    );
+    assert!(agent.terminate(Duration::from_secs(10)).success());
+    device.stop().await;
+}
+
+/// The port from the agent's `metrics endpoint listening addr=127.0.0.1:PORT` log line.
+fn metrics_port(logs: &str) -> u16 {
+    let line = logs
+        .lines()
+        .find(|l| l.contains("metrics endpoint listening"))
+        .expect("metrics endpoint in the log");
+    let rest = &line[line.find("127.0.0.1:").expect("address") + "127.0.0.1:".len()..];
+    rest.chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .expect("port")
+}
+
+async fn wait_device_connected(device: &MqttDevice) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !device.is_connected() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}

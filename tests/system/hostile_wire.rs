@@ -1,6 +1,8 @@
 //! System tests of input that must not wedge the agent (issue 29): the real `edgestream`
 //! binary between two real mosquitto brokers.
 //!
+//! - an oversized QoS 1 message on either connection is acknowledged, counted and
+//!   dead-lettered, and the traffic behind it flows at once (no reconnect loop);
 //! - a burst of 1,000 cloud commands is answered at once, one final outcome each;
 
 #[path = "common/mod.rs"]
@@ -15,6 +17,7 @@ use edgestream_sim::{
     CloudCollector, CommandBehavior, FaultProxy, MetricSpec, Mosquitto, MqttDevice,
     MqttDeviceConfig, Profile, Signal,
 };
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 
 const ALLOW: &str = r#"
@@ -207,4 +210,165 @@ async fn wait_device_connected(device: &MqttDevice) -> bool {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     true
+}
+
+/// Publishes one QoS 1 message of any size (up to the MQTT maximum) and waits for its PUBACK.
+async fn publish_big(port: u16, topic: &str, payload: Vec<u8>) {
+    let mut opts = MqttOptions::new(format!("big-{}", now_ms()), "127.0.0.1", port);
+    opts.set_max_packet_size(300 << 20, 300 << 20);
+    let (client, mut events) = AsyncClient::new(opts, 10);
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => panic!("big publisher lost its broker: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the broker acknowledged the big publish");
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(300), events.poll()).await;
+}
+
+fn health_counter(c: &CloudCollector, name: &str) -> u64 {
+    c.payloads_on("health")
+        .last()
+        .and_then(|h| h["counters"][name].as_u64())
+        .unwrap_or(0)
+}
+
+async fn wait_health(c: &CloudCollector, ok: impl Fn(&Value) -> bool) -> bool {
+    c.wait_for(
+        |msgs| {
+            msgs.iter()
+                .rev()
+                .find(|m| m.topic.ends_with("/health"))
+                .is_some_and(|h| ok(&h.payload))
+        },
+        Duration::from_secs(10),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_on_either_connection_is_dead_lettered_and_traffic_flows_on() {
+    let local = Mosquitto::start().await.expect("local broker");
+    let cloud = Mosquitto::start().await.expect("cloud broker");
+    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-big")
+        .await
+        .expect("collector");
+    let mut device = MqttDevice::spawn("127.0.0.1", local.port(), valve("valve-big"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_toml(
+        "gw-big",
+        &dir.path().join("data"),
+        local.port(),
+        cloud.port(),
+        "",
+        ALLOW,
+    );
+    let mut agent = AgentProcess::start(dir.path(), &config);
+    agent.wait_subscribed().await;
+    assert!(wait_online(&collector).await, "{}", agent.logs());
+    assert!(wait_device_connected(&device).await);
+
+    // Local: 1 MiB on a reading topic, then a good reading.
+    publish_big(local.port(), "sensors/x/y", vec![b'7'; 1 << 20]).await;
+    let t0 = now_ms();
+    publish_samples(local.port(), &[sample("dev-ok", "temp", 21.5, t0)]).await;
+    let sent = Instant::now();
+    let flowed = collector
+        .wait_for(
+            |msgs| {
+                msgs.iter().any(|m| {
+                    m.topic.ends_with("/telemetry")
+                        && m.payload["readings"]
+                            .as_array()
+                            .is_some_and(|rs| rs.iter().any(|r| r["device"] == "dev-ok"))
+                })
+            },
+            Duration::from_secs(5),
+        )
+        .await;
+    let took = sent.elapsed();
+    assert!(
+        flowed,
+        "the reading behind the big one never arrived\n{}",
+        agent.logs()
+    );
+    assert!(took < Duration::from_secs(1), "the reading took {took:?}");
+
+    // Cloud: a 20 MiB command and a 5 MiB rule bundle, then a good command.
+    let base = collector.base_topic().to_string();
+    publish_big(
+        cloud.port(),
+        &format!("{base}/commands"),
+        vec![b'{'; 20 << 20],
+    )
+    .await;
+    publish_big(
+        cloud.port(),
+        &format!("{base}/rules/set"),
+        vec![b'{'; 5 << 20],
+    )
+    .await;
+    collector
+        .publish("commands", &command("ok-1", "valve-big", 30), false)
+        .await
+        .unwrap();
+    let sent = Instant::now();
+    let answered = collector
+        .wait_for(
+            |msgs| {
+                msgs.iter().any(|m| {
+                    m.topic.ends_with("/commands/outcomes")
+                        && m.payload["id"] == "ok-1"
+                        && m.payload["state"] == "succeeded"
+                })
+            },
+            Duration::from_secs(5),
+        )
+        .await;
+    let took = sent.elapsed();
+    assert!(
+        answered,
+        "the command behind the big ones was never answered\n{}",
+        agent.logs()
+    );
+    assert!(took < Duration::from_secs(1), "the command took {took:?}");
+
+    // Counted per connection, sampled with the reason, and no reconnect on either side.
+    assert!(
+        wait_health(&collector, |h| {
+            h["counters"]["local_oversized"].as_u64() == Some(1)
+                && h["counters"]["cloud_oversized"].as_u64() == Some(2)
+        })
+        .await,
+        "{:?}",
+        collector.payloads_on("health").last()
+    );
+    let dead = collector.payloads_on("deadletter");
+    let too_big = |d: &&Value| {
+        d["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("over the")
+    };
+    assert_eq!(dead.iter().filter(too_big).count(), 3, "{dead:?}");
+    assert_eq!(
+        health_counter(&collector, "uplink_connects"),
+        1,
+        "the uplink reconnected"
+    );
+    let logs = agent.logs();
+    assert!(!logs.contains("lost local broker"), "{logs}");
+    assert!(!logs.contains("lost cloud broker"), "{logs}");
+    assert!(agent.terminate(Duration::from_secs(10)).success());
+    device.stop().await;
 }

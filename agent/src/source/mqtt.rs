@@ -36,10 +36,11 @@ use crate::telemetry::metrics::Metrics;
 use crate::uplink::topics::device_metric;
 use crate::validation::valid_name;
 
-/// Largest packet rumqttc will read from the local broker. Larger ones make rumqttc drop the
-/// connection, and a persistent session would redeliver them forever: cap the broker's
-/// `message_size_limit` below this (mosquitto) to keep such payloads out entirely.
-pub const MAX_LOCAL_PACKET: usize = 1 << 20;
+/// Largest payload the agent takes from the local broker (a reading is at most the
+/// protocol's 1 KiB, a command reply far less). A larger one is read whole (see
+/// `mqtt_link::MAX_READ_PACKET`), acknowledged in order with the rest, counted
+/// (`local_oversized`) and sampled to the dead-letter topic, never decoded.
+pub const MAX_LOCAL_PAYLOAD: usize = 64 * 1024;
 const SOURCE: &str = "local-mqtt";
 /// Longest accepted device or metric name (the protocol's limits).
 const MAX_NAME: usize = edgestream_protocol::limits::MAX_DEVICE_LEN;
@@ -197,7 +198,7 @@ impl LocalMqttSource {
             .set_keep_alive(Duration::from_secs(l.keep_alive_secs))
             .set_clean_session(false)
             .set_manual_acks(true)
-            .set_max_packet_size(MAX_LOCAL_PACKET, 64 * 1024)
+            .set_max_packet_size(mqtt_link::MAX_READ_PACKET, 64 * 1024)
             .set_request_channel_capacity(1024);
         if let (Some(u), Some(p)) = (&l.username, &l.password) {
             options.set_credentials(u.clone(), p.clone());
@@ -314,6 +315,24 @@ impl LocalMqttSource {
                         continue;
                     };
                     let ack = (p.qos != QoS::AtMostOnce).then_some(());
+                    if p.payload.len() > MAX_LOCAL_PAYLOAD {
+                        Metrics::inc(&metrics.local_oversized);
+                        let why = format!(
+                            "payload of {} bytes is over the local limit of {MAX_LOCAL_PAYLOAD} bytes",
+                            p.payload.len()
+                        );
+                        let sample = sampler.reject(&p.topic, &why, &p.payload);
+                        if sample.is_none() {
+                            Metrics::inc(&metrics.deadletters_suppressed);
+                        }
+                        let msg = SourceMsg::Rejected(sample, ack.map(|_| ack_token(&p)));
+                        tokio::select! {
+                            biased;
+                            _ = release.cancelled() => break,
+                            r = tx.send(msg) => if r.is_err() { out = None; }
+                        }
+                        continue;
+                    }
                     let kind = classify(&p.topic);
                     if kind == LocalTopic::Reply {
                         if let (Some(replies), Ok(outcome)) = (

@@ -96,6 +96,7 @@ pub fn message(
         "summary": {
             "readings_in": { "mqtt": m.readings_in_mqtt, "serial": m.readings_in_serial },
             "parse_errors": { "mqtt": m.rejected_mqtt, "serial": m.rejected_serial },
+            "oversized": { "local": m.local_oversized, "cloud": m.cloud_oversized },
             "serial": {
                 "ports_open": m.serial_ports_open,
                 "connects": m.serial_connects,

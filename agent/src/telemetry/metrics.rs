@@ -107,6 +107,10 @@ counters! {
     uplink_connect_failures: Counter "edgestream_uplink_connect_failures_total" r#""# "Failed attempts to connect to the cloud broker.",
     /// 1 while connected to the cloud (gauge).
     uplink_online: Gauge "edgestream_uplink_online" r#""# "1 while connected to the cloud broker.",
+    /// Messages over the agent's size limit for their connection: acknowledged, not
+    /// processed, sampled to the dead-letter topic.
+    local_oversized: Counter "edgestream_oversized_messages_total" r#"connection="local""# "Messages over the agent's size limit, acknowledged and dead-lettered, by connection.",
+    cloud_oversized: Counter "edgestream_oversized_messages_total" r#"connection="cloud""# "",
     /// Dead-letter samples queued upstream, and rejected inputs not sampled (rate limit).
     deadletters_sent: Counter "edgestream_deadletters_total" r#""# "Samples of rejected input queued for the cloud dead-letter topic.",
     deadletters_suppressed: Counter "edgestream_records_dropped_total" r#"reason="deadletter_rate_limit""# "",

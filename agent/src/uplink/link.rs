@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::deadletter::RejectSampler;
 use crate::mqtt_link::{self, Staged};
 use crate::outbox::record::{Priority, Record};
 use crate::outbox::store::{Key, Outbox, Stored};
@@ -45,9 +46,12 @@ use crate::uplink::inbound::{AckToken, InboundAck, InboundMsg};
 use crate::uplink::topics::CloudTopics;
 use crate::uplink::wire;
 
-/// Largest packet read from the cloud broker (rule bundles are limited to 256 KiB by the
-/// protocol; anything up to this size is read and refused with a reason).
-pub const MAX_INBOUND_PACKET: usize = 4 << 20;
+/// Largest cloud message handed to its consumer. Rule bundles are limited to 256 KiB and
+/// commands to about 1 KiB by the protocol; a message between those limits and this one is
+/// refused by its consumer, on its own status or outcome topic. A larger one is read whole
+/// (see `mqtt_link::MAX_READ_PACKET`), acknowledged at once, counted (`cloud_oversized`) and
+/// sampled to the dead-letter topic.
+pub const MAX_INBOUND_PAYLOAD: usize = 1 << 20;
 /// How long a connection attempt may take before it counts as failed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with publishes in flight and no packet from the broker for this long is wedged.
@@ -116,6 +120,8 @@ pub struct Uplink {
     acks_rx: mpsc::UnboundedReceiver<AckToken>,
     /// Connections made so far; numbers each one for [`AckToken`].
     connections: u64,
+    /// Oversized cloud messages, sampled to the dead-letter topic.
+    sampler: RejectSampler,
 }
 
 impl std::fmt::Debug for Uplink {
@@ -251,6 +257,7 @@ impl Uplink {
             acks_tx,
             acks_rx,
             connections: 0,
+            sampler: RejectSampler::new("cloud-mqtt"),
             topics: CloudTopics::new(&cloud.topic_prefix, &config.gateway.id),
             client_id: config.cloud_client_id(),
             gateway: config.gateway.id.clone(),
@@ -287,13 +294,10 @@ impl Uplink {
             // connection means rumqttc itself never replays stale publishes.
             .set_clean_session(false)
             .set_manual_acks(true)
-            // Inbound messages larger than our own limits must still be read (and refused by
-            // their consumer): a packet over rumqttc's limit drops the connection, and the
-            // persistent session would redeliver it forever.
-            .set_max_packet_size(
-                c.max_packet_bytes.max(MAX_INBOUND_PACKET),
-                c.max_packet_bytes,
-            )
+            // Inbound messages larger than our own limits must still be read (and refused):
+            // a packet over rumqttc's limit drops the connection, and the persistent session
+            // would redeliver it forever.
+            .set_max_packet_size(mqtt_link::MAX_READ_PACKET, c.max_packet_bytes)
             .set_inflight(c.max_inflight.saturating_add(8))
             .set_request_channel_capacity(c.max_inflight as usize * 2 + 16)
             .set_last_will(LastWill::new(
@@ -539,7 +543,25 @@ impl Uplink {
         }
     }
 
-    async fn deliver_inbound(&self, s: &Session, p: rumqttc::Publish) {
+    async fn deliver_inbound(&mut self, s: &Session, p: rumqttc::Publish) {
+        if p.payload.len() > MAX_INBOUND_PAYLOAD {
+            Metrics::inc(&self.metrics.cloud_oversized);
+            let why = format!(
+                "payload of {} bytes is over the cloud limit of {MAX_INBOUND_PAYLOAD} bytes",
+                p.payload.len()
+            );
+            match self.sampler.reject(&p.topic, &why, &p.payload) {
+                Some(sample) => {
+                    Metrics::inc(&self.metrics.deadletters_sent);
+                    if let Err(e) = self.outbox.append(&[Record::DeadLetter(sample)]) {
+                        tracing::error!(error = %e, "dead-letter sample not stored");
+                    }
+                }
+                None => Metrics::inc(&self.metrics.deadletters_suppressed),
+            }
+            self.inbound_ack(s, &p).ack();
+            return;
+        }
         let route = self
             .inbound
             .iter()

@@ -4,6 +4,8 @@
 //! - an oversized QoS 1 message on either connection is acknowledged, counted and
 //!   dead-lettered, and the traffic behind it flows at once (no reconnect loop);
 //! - a burst of 1,000 cloud commands is answered at once, one final outcome each;
+//! - a broker that is down at start is logged at once (then at a bounded rate) and shows in
+//!   health and metrics, for both connections.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -371,4 +373,94 @@ async fn an_oversized_message_on_either_connection_is_dead_lettered_and_traffic_
     assert!(!logs.contains("lost cloud broker"), "{logs}");
     assert!(agent.terminate(Duration::from_secs(10)).success());
     device.stop().await;
+}
+
+/// Lines of `logs` at WARN or above that contain `needle`.
+fn warnings(logs: &str, needle: &str) -> usize {
+    logs.lines()
+        .filter(|l| (l.contains("WARN") || l.contains("ERROR")) && l.contains(needle))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_down_at_start_are_logged_at_once_and_shown_in_health_and_metrics() {
+    let local = Mosquitto::start().await.expect("local broker");
+    let cloud = Mosquitto::start().await.expect("cloud broker");
+    let local_proxy = FaultProxy::start(local.addr()).await.expect("proxy");
+    let cloud_proxy = FaultProxy::start(cloud.addr()).await.expect("proxy");
+    local_proxy.cut();
+    cloud_proxy.cut();
+    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-down")
+        .await
+        .expect("collector");
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_toml(
+        "gw-down",
+        &dir.path().join("data"),
+        local_proxy.port(),
+        cloud_proxy.port(),
+        "",
+        "[metrics]\nprometheus = true\nport = 0\n",
+    );
+    // The default log level: what an operator sees.
+    let mut agent =
+        AgentProcess::start_with_env(dir.path(), &config, &[("RUST_LOG", "info".to_string())]);
+    agent
+        .wait_log("metrics endpoint listening", Duration::from_secs(10))
+        .await;
+    let port = metrics_port(&agent.logs());
+    // Both failures are logged within 3 s of the start...
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let logs = agent.logs();
+        if warnings(&logs, "local broker") >= 1 && warnings(&logs, "cloud broker") >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no warning within 3 s:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ... and then not on every attempt (the backoff tries several times a second here).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let logs = agent.logs();
+    assert_eq!(warnings(&logs, "local broker"), 1, "{logs}");
+    assert_eq!(warnings(&logs, "cloud broker"), 1, "{logs}");
+    let m = scrape_parsed(port).await.expect("scrape");
+    assert_eq!(m.get("edgestream_local_online"), Some(&0.0), "{m:?}");
+    assert_eq!(m.get("edgestream_uplink_online"), Some(&0.0), "{m:?}");
+    assert!(
+        m.get("edgestream_local_connect_failures_total")
+            .copied()
+            .unwrap_or(0.0)
+            >= 3.0,
+        "{m:?}"
+    );
+    assert!(
+        m.get("edgestream_uplink_connect_failures_total")
+            .copied()
+            .unwrap_or(0.0)
+            >= 3.0,
+        "{m:?}"
+    );
+
+    // The cloud comes back: health says the local broker is still down.
+    cloud_proxy.restore();
+    assert!(wait_online(&collector).await, "{}", agent.logs());
+    assert!(
+        wait_health(&collector, |h| h["summary"]["local"]["online"] == false
+            && h["summary"]["local"]["connect_failures"].as_u64() >= Some(3))
+        .await,
+        "{:?}",
+        collector.payloads_on("health").last()
+    );
+    // The local broker comes back: connected, and health follows.
+    local_proxy.restore();
+    agent.wait_subscribed().await;
+    assert!(
+        wait_health(&collector, |h| h["summary"]["local"]["online"] == true).await,
+        "{:?}",
+        collector.payloads_on("health").last()
+    );
+    let m = scrape_parsed(port).await.expect("scrape");
+    assert_eq!(m.get("edgestream_local_online"), Some(&1.0), "{m:?}");
+    assert!(agent.terminate(Duration::from_secs(10)).success());
 }

@@ -30,6 +30,7 @@ use super::reading::{now_ms, Ack, Reading, SourceMsg};
 use crate::backoff::Backoff;
 use crate::commands::routes::DeviceEvent;
 use crate::config::Config;
+use crate::conn_log::ConnLog;
 use crate::deadletter::RejectSampler;
 use crate::mqtt_link::{self, set_nodelay, write_flushed};
 use crate::telemetry::metrics::Metrics;
@@ -255,6 +256,7 @@ impl LocalMqttSource {
         let mut sampler = RejectSampler::new(SOURCE);
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut connected = false;
+        let mut reachability = ConnLog::new("local broker");
         loop {
             // Cancellation safety: `poll()` may be dropped mid-read; rumqttc keeps partial
             // packets in its buffers and resumes on the next call.
@@ -278,6 +280,9 @@ impl LocalMqttSource {
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff.reset();
+                    reachability.connected();
+                    Metrics::inc(&metrics.local_connects);
+                    Metrics::set(&metrics.local_online, 1);
                     if !connected {
                         tracing::info!(
                             session_present = ack.session_present,
@@ -401,8 +406,10 @@ impl LocalMqttSource {
                     if connected {
                         tracing::warn!(error = %e, "lost local broker; reconnecting with backoff");
                     } else {
-                        tracing::debug!(error = %e, "local broker still unreachable");
+                        reachability.failed(&e.to_string());
                     }
+                    Metrics::inc(&metrics.local_connect_failures);
+                    Metrics::set(&metrics.local_online, 0);
                     connected = false;
                     let delay = backoff.next_delay();
                     tokio::select! {

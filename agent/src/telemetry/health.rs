@@ -131,6 +131,11 @@ pub fn message(
                 "tags_truncated": m.tags_truncated,
             },
             "rule_bundles": { "applied": m.bundles_applied, "rejected": m.bundles_rejected },
+            "local": {
+                "online": m.local_online == 1,
+                "connects": m.local_connects,
+                "connect_failures": m.local_connect_failures,
+            },
             "uplink": {
                 "online": m.uplink_online == 1,
                 "connects": m.uplink_connects,
@@ -182,6 +187,8 @@ mod tests {
             uplink_connects: 3,
             outbox_dropped_full: 5,
             outbox_dropped_age: 6,
+            local_online: 1,
+            local_connect_failures: 4,
             ..Snapshot::default()
         };
         let v = message("gw", 1, &m, 0);
@@ -192,5 +199,8 @@ mod tests {
         assert_eq!(v["summary"]["dropped"]["outbox_full"], 5);
         assert_eq!(v["summary"]["dropped"]["outbox_age"], 6);
         assert_eq!(v["counters"]["outbox_dropped_age"], 6);
+        assert_eq!(v["summary"]["local"]["online"], true);
+        assert_eq!(v["summary"]["local"]["connect_failures"], 4);
+        assert_eq!(v["summary"]["uplink"]["online"], false);
     }
 }

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::conn_log::ConnLog;
 use crate::deadletter::RejectSampler;
 use crate::mqtt_link::{self, Staged};
 use crate::outbox::record::{Priority, Record};
@@ -337,7 +338,7 @@ impl Uplink {
             Duration::from_millis(self.cloud.backoff_min_ms),
             Duration::from_millis(self.cloud.backoff_max_ms),
         );
-        let mut was_online = false;
+        let mut reachability = ConnLog::new("cloud broker");
         loop {
             if shutdown.is_cancelled() {
                 tracing::warn!(
@@ -370,8 +371,8 @@ impl Uplink {
                     } else {
                         Mode::Online
                     };
+                    reachability.connected();
                     tracing::info!(?mode, backlog, "connected to cloud broker");
-                    was_online = true;
                     self.connections += 1;
                     let session =
                         Session::new(client, self.connections, backlog, self.cloud.batch_size);
@@ -385,18 +386,14 @@ impl Uplink {
                     match exit {
                         Exit::Done => break,
                         Exit::Lost(why) => {
+                            Metrics::inc(&self.metrics.uplink_connect_failures);
                             tracing::warn!(mode = ?Mode::Offline, reason = %why, backlog = self.outbox.depth(), "lost cloud broker; backlog stays in the outbox");
                         }
                     }
                 }
                 Err(why) => {
                     Metrics::inc(&self.metrics.uplink_connect_failures);
-                    if was_online {
-                        tracing::warn!(mode = ?Mode::Offline, reason = %why, "cloud broker unreachable");
-                        was_online = false;
-                    } else {
-                        tracing::debug!(reason = %why, "cloud broker still unreachable");
-                    }
+                    reachability.failed(&why);
                 }
             }
             let delay = backoff.next_delay();

@@ -4,6 +4,8 @@
 //! - an oversized QoS 1 message on either connection is acknowledged, counted and
 //!   dead-lettered, and the traffic behind it flows at once (no reconnect loop);
 //! - a burst of 1,000 cloud commands is answered at once, one final outcome each;
+//! - pending commands for an unreachable device cannot block the command table: their
+//!   lifetime has a ceiling, and a `cancel` command ends one;
 //! - a broker that is down at start is logged at once (then at a bounded rate) and shows in
 //!   health and metrics, for both connections.
 
@@ -462,5 +464,189 @@ async fn brokers_down_at_start_are_logged_at_once_and_shown_in_health_and_metric
     );
     let m = scrape_parsed(port).await.expect("scrape");
     assert_eq!(m.get("edgestream_local_online"), Some(&1.0), "{m:?}");
+    assert!(agent.terminate(Duration::from_secs(10)).success());
+}
+
+const SERIAL_ALLOW: &str = r#"
+[commands]
+reply_timeout_ms = 2000
+max_pending = 5
+max_lifetime_ms = 6000
+
+[[commands.allow]]
+name = "set_position"
+devices = ["valve-*"]
+args.percent = { type = "number", min = 0, max = 100, required = true }
+
+[[commands.allow]]
+name = "cancel"
+devices = ["valve-*"]
+args.id = { type = "string", required = true }
+
+[[serial]]
+path = "/nonexistent/ttyEDGE0"
+framing = "key-value"
+devices = ["valve-z"]
+reconnect_min_ms = 50
+reconnect_max_ms = 300
+"#;
+
+/// Waits for a final outcome of `id`; returns (state, detail).
+async fn wait_final(
+    c: &CloudCollector,
+    agent: &AgentProcess,
+    id: &str,
+    within: Duration,
+) -> (String, String) {
+    let found = c
+        .wait_for(
+            |msgs| {
+                msgs.iter().any(|m| {
+                    m.topic.ends_with("/commands/outcomes")
+                        && m.payload["id"] == id
+                        && FINAL.contains(&m.payload["state"].as_str().unwrap_or_default())
+                })
+            },
+            within,
+        )
+        .await;
+    let all: Vec<(String, String)> = c
+        .outcomes()
+        .iter()
+        .filter(|o| o["id"] == id)
+        .map(|o| {
+            (
+                o["state"].as_str().unwrap_or_default().to_string(),
+                o["detail"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        found,
+        "no final outcome for {id} within {within:?}: {all:?}\n{}",
+        agent.logs()
+    );
+    all.into_iter()
+        .find(|(s, _)| FINAL.contains(&s.as_str()))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_commands_for_an_unreachable_device_expire_and_can_be_cancelled() {
+    let local = Mosquitto::start().await.expect("local broker");
+    let cloud = Mosquitto::start().await.expect("cloud broker");
+    let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", "gw-pend")
+        .await
+        .expect("collector");
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_toml(
+        "gw-pend",
+        &dir.path().join("data"),
+        local.port(),
+        cloud.port(),
+        "",
+        SERIAL_ALLOW,
+    );
+    let mut agent = AgentProcess::start(dir.path(), &config);
+    agent.wait_subscribed().await;
+    assert!(wait_online(&collector).await, "{}", agent.logs());
+
+    // Five commands that can never be delivered, claiming to stay valid almost forever.
+    let forever = |id: &str| {
+        let mut c = command(id, "valve-z", 10);
+        c["expires_at"] = json!(u64::MAX - 1);
+        c
+    };
+    for i in 1..=5 {
+        collector
+            .publish("commands", &forever(&format!("p-{i}")), false)
+            .await
+            .unwrap();
+    }
+    let accepted = collector
+        .wait_for(
+            |msgs| {
+                msgs.iter()
+                    .filter(|m| {
+                        m.topic.ends_with("/commands/outcomes") && m.payload["state"] == "accepted"
+                    })
+                    .count()
+                    >= 5
+            },
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(accepted, "{:?}\n{}", collector.outcomes(), agent.logs());
+    let started = Instant::now();
+    // The table is full: a sixth is refused.
+    collector
+        .publish("commands", &command("q-1", "valve-z", 20), false)
+        .await
+        .unwrap();
+    let (state, detail) = wait_final(&collector, &agent, "q-1", Duration::from_secs(5)).await;
+    assert_eq!(state, "rejected");
+    assert!(detail.contains("too many pending"), "{detail}");
+
+    // `cancel` ends p-1 even with the table full, and frees its place.
+    let mut cancel = command("x-1", "valve-z", 0);
+    cancel["name"] = json!("cancel");
+    cancel["args"] = json!({"id": "p-1"});
+    collector.publish("commands", &cancel, false).await.unwrap();
+    let (state, detail) = wait_final(&collector, &agent, "p-1", Duration::from_secs(5)).await;
+    assert_eq!(state, "failed", "{detail}");
+    assert!(detail.contains("cancelled by `x-1`"), "{detail}");
+    let (state, detail) = wait_final(&collector, &agent, "x-1", Duration::from_secs(5)).await;
+    assert_eq!(state, "succeeded", "{detail}");
+    // Cancelling what is not pending says so.
+    let mut again = cancel.clone();
+    again["id"] = json!("x-2");
+    collector.publish("commands", &again, false).await.unwrap();
+    let (state, detail) = wait_final(&collector, &agent, "x-2", Duration::from_secs(5)).await;
+    assert_eq!(state, "rejected");
+    assert!(detail.contains("no pending command `p-1`"), "{detail}");
+    collector
+        .publish("commands", &command("q-2", "valve-z", 20), false)
+        .await
+        .unwrap();
+    let accepted = collector
+        .wait_for(
+            |msgs| {
+                msgs.iter().any(|m| {
+                    m.topic.ends_with("/commands/outcomes")
+                        && m.payload["id"] == "q-2"
+                        && m.payload["state"] == "accepted"
+                })
+            },
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(accepted, "{:?}", collector.outcomes());
+
+    // The others end at the lifetime ceiling (6 s after acceptance), not at u64::MAX.
+    for i in 2..=5 {
+        let id = format!("p-{i}");
+        let (state, detail) = wait_final(&collector, &agent, &id, Duration::from_secs(15)).await;
+        assert_eq!(state, "timed_out", "{id}: {detail}");
+        assert!(detail.contains("unreachable"), "{detail}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(12));
+    // And the table takes commands again.
+    collector
+        .publish("commands", &command("q-3", "valve-z", 20), false)
+        .await
+        .unwrap();
+    let accepted = collector
+        .wait_for(
+            |msgs| {
+                msgs.iter().any(|m| {
+                    m.topic.ends_with("/commands/outcomes")
+                        && m.payload["id"] == "q-3"
+                        && m.payload["state"] == "accepted"
+                })
+            },
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(accepted, "{:?}", collector.outcomes());
     assert!(agent.terminate(Duration::from_secs(10)).success());
 }

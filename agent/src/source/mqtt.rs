@@ -321,6 +321,8 @@ impl LocalMqttSource {
                     };
                     let ack = (p.qos != QoS::AtMostOnce).then_some(());
                     if p.payload.len() > MAX_LOCAL_PAYLOAD {
+                        // A rejected publish like any other, and counted as oversized too.
+                        Metrics::inc(&metrics.rejected_mqtt);
                         Metrics::inc(&metrics.local_oversized);
                         let why = format!(
                             "payload of {} bytes is over the local limit of {MAX_LOCAL_PAYLOAD} bytes",

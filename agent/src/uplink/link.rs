@@ -439,6 +439,12 @@ impl Uplink {
             {
                 self.remove_acked(&mut s);
             }
+            // Acknowledgements of cloud messages go out every turn, whatever else is busy.
+            if let Ok(first) = self.acks_rx.try_recv() {
+                if let Err(e) = self.write_inbound_acks(&s, events, first).await {
+                    break Exit::Lost(e);
+                }
+            }
             // Events rumqttc has buffered (a read brings many PUBACKs) are taken first: the
             // window they free is then filled with one write, not one write per PUBACK.
             if !mqtt_link::has_buffered_events(events) {

@@ -601,11 +601,11 @@ impl Uplink {
     /// Writes the PUBACKs of `first` and of every other acknowledgement waiting, with one
     /// flush. Those for an earlier connection are dropped: the broker redelivers their messages.
     ///
-    /// rumqttc's own path (`AsyncClient::try_ack`) goes through its request channel, which
-    /// the event loop drains one request per turn and only when it has no buffered events: a
-    /// burst of commands filled it, the PUBACKs that found it full were lost, and the broker
-    /// kept those messages in flight (its window closed, the burst stalled) and delivered them
-    /// again on the next connection.
+    /// Not rumqttc's own path (`AsyncClient::try_ack`): that goes through its request
+    /// channel, which the event loop drains one request per turn and only when it has no
+    /// buffered events. A burst of commands fills it, and a PUBACK that finds it full is lost:
+    /// the broker keeps that message in flight (its window closes, the burst stalls) and
+    /// delivers it again on the next connection.
     async fn write_inbound_acks(
         &mut self,
         s: &Session,

@@ -8,6 +8,7 @@
 mod backoff;
 mod commands;
 pub mod config;
+mod conn_log;
 mod deadletter;
 mod durable_file;
 pub mod logging;

@@ -26,6 +26,16 @@ use std::time::Duration;
 
 use rumqttc::{Event, EventLoop, Outgoing, Packet, Publish, Request, StateError};
 
+/// Largest packet rumqttc reads on either connection: the largest an MQTT 3.1.1 broker can
+/// send (a remaining length of 268,435,455 bytes, plus the fixed header). rumqttc fails a
+/// connection on a packet over its limit, and a persistent session then redelivers that
+/// packet on every reconnect: with the limit at the protocol's maximum no packet can do that,
+/// and the agent refuses oversized messages itself, by its own (much smaller) limits, after
+/// reading them. The price is memory: rumqttc buffers a packet whole, so a broker that
+/// forwards huge messages makes the agent hold one briefly. Cap that at the broker
+/// (mosquitto's `message_size_limit`, docs/configuration.md).
+pub const MAX_READ_PACKET: usize = 268_435_455 + 5;
+
 /// Sets `TCP_NODELAY` on the connections `eventloop` makes. The agent coalesces its own
 /// writes (PUBACKs of a commit group, publishes of a turn); Nagle's algorithm would only hold
 /// each write until the peer ACKs the one before, which delayed ACKs stretch to tens of ms.

@@ -33,6 +33,11 @@ pub const MAX_ALLOW_ENTRIES: usize = 256;
 pub const MAX_DEVICE_GLOBS: usize = 64;
 /// Most commands accepted and not yet finished; past it new ones are rejected.
 pub const MAX_PENDING_LIMIT: usize = 4096;
+/// Highest `max_lifetime_ms`: 30 days.
+pub const MAX_LIFETIME_LIMIT_MS: u64 = 30 * 86_400_000;
+/// The reserved command name that cancels a pending command: `args.id` names it, `device`
+/// must be its device, and an allow-list entry must allow `cancel` for that device.
+pub const CANCEL: &str = "cancel";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,6 +54,12 @@ pub struct CommandsConfig {
     /// Commands accepted and not yet finished, at most.
     #[serde(default = "default_max_pending")]
     pub max_pending: usize,
+    /// The longest a command may stay pending, from its acceptance (or from a restart of the
+    /// gateway, for commands accepted before it): a command whose `expires_at` is later is
+    /// held to this, so that commands for a device that never becomes reachable cannot fill
+    /// the pending table for good.
+    #[serde(default = "default_max_lifetime_ms")]
+    pub max_lifetime_ms: u64,
     /// What may be done; empty = nothing.
     #[serde(default)]
     pub allow: Vec<AllowedCommand>,
@@ -63,6 +74,9 @@ fn default_rule_command_ttl_ms() -> u64 {
 fn default_max_pending() -> usize {
     256
 }
+fn default_max_lifetime_ms() -> u64 {
+    3_600_000
+}
 
 impl Default for CommandsConfig {
     fn default() -> Self {
@@ -70,6 +84,7 @@ impl Default for CommandsConfig {
             reply_timeout_ms: default_reply_timeout_ms(),
             rule_command_ttl_ms: default_rule_command_ttl_ms(),
             max_pending: default_max_pending(),
+            max_lifetime_ms: default_max_lifetime_ms(),
             allow: Vec::new(),
         }
     }
@@ -153,6 +168,13 @@ impl CommandsConfig {
                 p,
                 "commands.rule_command_ttl_ms".into(),
                 "must be between 100 and 86400000 (one day)",
+            );
+        }
+        if !(1_000..=MAX_LIFETIME_LIMIT_MS).contains(&self.max_lifetime_ms) {
+            bad(
+                p,
+                "commands.max_lifetime_ms".into(),
+                format!("must be between 1000 and {MAX_LIFETIME_LIMIT_MS} (30 days)"),
             );
         }
         if !(1..=MAX_PENDING_LIMIT).contains(&self.max_pending) {
@@ -343,6 +365,26 @@ mod tests {
         cmd(&format!(
             r#"{{"v":1,"id":"c-1","device":"{device}","name":"{name}","args":{args},"issued_at":1,"expires_at":2}}"#
         ))
+    }
+
+    #[test]
+    fn max_lifetime_is_bounded() {
+        let problems = |ms: u64| {
+            let mut p = Vec::new();
+            CommandsConfig {
+                max_lifetime_ms: ms,
+                ..CommandsConfig::default()
+            }
+            .validate(&mut p);
+            p.iter()
+                .filter(|p| p.path == "commands.max_lifetime_ms")
+                .count()
+        };
+        assert_eq!(problems(CommandsConfig::default().max_lifetime_ms), 0);
+        assert_eq!(problems(999), 1);
+        assert_eq!(problems(MAX_LIFETIME_LIMIT_MS), 0);
+        assert_eq!(problems(MAX_LIFETIME_LIMIT_MS + 1), 1);
+        assert_eq!(problems(u64::MAX), 1);
     }
 
     #[test]

@@ -21,7 +21,9 @@
 //! 3. **Sent**: routed ([`routes`]) to the serial port the device is on, or to the local broker.
 //!    The table records the hand-off *before* it happens, so a restart never sends a command
 //!    twice; a hand-off that fails (port closed, queue full) puts it back in the queue. A
-//!    command waits in the queue while its device is unreachable, until it expires.
+//!    command waits in the queue while its device is unreachable, until it expires
+//!    (`expires_at`, held to at most `commands.max_lifetime_ms` after acceptance or restart)
+//!    or a `cancel` command ends it ([`CommandRouter::cancel`]).
 //! 4. **Finished**: the device's reply (`succeeded`, `failed`, `rejected`) is matched by id and
 //!    device; with no final reply by `min(expires_at, sent + reply_timeout_ms)` the gateway
 //!    reports `timed_out`. A device's intermediate `accepted` is noted, not forwarded.
@@ -335,6 +337,14 @@ impl CommandRouter {
     /// After a restart: report again what may not have reached the outbox.
     fn recover(&mut self) {
         let now = now_ms();
+        // The lifetime ceiling holds across restarts, whatever the table was written with.
+        let ceiling = now.saturating_add(self.config.max_lifetime_ms);
+        for p in &mut self.table.pending {
+            if p.command.expires_at > ceiling {
+                p.command.expires_at = ceiling;
+                self.dirty = true;
+            }
+        }
         let unreported: Vec<(String, String, String)> = self
             .table
             .pending
@@ -437,7 +447,7 @@ impl CommandRouter {
     }
 
     /// Step 1 and 2 of the lifecycle.
-    fn admit(&mut self, cmd: Command, origin: Origin, redelivered: bool) {
+    fn admit(&mut self, mut cmd: Command, origin: Origin, redelivered: bool) {
         let (id, device) = (cmd.id.to_string(), cmd.device.to_string());
         let print = fingerprint(&cmd);
         let now = now_ms();
@@ -474,6 +484,10 @@ impl CommandRouter {
         if let Err(why) = config::check(&self.config.allow, &cmd) {
             return self.reject(&id, &device, &why);
         }
+        if cmd.name.as_str() == config::CANCEL {
+            // Handled at once and never pending: it works with the table full.
+            return self.cancel(&cmd, print, now);
+        }
         if self.table.pending.len() >= self.config.max_pending {
             let why = format!(
                 "too many pending commands ({}); try again later",
@@ -481,6 +495,10 @@ impl CommandRouter {
             );
             return self.reject(&id, &device, &why);
         }
+        // The lifetime ceiling: checked against `expires_at` from here on.
+        cmd.expires_at = cmd
+            .expires_at
+            .min(now.saturating_add(self.config.max_lifetime_ms));
         Metrics::inc(&self.metrics.commands_accepted);
         let detail = accepted_detail(&origin);
         tracing::info!(%id, %device, name = %cmd.name, origin = ?origin, "command accepted");
@@ -494,6 +512,53 @@ impl CommandRouter {
         self.dirty = true;
         self.report(&id, &device, OutcomeState::Accepted, &detail, now);
         self.reported.push(Reported::Accepted(id));
+    }
+
+    /// A `cancel` command (allowed by the allow-list for its device): ends the pending command
+    /// `args.id` of the same device as `failed`, and itself `succeeded`; or is `rejected` if
+    /// there is no such command. A command already handed to its device may still be carried
+    /// out by it: the detail says so, and a reply that comes later is reported as late.
+    fn cancel(&mut self, cmd: &Command, print: u32, now: u64) {
+        let (id, device) = (cmd.id.to_string(), cmd.device.to_string());
+        let target = match cmd.args.get("id") {
+            Some(ArgValue::Str(t)) => t.to_string(),
+            _ => return self.reject(&id, &device, "`cancel` needs the string argument `id`"),
+        };
+        let stage = match self.table.pending(&target) {
+            Some(p) if p.command.device.as_str() == device => p.stage.clone(),
+            _ => {
+                let why = format!("no pending command `{target}` for device `{device}`");
+                return self.reject(&id, &device, &why);
+            }
+        };
+        let detail = match stage {
+            Stage::Queued => format!("cancelled by `{id}` before it was sent"),
+            Stage::Sent { via, .. } => {
+                format!("cancelled by `{id}` after it was sent via {via}; the device may still act on it")
+            }
+        };
+        tracing::info!(%id, %target, %device, "command cancelled");
+        self.finish(
+            target.clone(),
+            device.clone(),
+            OutcomeState::Failed,
+            detail,
+            now,
+        );
+        Metrics::inc(&self.metrics.commands_succeeded);
+        let detail = format!("cancelled `{target}`");
+        self.table.remember(Finished {
+            id: id.clone(),
+            device: device.clone(),
+            fingerprint: print,
+            state: OutcomeState::Succeeded,
+            detail: detail.clone(),
+            at_ms: now,
+            reported: false,
+        });
+        self.dirty = true;
+        self.report(&id, &device, OutcomeState::Succeeded, &detail, now);
+        self.reported.push(Reported::Finished(id));
     }
 
     fn on_device(&mut self, e: DeviceEvent) {

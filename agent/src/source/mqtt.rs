@@ -30,16 +30,18 @@ use super::reading::{now_ms, Ack, Reading, SourceMsg};
 use crate::backoff::Backoff;
 use crate::commands::routes::DeviceEvent;
 use crate::config::Config;
+use crate::conn_log::ConnLog;
 use crate::deadletter::RejectSampler;
 use crate::mqtt_link::{self, set_nodelay, write_flushed};
 use crate::telemetry::metrics::Metrics;
 use crate::uplink::topics::device_metric;
 use crate::validation::valid_name;
 
-/// Largest packet rumqttc will read from the local broker. Larger ones make rumqttc drop the
-/// connection, and a persistent session would redeliver them forever: cap the broker's
-/// `message_size_limit` below this (mosquitto) to keep such payloads out entirely.
-pub const MAX_LOCAL_PACKET: usize = 1 << 20;
+/// Largest payload the agent takes from the local broker (a reading is at most the
+/// protocol's 1 KiB, a command reply far less). A larger one is read whole (see
+/// `mqtt_link::MAX_READ_PACKET`), acknowledged in order with the rest, counted
+/// (`local_oversized`) and sampled to the dead-letter topic, never decoded.
+pub const MAX_LOCAL_PAYLOAD: usize = 64 * 1024;
 const SOURCE: &str = "local-mqtt";
 /// Longest accepted device or metric name (the protocol's limits).
 const MAX_NAME: usize = edgestream_protocol::limits::MAX_DEVICE_LEN;
@@ -214,7 +216,7 @@ impl LocalMqttSource {
             .set_keep_alive(Duration::from_secs(l.keep_alive_secs))
             .set_clean_session(false)
             .set_manual_acks(true)
-            .set_max_packet_size(MAX_LOCAL_PACKET, 64 * 1024)
+            .set_max_packet_size(mqtt_link::MAX_READ_PACKET, 64 * 1024)
             .set_request_channel_capacity(1024);
         if let (Some(u), Some(p)) = (&l.username, &l.password) {
             options.set_credentials(u.clone(), p.clone());
@@ -271,6 +273,7 @@ impl LocalMqttSource {
         let mut sampler = RejectSampler::new(SOURCE);
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut connected = false;
+        let mut reachability = ConnLog::new("local broker");
         loop {
             // Cancellation safety: `poll()` may be dropped mid-read; rumqttc keeps partial
             // packets in its buffers and resumes on the next call.
@@ -294,6 +297,9 @@ impl LocalMqttSource {
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff.reset();
+                    reachability.connected();
+                    Metrics::inc(&metrics.local_connects);
+                    Metrics::set(&metrics.local_online, 1);
                     if !connected {
                         tracing::info!(
                             session_present = ack.session_present,
@@ -331,6 +337,26 @@ impl LocalMqttSource {
                         continue;
                     };
                     let ack = (p.qos != QoS::AtMostOnce).then_some(());
+                    if p.payload.len() > MAX_LOCAL_PAYLOAD {
+                        // A rejected publish like any other, and counted as oversized too.
+                        Metrics::inc(&metrics.rejected_mqtt);
+                        Metrics::inc(&metrics.local_oversized);
+                        let why = format!(
+                            "payload of {} bytes is over the local limit of {MAX_LOCAL_PAYLOAD} bytes",
+                            p.payload.len()
+                        );
+                        let sample = sampler.reject(&p.topic, &why, &p.payload);
+                        if sample.is_none() {
+                            Metrics::inc(&metrics.deadletters_suppressed);
+                        }
+                        let msg = SourceMsg::Rejected(sample, ack.map(|_| ack_token(&p)));
+                        tokio::select! {
+                            biased;
+                            _ = release.cancelled() => break,
+                            r = tx.send(msg) => if r.is_err() { out = None; }
+                        }
+                        continue;
+                    }
                     let kind = classify(&p.topic);
                     if kind == LocalTopic::Reply {
                         if let (Some(replies), Ok(outcome)) =
@@ -398,8 +424,10 @@ impl LocalMqttSource {
                     if connected {
                         tracing::warn!(error = %e, "lost local broker; reconnecting with backoff");
                     } else {
-                        tracing::debug!(error = %e, "local broker still unreachable");
+                        reachability.failed(&e.to_string());
                     }
+                    Metrics::inc(&metrics.local_connect_failures);
+                    Metrics::set(&metrics.local_online, 0);
                     connected = false;
                     let delay = backoff.next_delay();
                     tokio::select! {

@@ -99,6 +99,7 @@ pub fn message(
         "summary": {
             "readings_in": { "mqtt": m.readings_in_mqtt, "serial": m.readings_in_serial },
             "parse_errors": { "mqtt": m.rejected_mqtt, "serial": m.rejected_serial },
+            "oversized": { "local": m.local_oversized, "cloud": m.cloud_oversized },
             "serial": {
                 "ports_open": m.serial_ports_open,
                 "connects": m.serial_connects,
@@ -138,6 +139,11 @@ pub fn message(
                 "tags_truncated": m.tags_truncated,
             },
             "rule_bundles": { "applied": m.bundles_applied, "rejected": m.bundles_rejected },
+            "local": {
+                "online": m.local_online == 1,
+                "connects": m.local_connects,
+                "connect_failures": m.local_connect_failures,
+            },
             "uplink": {
                 "online": m.uplink_online == 1,
                 "connects": m.uplink_connects,
@@ -189,6 +195,8 @@ mod tests {
             uplink_connects: 3,
             outbox_dropped_full: 5,
             outbox_dropped_age: 6,
+            local_online: 1,
+            local_connect_failures: 4,
             ..Snapshot::default()
         };
         let opened = OpenReport {
@@ -208,5 +216,8 @@ mod tests {
         assert_eq!(v["summary"]["dropped"]["outbox_full"], 5);
         assert_eq!(v["summary"]["dropped"]["outbox_age"], 6);
         assert_eq!(v["counters"]["outbox_dropped_age"], 6);
+        assert_eq!(v["summary"]["local"]["online"], true);
+        assert_eq!(v["summary"]["local"]["connect_failures"], 4);
+        assert_eq!(v["summary"]["uplink"]["online"], false);
     }
 }

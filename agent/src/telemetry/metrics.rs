@@ -110,11 +110,20 @@ counters! {
     uplink_records_sent: Counter "edgestream_uplink_records_sent_total" r#""# "Records carried by publishes to the cloud (resends included).",
     /// Payload bytes sent to the cloud.
     uplink_bytes: Counter "edgestream_uplink_bytes_sent_total" r#""# "Payload bytes sent to the cloud broker.",
-    /// Connections established to the cloud broker, and failures to.
+    /// Connections established to the cloud broker, and failed attempts or lost connections.
     uplink_connects: Counter "edgestream_uplink_connects_total" r#""# "Connections established to the cloud broker (reconnects = this - 1).",
-    uplink_connect_failures: Counter "edgestream_uplink_connect_failures_total" r#""# "Failed attempts to connect to the cloud broker.",
+    uplink_connect_failures: Counter "edgestream_uplink_connect_failures_total" r#""# "Failed attempts to connect to the cloud broker, and lost connections.",
     /// 1 while connected to the cloud (gauge).
     uplink_online: Gauge "edgestream_uplink_online" r#""# "1 while connected to the cloud broker.",
+    /// Connections established to the local broker, failed attempts or lost connections, and
+    /// whether one is up now (gauge).
+    local_connects: Counter "edgestream_local_connects_total" r#""# "Connections established to the local broker (reconnects = this - 1).",
+    local_connect_failures: Counter "edgestream_local_connect_failures_total" r#""# "Failed attempts to connect to the local broker, and lost connections.",
+    local_online: Gauge "edgestream_local_online" r#""# "1 while connected to the local broker.",
+    /// Messages over the agent's size limit for their connection: acknowledged, not
+    /// processed, sampled to the dead-letter topic.
+    local_oversized: Counter "edgestream_oversized_messages_total" r#"connection="local""# "Messages over the agent's size limit, acknowledged and dead-lettered, by connection.",
+    cloud_oversized: Counter "edgestream_oversized_messages_total" r#"connection="cloud""# "",
     /// Dead-letter samples queued upstream, and rejected inputs not sampled (rate limit).
     deadletters_sent: Counter "edgestream_deadletters_total" r#""# "Samples of rejected input queued for the cloud dead-letter topic.",
     deadletters_suppressed: Counter "edgestream_records_dropped_total" r#"reason="deadletter_rate_limit""# "",

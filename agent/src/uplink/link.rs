@@ -36,18 +36,23 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::conn_log::ConnLog;
+use crate::deadletter::RejectSampler;
 use crate::mqtt_link::{self, Staged};
 use crate::outbox::record::{Priority, Record};
 use crate::outbox::store::{Key, Outbox, Stored};
 use crate::telemetry::metrics::Metrics;
 use crate::uplink::config::CloudConfig;
-use crate::uplink::inbound::{InboundAck, InboundMsg};
+use crate::uplink::inbound::{AckToken, InboundAck, InboundMsg};
 use crate::uplink::topics::CloudTopics;
 use crate::uplink::wire;
 
-/// Largest packet read from the cloud broker (rule bundles are limited to 256 KiB by the
-/// protocol; anything up to this size is read and refused with a reason).
-pub const MAX_INBOUND_PACKET: usize = 4 << 20;
+/// Largest cloud message handed to its consumer. Rule bundles are limited to 256 KiB and
+/// commands to about 1 KiB by the protocol; a message between those limits and this one is
+/// refused by its consumer, on its own status or outcome topic. A larger one is read whole
+/// (see `mqtt_link::MAX_READ_PACKET`), acknowledged at once, counted (`cloud_oversized`) and
+/// sampled to the dead-letter topic.
+pub const MAX_INBOUND_PAYLOAD: usize = 1 << 20;
 /// How long a connection attempt may take before it counts as failed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with publishes in flight and no packet from the broker for this long is wedged.
@@ -111,6 +116,13 @@ pub struct Uplink {
     shutdown_timeout: Duration,
     started: Instant,
     transport: Transport,
+    /// Acknowledgements of cloud messages, from their consumers (see [`InboundAck`]).
+    acks_tx: mpsc::UnboundedSender<AckToken>,
+    acks_rx: mpsc::UnboundedReceiver<AckToken>,
+    /// Connections made so far; numbers each one for [`AckToken`].
+    connections: u64,
+    /// Oversized cloud messages, sampled to the dead-letter topic.
+    sampler: RejectSampler,
 }
 
 impl std::fmt::Debug for Uplink {
@@ -132,6 +144,8 @@ enum Exit {
 /// State of one connection; thrown away when it ends.
 struct Session {
     client: AsyncClient,
+    /// This connection's number (see [`Uplink::connections`]).
+    connection: u64,
     /// Publishes handed to rumqttc's request channel (status and health) whose packet id is
     /// not known yet, in order.
     queued: VecDeque<Vec<Key>>,
@@ -169,9 +183,10 @@ struct Session {
 impl Session {
     /// A session that starts reading the outbox from its beginning; `backlog` is the outbox's
     /// depth at connect time.
-    fn new(client: AsyncClient, backlog: u64, batch_size: usize) -> Session {
+    fn new(client: AsyncClient, connection: u64, backlog: u64, batch_size: usize) -> Session {
         Session {
             client,
+            connection,
             queued: VecDeque::new(),
             staged: VecDeque::new(),
             collided: None,
@@ -238,7 +253,12 @@ impl Uplink {
     ) -> Result<Self, UplinkError> {
         let cloud = config.cloud.clone();
         let transport = build_transport(&cloud)?;
+        let (acks_tx, acks_rx) = mpsc::unbounded_channel();
         Ok(Self {
+            acks_tx,
+            acks_rx,
+            connections: 0,
+            sampler: RejectSampler::new("cloud-mqtt"),
             topics: CloudTopics::new(&cloud.topic_prefix, &config.gateway.id),
             client_id: config.cloud_client_id(),
             gateway: config.gateway.id.clone(),
@@ -275,13 +295,10 @@ impl Uplink {
             // connection means rumqttc itself never replays stale publishes.
             .set_clean_session(false)
             .set_manual_acks(true)
-            // Inbound messages larger than our own limits must still be read (and refused by
-            // their consumer): a packet over rumqttc's limit drops the connection, and the
-            // persistent session would redeliver it forever.
-            .set_max_packet_size(
-                c.max_packet_bytes.max(MAX_INBOUND_PACKET),
-                c.max_packet_bytes,
-            )
+            // Inbound messages larger than our own limits must still be read (and refused):
+            // a packet over rumqttc's limit drops the connection, and the persistent session
+            // would redeliver it forever.
+            .set_max_packet_size(mqtt_link::MAX_READ_PACKET, c.max_packet_bytes)
             .set_inflight(c.max_inflight.saturating_add(8))
             .set_request_channel_capacity(c.max_inflight as usize * 2 + 16)
             .set_last_will(LastWill::new(
@@ -321,7 +338,7 @@ impl Uplink {
             Duration::from_millis(self.cloud.backoff_min_ms),
             Duration::from_millis(self.cloud.backoff_max_ms),
         );
-        let mut was_online = false;
+        let mut reachability = ConnLog::new("cloud broker");
         loop {
             if shutdown.is_cancelled() {
                 tracing::warn!(
@@ -354,9 +371,11 @@ impl Uplink {
                     } else {
                         Mode::Online
                     };
+                    reachability.connected();
                     tracing::info!(?mode, backlog, "connected to cloud broker");
-                    was_online = true;
-                    let session = Session::new(client, backlog, self.cloud.batch_size);
+                    self.connections += 1;
+                    let session =
+                        Session::new(client, self.connections, backlog, self.cloud.batch_size);
                     let exit = self
                         .online(session, &mut events, &shutdown, &stages_done)
                         .await;
@@ -367,18 +386,14 @@ impl Uplink {
                     match exit {
                         Exit::Done => break,
                         Exit::Lost(why) => {
+                            Metrics::inc(&self.metrics.uplink_connect_failures);
                             tracing::warn!(mode = ?Mode::Offline, reason = %why, backlog = self.outbox.depth(), "lost cloud broker; backlog stays in the outbox");
                         }
                     }
                 }
                 Err(why) => {
                     Metrics::inc(&self.metrics.uplink_connect_failures);
-                    if was_online {
-                        tracing::warn!(mode = ?Mode::Offline, reason = %why, "cloud broker unreachable");
-                        was_online = false;
-                    } else {
-                        tracing::debug!(reason = %why, "cloud broker still unreachable");
-                    }
+                    reachability.failed(&why);
                 }
             }
             let delay = backoff.next_delay();
@@ -423,6 +438,12 @@ impl Uplink {
                 || deadline.is_some()
             {
                 self.remove_acked(&mut s);
+            }
+            // Acknowledgements of cloud messages go out every turn, whatever else is busy.
+            if let Ok(first) = self.acks_rx.try_recv() {
+                if let Err(e) = self.write_inbound_acks(&s, events, first).await {
+                    break Exit::Lost(e);
+                }
             }
             // Events rumqttc has buffered (a read brings many PUBACKs) are taken first: the
             // window they free is then filled with one write, not one write per PUBACK.
@@ -473,6 +494,11 @@ impl Uplink {
                     Err(e) => break Exit::Lost(e.to_string()),
                 },
                 _ = self.outbox.appended() => s.unseen_appends = true,
+                Some(first) = self.acks_rx.recv() => {
+                    if let Err(e) = self.write_inbound_acks(&s, events, first).await {
+                        break Exit::Lost(e);
+                    }
+                }
                 _ = acks_linger_ends.elapsed() => {}
                 _ = batch_linger_ends.elapsed() => {}
                 _ = self.status.changed() => self.publish_status(&mut s, "online"),
@@ -520,7 +546,25 @@ impl Uplink {
         }
     }
 
-    async fn deliver_inbound(&self, s: &Session, p: rumqttc::Publish) {
+    async fn deliver_inbound(&mut self, s: &Session, p: rumqttc::Publish) {
+        if p.payload.len() > MAX_INBOUND_PAYLOAD {
+            Metrics::inc(&self.metrics.cloud_oversized);
+            let why = format!(
+                "payload of {} bytes is over the cloud limit of {MAX_INBOUND_PAYLOAD} bytes",
+                p.payload.len()
+            );
+            match self.sampler.reject(&p.topic, &why, &p.payload) {
+                Some(sample) => {
+                    Metrics::inc(&self.metrics.deadletters_sent);
+                    if let Err(e) = self.outbox.append(&[Record::DeadLetter(sample)]) {
+                        tracing::error!(error = %e, "dead-letter sample not stored");
+                    }
+                }
+                None => Metrics::inc(&self.metrics.deadletters_suppressed),
+            }
+            self.inbound_ack(s, &p).ack();
+            return;
+        }
         let route = self
             .inbound
             .iter()
@@ -529,22 +573,63 @@ impl Uplink {
             // Not one of our subscriptions (a stale one from an earlier configuration, kept by
             // the persistent session): acknowledge so that the broker forgets it.
             tracing::debug!(topic = %p.topic, "cloud message on no route; acknowledged and ignored");
-            if let Err(e) = s.client.try_ack(&p) {
-                tracing::debug!(error = %e, "PUBACK not queued");
-            }
+            self.inbound_ack(s, &p).ack();
             return;
         };
         let msg = InboundMsg {
-            ack: InboundAck {
-                client: s.client.clone(),
-                publish: p.clone(),
-            },
+            ack: self.inbound_ack(s, &p),
             publish: p,
         };
         if inbound.tx.send(msg).await.is_err() {
             tracing::warn!(
                 "inbound consumer has stopped; message left unacknowledged for redelivery"
             );
+        }
+    }
+
+    /// The handle that acknowledges `p`, a message that arrived on `s`'s connection.
+    fn inbound_ack(&self, s: &Session, p: &rumqttc::Publish) -> InboundAck {
+        InboundAck {
+            tx: self.acks_tx.clone(),
+            token: (p.qos != QoS::AtMostOnce).then_some(AckToken {
+                connection: s.connection,
+                pkid: p.pkid,
+            }),
+        }
+    }
+
+    /// Writes the PUBACKs of `first` and of every other acknowledgement waiting, with one
+    /// flush. Those for an earlier connection are dropped: the broker redelivers their messages.
+    ///
+    /// Not rumqttc's own path (`AsyncClient::try_ack`): that goes through its request
+    /// channel, which the event loop drains one request per turn and only when it has no
+    /// buffered events. A burst of commands fills it, and a PUBACK that finds it full is lost:
+    /// the broker keeps that message in flight (its window closes, the burst stalls) and
+    /// delivers it again on the next connection.
+    async fn write_inbound_acks(
+        &mut self,
+        s: &Session,
+        events: &mut rumqttc::EventLoop,
+        first: AckToken,
+    ) -> Result<(), String> {
+        let mut tokens = vec![first];
+        while let Ok(t) = self.acks_rx.try_recv() {
+            tokens.push(t);
+        }
+        let requests = tokens
+            .into_iter()
+            .filter(|t| t.connection == s.connection)
+            .map(|t| rumqttc::Request::PubAck(rumqttc::PubAck::new(t.pkid)));
+        let packets = mqtt_link::ack_packets(events, requests)
+            .map_err(|e| format!("cannot acknowledge cloud messages: {e}"))?;
+        if packets.is_empty() || !mqtt_link::is_connected(events) {
+            return Ok(());
+        }
+        let timeout = mqtt_link::write_timeout(events);
+        match tokio::time::timeout(timeout, mqtt_link::write_flushed(events, packets)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("cannot write acknowledgements: {e}")),
+            Err(_) => Err(format!("writing acknowledgements took over {timeout:?}")),
         }
     }
 
@@ -804,7 +889,7 @@ mod tests {
         o.set_inflight(2);
         let (client, mut events) = AsyncClient::new(o, 10);
         wait_connack(&mut events).await.unwrap();
-        let mut s = Session::new(client, 0, 10);
+        let mut s = Session::new(client, 1, 0, 10);
         let keys: Vec<Key> = (1..=3u8).map(|i| [i; 9]).collect();
         for k in &keys {
             let p = rumqttc::Publish::new("t/collision", QoS::AtLeastOnce, k.to_vec());

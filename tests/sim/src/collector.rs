@@ -25,9 +25,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// Largest packet the collector accepts or sends (rule bundles go up to
-/// 256 KiB; leave room).
+/// Largest packet the collector sends (rule bundles go up to 256 KiB; leave
+/// room).
 pub const COLLECTOR_MAX_PACKET: usize = 1024 * 1024;
+/// Largest packet the collector reads: anything MQTT can carry, so that an
+/// oversized message a test sends under the gateway's topics (which the
+/// collector also receives) cannot make it reconnect forever.
+pub const COLLECTOR_MAX_READ: usize = 268_435_455 + 5;
 /// Messages kept; past this the oldest are not dropped, new ones are counted
 /// in [`CloudCollector::overflowed`] instead, so a test sees the problem.
 pub const MAX_COLLECTED: usize = 2_000_000;
@@ -92,7 +96,7 @@ impl CloudCollector {
         let mut opts = MqttOptions::new(client_id, host, port);
         opts.set_clean_session(false)
             .set_keep_alive(Duration::from_secs(5))
-            .set_max_packet_size(COLLECTOR_MAX_PACKET, COLLECTOR_MAX_PACKET);
+            .set_max_packet_size(COLLECTOR_MAX_READ, COLLECTOR_MAX_PACKET);
         let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
         let store = Arc::new(Mutex::new(Store::default()));
         let (count_tx, count) = watch::channel(0usize);

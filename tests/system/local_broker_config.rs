@@ -1,7 +1,7 @@
 //! The recommended local mosquitto configuration (board-configs/mosquitto/) against the real
-//! agent: the largest message it lets through still fits in the packet the agent reads, so
-//! the agent refuses it as one bad input (dead letter) and keeps reading; a larger one is
-//! dropped by the broker and never reaches the agent.
+//! agent: the largest message it lets through reaches the agent, which refuses it as one bad
+//! input (dead letter) and keeps reading; a larger one is dropped by the broker and never
+//! reaches the agent.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -26,7 +26,7 @@ fn recommended_lines() -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_largest_message_the_recommended_broker_forwards_fits_the_agent() {
+async fn the_largest_message_the_recommended_broker_forwards_is_one_dead_letter() {
     let lines = recommended_lines();
     let limit: usize = lines
         .iter()

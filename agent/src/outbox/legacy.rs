@@ -46,7 +46,7 @@ pub fn read(
         _ => 0,
     };
     // Single values carry no append time: they count as appended now.
-    let now = crate::outbox::store::now_secs();
+    let now = crate::outbox::record::now_secs();
     for item in tree.iter() {
         let (k, v) = item.map_err(io::Error::other)?;
         let prio = match k.first() {

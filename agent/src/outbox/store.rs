@@ -67,6 +67,7 @@ use crate::outbox::log::{
     self, list_segments, put_frame, segment_name, sync_dir, AckPos, AckState, Item, Scanner,
     SegmentHeader, ACK_FILE, ACK_SLOT, SEGMENT_HEADER_LEN,
 };
+use crate::outbox::record::now_secs;
 use crate::outbox::record::{counted_size, Priority, Record};
 use crate::telemetry::metrics::Metrics;
 
@@ -246,13 +247,6 @@ fn prio_of(k: &[u8]) -> Option<Priority> {
         1 => Some(Priority::Low),
         _ => None,
     }
-}
-
-pub(crate) fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Counted size of a record whose body is `body_len` bytes (see the module doc).

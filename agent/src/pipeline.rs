@@ -276,7 +276,8 @@ impl Agent {
             Some(local_client.clone()),
             outbox.clone(),
             metrics.clone(),
-        );
+        )
+        .with_stopping(phases.stop_intake.clone());
         // Ends once the uplink, the rules stage and every source have dropped their senders.
         let router_task = tokio::spawn(
             router
@@ -308,6 +309,7 @@ impl Agent {
         .with_plan_updates(plans_rx)
         .with_commands(RuleCommandIssuer::new(rule_cmds_tx, &config.commands))
         .with_heartbeat(heartbeat)
+        .with_stopping(phases.stop_intake.clone())
         .with_commit_linger(Duration::from_millis(config.outbox.commit_linger_ms))
         .with_max_clock_skew_ms(config.rules.max_clock_skew_ms);
         let stage_task = tokio::spawn(stage.run(rx).instrument(tracing::info_span!("rules_stage")));

@@ -191,20 +191,6 @@ async fn a_burst_of_a_thousand_cloud_commands_is_answered_at_once() {
     device.stop().await;
 }
 
-/// The port from the agent's `metrics endpoint listening addr=127.0.0.1:PORT` log line.
-fn metrics_port(logs: &str) -> u16 {
-    let line = logs
-        .lines()
-        .find(|l| l.contains("metrics endpoint listening"))
-        .expect("metrics endpoint in the log");
-    let rest = &line[line.find("127.0.0.1:").expect("address") + "127.0.0.1:".len()..];
-    rest.chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<String>()
-        .parse()
-        .expect("port")
-}
-
 async fn wait_device_connected(device: &MqttDevice) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !device.is_connected() {

@@ -45,6 +45,7 @@ use edgestream_protocol::limits::MAX_DETAIL_LEN;
 use edgestream_protocol::types::{ArgValue, Command, CommandOutcome, OutcomeState};
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::config::{self, CommandsConfig};
 use super::routes::{DeviceEvent, DeviceRoutes, HandOff, Route};
@@ -256,6 +257,9 @@ pub struct CommandRouter {
     reported: Vec<Reported>,
     cloud_acks: Vec<InboundAck>,
     local_acks: Vec<Ack>,
+    /// Cancelled when the agent starts to stop: a turn whose table or outcomes cannot be
+    /// stored (a full disk) is then given up unacknowledged instead of retried.
+    stopping: CancellationToken,
 }
 
 impl CommandRouter {
@@ -290,7 +294,39 @@ impl CommandRouter {
             reported: Vec::new(),
             cloud_acks: Vec::new(),
             local_acks: Vec::new(),
+            stopping: CancellationToken::new(),
         }
+    }
+
+    /// The token cancelled when the agent starts to stop.
+    pub fn with_stopping(mut self, stopping: CancellationToken) -> Self {
+        self.stopping = stopping;
+        self
+    }
+
+    /// Waits before a retry of a failed save; false once the agent is stopping (the caller
+    /// gives the turn up).
+    async fn retry_later(&self, backoff: &mut Backoff) -> bool {
+        if self.stopping.is_cancelled() {
+            return false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => true,
+            _ = self.stopping.cancelled() => false,
+        }
+    }
+
+    /// Drops this turn's acknowledgements and outcomes: its inputs are redelivered after the
+    /// restart and handled again (at-least-once), since nothing of the turn is durable.
+    fn give_up_turn(&mut self) {
+        tracing::error!(
+            inputs = self.cloud_acks.len() + self.local_acks.len(),
+            "stopping while the command table or outcomes cannot be stored: this turn's inputs are not acknowledged (the brokers redeliver them)"
+        );
+        self.cloud_acks.clear();
+        self.local_acks.clear();
+        self.records.clear();
+        self.reported.clear();
     }
 
     /// Runs until every input has closed, then saves the table.
@@ -783,11 +819,15 @@ impl CommandRouter {
                 Ok(Ok(())) => self.dirty = false,
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "command table cannot be saved; retrying, nothing acknowledged");
-                    tokio::time::sleep(backoff.next_delay()).await;
+                    if !self.retry_later(&mut backoff).await {
+                        return self.give_up_turn();
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "command table save task failed; retrying");
-                    tokio::time::sleep(backoff.next_delay()).await;
+                    if !self.retry_later(&mut backoff).await {
+                        return self.give_up_turn();
+                    }
                 }
             }
         }
@@ -801,7 +841,9 @@ impl CommandRouter {
                     Ok(()) => break,
                     Err(e) => {
                         tracing::error!(error = %e, "command outcomes cannot be stored; retrying, nothing acknowledged");
-                        tokio::time::sleep(backoff.next_delay()).await;
+                        if !self.retry_later(&mut backoff).await {
+                            return self.give_up_turn();
+                        }
                     }
                 }
             }

@@ -63,6 +63,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::outbox::config::{Durability, FullPolicy, OutboxConfig};
+use crate::outbox::fault::{Op, StorageFault, StorageStatus};
 use crate::outbox::log::{
     self, list_segments, put_frame, segment_name, sync_dir, AckPos, AckState, Item, Scanner,
     SegmentHeader, ACK_FILE, ACK_SLOT, SEGMENT_HEADER_LEN,
@@ -606,6 +607,8 @@ struct Inner {
     open_report: OpenReport,
     /// Unix second of the last age check, so that readers check at most once a second.
     age_checked: AtomicU64,
+    /// Whether appends and commits fail (a full or failing disk), as a reported state.
+    fault: StorageFault,
     /// Held (flock) for the life of the store.
     _lock: File,
 }
@@ -748,6 +751,7 @@ impl Outbox {
                 appended: Notify::new(),
                 open_report: report,
                 age_checked: AtomicU64::new(0),
+                fault: StorageFault::default(),
                 _lock: lock,
             }),
         };
@@ -802,6 +806,21 @@ impl Outbox {
 
     /// [`Outbox::append`] at unix second `now` (the records' append time; tests move it).
     pub(crate) fn append_at(
+        &self,
+        records: &[Record],
+        now: u64,
+    ) -> Result<AppendOutcome, OutboxError> {
+        let result = self.append_unobserved(records, now);
+        let inner = &*self.inner;
+        match &result {
+            Ok(_) => inner.fault.succeeded(Op::Append, &inner.metrics),
+            Err(OutboxError::Storage(e)) => inner.fault.failed(Op::Append, e, &inner.metrics),
+            Err(_) => {}
+        }
+        result
+    }
+
+    fn append_unobserved(
         &self,
         records: &[Record],
         now: u64,
@@ -993,7 +1012,11 @@ impl Outbox {
             .read(true)
             .write(true)
             .open(&path)?;
-        f.write_all_at(&header.encode(), 0)?;
+        if let Err(e) = f.write_all_at(&header.encode(), 0) {
+            // A disk full now may have room later: the next attempt creates this id again.
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         st.next_seg_id += 1;
         let log = &mut st.logs[prio as usize];
         log.segs.push_back(Seg {
@@ -1115,6 +1138,11 @@ impl Outbox {
         self.inner.commit(true)?;
         Metrics::inc(&self.inner.metrics.outbox_flushes);
         Ok(())
+    }
+
+    /// Whether storage works now, or since when and how it fails (see `fault.rs`).
+    pub fn storage_status(&self) -> StorageStatus {
+        self.inner.fault.status()
     }
 
     /// What happened when this store was opened, for the status message.
@@ -1332,6 +1360,7 @@ impl Inner {
             }
             Ok(())
         })();
+        self.fault.observe(Op::Commit, &done, &self.metrics);
         if done.is_err() {
             // Everything is synced again by the next commit.
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -1585,6 +1614,7 @@ fn migrate(dir: &Path, settings: &OutboxSettings, metrics: &Arc<Metrics>) -> io:
                 appended: Notify::new(),
                 open_report: OpenReport::default(),
                 age_checked: AtomicU64::new(0),
+                fault: StorageFault::default(),
                 _lock: lock,
             }),
         };

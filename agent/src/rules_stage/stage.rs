@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use edgestream_rules::{drain_prefetching, AlertState, Disposition, Engine, Output, Plan};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::deadletter::RejectSampler;
@@ -99,6 +100,9 @@ pub struct RulesStage {
     linger: Duration,
     /// `rules.max_clock_skew_ms` (0: no limit).
     max_clock_skew_ms: u64,
+    /// Cancelled when the agent starts to stop: a group the outbox cannot store is then
+    /// given up (unacknowledged) instead of retried.
+    stopping: CancellationToken,
     /// Rejections and refusals of this stage, logged and sampled as dead letters.
     sampler: RejectSampler,
     /// The engine's refusal counts last reported: per rule (plan order), and its own.
@@ -125,6 +129,7 @@ impl RulesStage {
             commands: None,
             linger: COMMIT_LINGER,
             max_clock_skew_ms: crate::rules_stage::config::DEFAULT_MAX_CLOCK_SKEW_MS,
+            stopping: CancellationToken::new(),
             sampler: RejectSampler::new("rules"),
             rule_refusals_seen: Vec::new(),
             rule_refusals_total: 0,
@@ -157,6 +162,12 @@ impl RulesStage {
     /// Hands the commands rules issue to the command router.
     pub fn with_commands(mut self, issuer: crate::commands::router::RuleCommandIssuer) -> Self {
         self.commands = Some(issuer);
+        self
+    }
+
+    /// The token cancelled when the agent starts to stop (its `stop_intake`).
+    pub fn with_stopping(mut self, stopping: CancellationToken) -> Self {
+        self.stopping = stopping;
         self
     }
 
@@ -266,15 +277,17 @@ impl RulesStage {
             if lingering && wait_for_more(group_inputs, expected_group, !input.is_empty()) {
                 continue;
             }
-            self.commit(&mut records).await;
-            self.unacked.append(&mut acks);
+            if self.commit(&mut records).await {
+                self.unacked.append(&mut acks);
+            } else {
+                acks.clear();
+            }
             self.send_acks();
             expected_group = next_expected_group(expected_group, group_inputs, lingering);
             group_inputs = 0;
             group_since = None;
         }
-        if !records.is_empty() || !acks.is_empty() {
-            self.commit(&mut records).await;
+        if (!records.is_empty() || !acks.is_empty()) && self.commit(&mut records).await {
             self.unacked.append(&mut acks);
         }
         // The source keeps polling until we are done: give the last acknowledgements a bounded
@@ -447,20 +460,40 @@ impl RulesStage {
         }
     }
 
-    /// Appends and (by policy) flushes `records`, retrying each step until it succeeds.
-    async fn commit(&self, records: &mut Vec<Record>) {
+    /// Appends and (by policy) flushes `records`, retrying both until they succeed; returns
+    /// whether they are stored. A flush that fails is retried with the append: after a failed
+    /// `fdatasync` the kernel may have dropped the written pages and report the next sync as
+    /// clean, so only records written again and synced are known durable (duplicates in the
+    /// outbox at worst, never a loss). While storage fails the outbox reports the state
+    /// (`outbox/fault.rs`) and the group's inputs stay unacknowledged, so sources back up.
+    /// Once the agent is stopping, a group that cannot be stored is given up, unacknowledged
+    /// (the local broker redelivers it after the restart), so that shutdown stays clean.
+    async fn commit(&self, records: &mut Vec<Record>) -> bool {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-        while let Err(e) = self.outbox.append(records) {
+        loop {
+            let stored = match self.outbox.append(records) {
+                Ok(_) if self.outbox.flush_per_batch() => self.outbox.flush().await,
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            };
+            let Err(e) = stored else {
+                records.clear();
+                return true;
+            };
             self.beat();
-            tracing::error!(error = %e, records = records.len(), "outbox append failed; retrying, nothing acknowledged");
-            tokio::time::sleep(backoff.next_delay()).await;
-        }
-        records.clear();
-        if self.outbox.flush_per_batch() {
-            while let Err(e) = self.outbox.flush().await {
-                self.beat();
-                tracing::error!(error = %e, "outbox flush failed; retrying, nothing acknowledged");
-                tokio::time::sleep(backoff.next_delay()).await;
+            tracing::debug!(error = %e, records = records.len(), "outbox commit failed; retrying, nothing acknowledged");
+            if self.stopping.is_cancelled() {
+                tracing::error!(
+                    error = %e,
+                    records = records.len(),
+                    "stopping while outbox storage fails: the last group is not stored and its inputs are not acknowledged (the local broker redelivers them)"
+                );
+                records.clear();
+                return false;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = self.stopping.cancelled() => {}
             }
         }
     }

@@ -8,6 +8,7 @@
 use serde::Serialize;
 use serde_json::json;
 
+use crate::outbox::fault::StorageStatus;
 use crate::outbox::store::OpenReport;
 use crate::telemetry::metrics::Snapshot;
 
@@ -87,6 +88,7 @@ pub fn message(
     m: &Snapshot,
     outbox_disk_bytes: u64,
     outbox_opened: &OpenReport,
+    storage: &StorageStatus,
 ) -> serde_json::Value {
     let p = ProcessStats::read();
     json!({
@@ -129,6 +131,7 @@ pub fn message(
                 "records": m.outbox_depth,
                 "bytes": m.outbox_bytes,
                 "disk_bytes": outbox_disk_bytes,
+                "storage": storage,
             },
             "dropped": {
                 "by_rule": m.readings_dropped_by_rule,
@@ -205,7 +208,15 @@ mod tests {
             unclean: true,
             ..OpenReport::default()
         };
-        let v = message("gw", 1, &m, 0, &opened);
+        let storage = StorageStatus {
+            ok: false,
+            error: Some("No space left on device (os error 28)".into()),
+            failing_secs: 3,
+            failures: 9,
+        };
+        let v = message("gw", 1, &m, 0, &opened, &storage);
+        assert_eq!(v["summary"]["outbox"]["storage"]["ok"], false);
+        assert_eq!(v["summary"]["outbox"]["storage"]["failures"], 9);
         assert_eq!(v["outbox_opened"]["records"], 12);
         assert_eq!(v["outbox_opened"]["truncated_bytes"], 40);
         assert_eq!(v["outbox_opened"]["unclean"], true);

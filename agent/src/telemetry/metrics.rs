@@ -101,6 +101,11 @@ counters! {
     outbox_dropped_age: Counter "edgestream_records_dropped_total" r#"reason="outbox_age""# "",
     /// Records skipped because they failed their checksum or could not be decoded.
     outbox_corrupt: Counter "edgestream_records_dropped_total" r#"reason="corrupt""# "",
+    /// Failed outbox appends and group commits (disk full or failing), and 1 while that is
+    /// the outbox's state (gauge): nothing is acknowledged then; it ends by itself when the
+    /// storage works again.
+    outbox_storage_errors: Counter "edgestream_outbox_storage_errors_total" r#""# "Failed outbox appends and group commits (disk full or failing).",
+    outbox_storage_failing: Gauge "edgestream_outbox_storage_failing" r#""# "1 while outbox storage fails: nothing is acknowledged until it works again.",
     /// Records in the outbox (gauge).
     outbox_depth: Gauge "edgestream_outbox_records" r#""# "Records waiting in the outbox.",
     /// Bytes held in the outbox (gauge).

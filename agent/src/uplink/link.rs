@@ -769,6 +769,7 @@ impl Uplink {
             &self.metrics.snapshot(),
             self.outbox.size_on_disk(),
             self.outbox.open_report(),
+            &self.outbox.storage_status(),
         );
         if let Ok(bytes) = serde_json::to_vec(&payload) {
             if s.client

@@ -384,8 +384,22 @@ async fn cloud_commands_reach_serial_and_mqtt_devices_and_bad_ones_are_rejected_
         assert!(detail.contains(why), "{id}: {detail:?} should say {why:?}");
         assert_eq!(states(&collector, id), ["rejected"], "{id}");
     }
-    let why = wait_outcome(&collector, &agent, "c-m1", "rejected").await;
-    assert!(why.contains("duplicate id `c-m1`"), "{why}");
+    // The reused id is refused on the dead-letter topic; its outcomes stay one final one.
+    let dup = collector
+        .wait_for(
+            |msgs| {
+                msgs.iter().any(|m| {
+                    m.topic.ends_with("/deadletter")
+                        && m.payload["reason"]
+                            .as_str()
+                            .is_some_and(|r| r.contains("duplicate id `c-m1`"))
+                })
+            },
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(dup, "no dead letter for the reused id\n{}", agent.logs());
+    assert_eq!(states(&collector, "c-m1"), ["accepted", "succeeded"]);
     // The mute device never answers: timed out after reply_timeout_ms (2 s).
     let why = wait_outcome(&collector, &agent, "c-mute", "timed_out").await;
     assert!(why.contains("no reply"), "{why}");
@@ -418,7 +432,8 @@ async fn cloud_commands_reach_serial_and_mqtt_devices_and_bad_ones_are_rejected_
                     .rev()
                     .find(|m| m.topic.ends_with("/health"))
                     .is_some_and(|h| {
-                        h.payload["counters"]["commands_rejected"].as_u64() >= Some(7)
+                        h.payload["counters"]["commands_rejected"].as_u64() >= Some(6)
+                            && h.payload["counters"]["commands_duplicate"].as_u64() >= Some(1)
                             && h.payload["counters"]["commands_timed_out"].as_u64() >= Some(1)
                     })
             },
@@ -430,7 +445,8 @@ async fn cloud_commands_reach_serial_and_mqtt_devices_and_bad_ones_are_rejected_
     assert_eq!(health_counter(&collector, "commands_accepted"), 3);
     assert_eq!(health_counter(&collector, "commands_succeeded"), 2);
     assert_eq!(health_counter(&collector, "commands_timed_out"), 1);
-    assert_eq!(health_counter(&collector, "commands_rejected"), 7);
+    assert_eq!(health_counter(&collector, "commands_rejected"), 6);
+    assert_eq!(health_counter(&collector, "commands_duplicate"), 1);
     assert!(agent.terminate(Duration::from_secs(10)).success());
     valve_m.stop().await;
     valve_mute.stop().await;

@@ -13,7 +13,9 @@
 //! Lifecycle of one command (every step reported on `commands/outcomes`):
 //! 1. **Checked**: schema and names (protocol), not a reused id, not expired, allowed by
 //!    `[[commands.allow]]` (name, device, every argument's type and range), room in the
-//!    pending table. A refusal is a `rejected` outcome whose `detail` says why.
+//!    pending table. A refusal is a `rejected` outcome whose `detail` says why, except for a
+//!    reused id: that id already has its outcomes, so the copy is counted
+//!    (`edgestream_commands_duplicate_total`) and refused on the dead-letter topic only.
 //! 2. **Accepted**: written to the command table (`data_dir/commands/state.json`, replaced
 //!    atomically) *before* the `accepted` outcome is queued and before the cloud's message is
 //!    acknowledged. A crash before the acknowledgement makes the broker redeliver it (flagged
@@ -434,6 +436,18 @@ impl CommandRouter {
         self.report(id, device, OutcomeState::Rejected, why, now_ms());
     }
 
+    /// A command whose id is taken by a pending or finished one: counted, logged and sampled
+    /// on the dead-letter topic, with no outcome (the id has its own).
+    fn refuse_duplicate(&mut self, id: &str, cmd: &Command, why: &str) {
+        Metrics::inc(&self.metrics.commands_duplicate);
+        tracing::info!(%id, device = %cmd.device, reason = %why, "command refused");
+        let mut payload = Vec::new();
+        if encode_command(cmd, &mut payload).is_err() {
+            payload.clear();
+        }
+        self.dead_letter(&format!("command {id}"), why, &payload);
+    }
+
     fn on_cloud(&mut self, msg: InboundMsg) {
         Metrics::inc(&self.metrics.commands_received_cloud);
         let InboundMsg { publish, ack } = msg;
@@ -487,15 +501,17 @@ impl CommandRouter {
         let (id, device) = (cmd.id.to_string(), cmd.device.to_string());
         let print = fingerprint(&cmd);
         let now = now_ms();
+        // A copy the broker redelivered (our acknowledgement was lost to a crash or a
+        // reconnect) is answered with the state it has; any other reuse of an id is refused on
+        // the dead-letter topic only: the id's outcomes stay one accepted and one final.
         if let Some(p) = self.table.pending(&id) {
             if redelivered && p.fingerprint == print {
-                // Our acknowledgement was lost (crash or reconnect): say again where it is.
                 let detail = accepted_detail(&p.origin);
                 self.report(&id, &device, OutcomeState::Accepted, &detail, now);
                 return;
             }
             let why = format!("duplicate id `{id}`: already accepted, this copy is ignored");
-            return self.reject(&id, &device, &why);
+            return self.refuse_duplicate(&id, &cmd, &why);
         }
         if let Some(f) = self.table.finished(&id) {
             if redelivered && f.fingerprint == print {
@@ -507,7 +523,7 @@ impl CommandRouter {
                 "duplicate id `{id}`: already {}, this copy is ignored",
                 f.state.as_str()
             );
-            return self.reject(&id, &device, &why);
+            return self.refuse_duplicate(&id, &cmd, &why);
         }
         if now >= cmd.expires_at {
             let why = format!(

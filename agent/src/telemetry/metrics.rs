@@ -161,6 +161,9 @@ counters! {
     commands_succeeded: Counter "edgestream_commands_total" r#"outcome="succeeded""# "",
     commands_failed: Counter "edgestream_commands_total" r#"outcome="failed""# "",
     commands_timed_out: Counter "edgestream_commands_total" r#"outcome="timed_out""# "",
+    /// Commands refused because their id belongs to a pending or finished command (not a
+    /// broker redelivery): dead-lettered, no outcome.
+    commands_duplicate: Counter "edgestream_commands_duplicate_total" r#""# "Commands refused because their id was taken (dead-lettered, no outcome).",
     /// Accepted commands not yet finished (gauge).
     commands_pending: Gauge "edgestream_commands_pending" r#""# "Accepted device commands not yet finished.",
     /// Device replies for no pending command: unknown id or wrong device, or after the

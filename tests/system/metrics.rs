@@ -30,16 +30,6 @@ fn scenario() -> Vec<Sample> {
         .collect()
 }
 
-/// The port from the agent's `metrics endpoint listening addr=127.0.0.1:PORT` log line.
-fn endpoint_port(logs: &str) -> Option<u16> {
-    let line = logs
-        .lines()
-        .find(|l| l.contains("metrics endpoint listening"))?;
-    let rest = &line[line.find("127.0.0.1:")? + "127.0.0.1:".len()..];
-    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-    digits.parse().ok()
-}
-
 /// Scrapes until `ok` holds for the values or `timeout` passes; returns the last scrape.
 async fn scrape_until(
     port: u16,
@@ -76,7 +66,7 @@ async fn scraped_counters_match_what_was_sent() {
     agent
         .wait_log("metrics endpoint listening", Duration::from_secs(20))
         .await;
-    let port = endpoint_port(&agent.logs()).expect("endpoint port in the log");
+    let port = metrics_port(&agent.logs());
     agent.wait_subscribed().await;
 
     // Before any input: every counter is there, and zero.
@@ -197,7 +187,7 @@ async fn idle_connections_do_not_delay_a_scrape() {
     agent
         .wait_log("metrics endpoint listening", Duration::from_secs(20))
         .await;
-    let port = endpoint_port(&agent.logs()).expect("endpoint port in the log");
+    let port = metrics_port(&agent.logs());
 
     let mut idle = Vec::new();
     for _ in 0..200 {

@@ -5,6 +5,7 @@
 //!        ^                                          |                           |
 //!        +------------- PUBACK after flush ---------+                 Uplink --(QoS 1)--> cloud
 //!  SerialSource (one OS thread per port) --(same channel, blocking_send, no ack)--> RulesStage
+//!  ModbusSource (one task per bus) ---------(same channel, send().await, no ack)--> RulesStage
 //!
 //!  cloud commands (uplink) ---------+                      +--> serial port thread (PortLink)
 //!  RulesStage (rule commands) ------+--> CommandRouter ----+--> local broker devices/{d}/commands
@@ -44,6 +45,7 @@ use crate::config::Config;
 use crate::outbox::store::{OpenReport, Outbox, OutboxError, OutboxSettings};
 use crate::rules_stage::remote::{RemoteRules, RuleStore, StoredState};
 use crate::rules_stage::stage::{RulesStage, TICK};
+use crate::source::modbus::poller::{ModbusSource, ModbusSourceError};
 use crate::source::mqtt::LocalMqttSource;
 use crate::source::reading::SOURCE_CHANNEL_CAPACITY;
 use crate::source::serial::{SerialSource, SerialSourceError};
@@ -70,6 +72,8 @@ pub enum StartError {
     MetricsEndpoint { port: u16, source: std::io::Error },
     #[error(transparent)]
     Serial(#[from] SerialSourceError),
+    #[error(transparent)]
+    Modbus(#[from] ModbusSourceError),
 }
 
 /// What stopping left behind.
@@ -262,6 +266,18 @@ impl Agent {
             )?;
             serial_threads.push(thread);
         }
+        // One task and one sender clone per Modbus bus; each drops its sender as soon as
+        // `stop_intake` is cancelled (a request in flight is abandoned).
+        let mut modbus_tasks = Vec::new();
+        for (i, bus) in config.modbus.iter().enumerate() {
+            let source = ModbusSource::new(i, bus.clone())?;
+            let span = tracing::info_span!("modbus", bus = %bus.endpoint());
+            modbus_tasks.push(tokio::spawn(
+                source
+                    .run(tx.clone(), metrics.clone(), phases.stop_intake.clone())
+                    .instrument(span),
+            ));
+        }
         let (acks_tx, acks_rx) = mpsc::channel(crate::source::reading::ACK_BATCHES);
         let source = LocalMqttSource::new(&config)
             .with_replies(device_tx)
@@ -320,6 +336,7 @@ impl Agent {
             stage: stage_task,
             local_source: source_task,
             serial_threads,
+            modbus_tasks,
             uplink: uplink_task,
             router: router_task,
             remote_rules: remote_rules_task,
@@ -346,6 +363,7 @@ struct Running {
     stage: JoinHandle<()>,
     local_source: JoinHandle<()>,
     serial_threads: Vec<std::thread::JoinHandle<()>>,
+    modbus_tasks: Vec<JoinHandle<()>>,
     uplink: JoinHandle<()>,
     router: JoinHandle<()>,
     remote_rules: JoinHandle<()>,
@@ -394,6 +412,14 @@ impl Running {
                 .is_err()
             {
                 report.stuck.push("serial source");
+            }
+        }
+        for task in std::mem::take(&mut self.modbus_tasks) {
+            if tokio::time::timeout(Duration::from_secs(2), task)
+                .await
+                .is_err()
+            {
+                report.stuck.push("modbus source");
             }
         }
         if tokio::time::timeout(deadline + Duration::from_secs(3), &mut self.uplink)

@@ -1,0 +1,13 @@
+//! Modbus sources (`[[modbus]]`): slaves polled over Modbus TCP, their registers decoded into
+//! readings that enter the rules stage like every other source's.
+//!
+//! - [`config`]: the `[[modbus]]` tables, their slaves and register maps, and their checks;
+//! - [`plan`]: which reads poll a bus (adjacent values of one slave, table and interval in one
+//!   request, within the protocol's limits);
+//! - [`decode`]: registers to values (every type, byte and word order, scale and offset);
+//! - [`poller`]: the task that polls one bus.
+
+pub mod config;
+pub mod decode;
+pub mod plan;
+pub mod poller;

@@ -1,0 +1,539 @@
+//! The task that polls one Modbus TCP bus (one `[[modbus]]` table): one connection, one
+//! request at a time, each read of the [`plan`](super::plan) on its own interval.
+//!
+//! Guarantees and limits:
+//! - **Stamped at the poll.** Every value of a read carries the time the request was sent.
+//! - **Bounded hand-off, block.** Readings go to the rules stage on the shared source channel
+//!   with `send().await` (full-policy **block**, like the serial source): a slow disk delays
+//!   the next poll, and the schedule skips the polls it missed rather than bursting to catch
+//!   up. A slave cannot resend, so a reading read but not yet in the outbox is lost if the
+//!   agent crashes; a graceful stop loses none that was handed over.
+//! - **Bad answers are data.** An exception, a timeout, a short answer, an answer that does
+//!   not match the request (transaction, unit or function), or bytes that do not decode are
+//!   each counted by reason (`edgestream_modbus_errors_total{reason=...}`), logged at a
+//!   bounded rate and sampled on the dead-letter topic with the bus, the unit and the read
+//!   (`tcp 10.0.0.5:502 unit 3 holding 100+4`). After a timeout or undecodable bytes the
+//!   connection is reopened at once, so a late answer cannot be taken for the next one.
+//! - **A silent slave does not hold up the others.** After `missing_after` failed polls in a
+//!   row a slave is reported missing (warning, `edgestream_modbus_slaves_missing`) and only
+//!   probed once per `reconnect_max_ms` with one of its reads and no retries, until it
+//!   answers again. Its readings stop, which a rule sees with `missing(metric, duration)`.
+//! - **Reconnect with backoff.** A lost connection is reopened with jittered exponential
+//!   backoff ([`Backoff`]); state changes are logged once each.
+//! - Memory is fixed per bus: the plan, one state per slave, the answer of one read.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgestream_protocol::types::{DeviceId, MetricName};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_modbus::client::{Context, Reader};
+use tokio_modbus::slave::SlaveContext;
+use tokio_modbus::{ExceptionCode, Slave};
+use tokio_util::sync::CancellationToken;
+
+use super::config::{ModbusConfig, ModbusFunction};
+use super::decode::{bit_reading, register_reading};
+use super::plan::{plan_reads, ReadRequest};
+use crate::backoff::Backoff;
+use crate::deadletter::RejectSampler;
+use crate::source::reading::{now_ms, Reading, SourceMsg};
+use crate::telemetry::metrics::Metrics;
+
+const SOURCE: &str = "modbus";
+/// How far off the reads of a missing slave are put, other than the one that probes it; they
+/// are due again as soon as it answers.
+const PARKED: Duration = Duration::from_secs(365 * 86_400);
+
+/// Why a read did not give values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// The slave answered with an exception (its code).
+    Exception(u8),
+    /// No answer within the slave's `timeout_ms`.
+    Timeout,
+    /// Fewer values than asked for.
+    Short { got: usize, want: u16 },
+    /// An answer to another request (transaction, unit or function).
+    Mismatch(String),
+    /// Bytes that do not decode as a Modbus answer.
+    Garbage(String),
+    /// The connection failed.
+    Lost(String),
+}
+
+impl Fault {
+    /// The `reason` label of the fault's counter.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Fault::Exception(_) => "exception",
+            Fault::Timeout => "timeout",
+            Fault::Short { .. } => "short",
+            Fault::Mismatch(_) => "mismatch",
+            Fault::Garbage(_) => "garbage",
+            Fault::Lost(_) => "connection",
+        }
+    }
+
+    fn describe(&self, timeout: Duration) -> String {
+        match self {
+            Fault::Exception(code) => format!("exception 0x{code:02x} ({})", exception_name(*code)),
+            Fault::Timeout => format!("no answer within {} ms", timeout.as_millis()),
+            Fault::Short { got, want } => format!("short answer: {got} of {want} values"),
+            Fault::Mismatch(m) => format!("answer does not match the request: {m}"),
+            Fault::Garbage(m) => format!("undecodable answer: {m}"),
+            Fault::Lost(m) => format!("connection lost: {m}"),
+        }
+    }
+
+    fn count(&self, m: &Metrics) {
+        Metrics::inc(match self {
+            Fault::Exception(_) => &m.modbus_errors_exception,
+            Fault::Timeout => &m.modbus_errors_timeout,
+            Fault::Short { .. } => &m.modbus_errors_short,
+            Fault::Mismatch(_) => &m.modbus_errors_mismatch,
+            Fault::Garbage(_) => &m.modbus_errors_garbage,
+            Fault::Lost(_) => &m.modbus_errors_connection,
+        });
+    }
+
+    /// Whether the connection must be reopened before the next request: an answer may still
+    /// be on its way, or the stream is out of step.
+    fn poisons_connection(&self) -> bool {
+        matches!(self, Fault::Timeout | Fault::Garbage(_) | Fault::Lost(_))
+    }
+}
+
+fn exception_name(code: u8) -> &'static str {
+    match code {
+        0x01 => "illegal function",
+        0x02 => "illegal data address",
+        0x03 => "illegal data value",
+        0x04 => "server device failure",
+        0x05 => "acknowledge",
+        0x06 => "server device busy",
+        0x08 => "memory parity error",
+        0x0a => "gateway path unavailable",
+        0x0b => "gateway target device failed to respond",
+        _ => "unknown",
+    }
+}
+
+/// The values of one successful read: registers or bits.
+#[derive(Debug)]
+enum Answer {
+    Registers(Vec<u16>),
+    Bits(Vec<bool>),
+}
+
+/// What the poller keeps per slave.
+#[derive(Debug)]
+struct SlaveState {
+    unit: u8,
+    device: DeviceId,
+    /// The metric of each register map entry.
+    metrics: Vec<MetricName>,
+    timeout: Duration,
+    retries: u8,
+    failures_in_row: u32,
+    missing: bool,
+}
+
+/// Why a Modbus source cannot be built (the config's validation catches these first).
+#[derive(Debug, thiserror::Error)]
+#[error("modbus[{index}]: {message}")]
+pub struct ModbusSourceError {
+    index: usize,
+    message: String,
+}
+
+/// One bus and its poll plan; [`ModbusSource::run`] polls it until stopped.
+#[derive(Debug)]
+pub struct ModbusSource {
+    config: ModbusConfig,
+    reads: Vec<ReadRequest>,
+    slaves: Vec<SlaveState>,
+    missing_probe: Duration,
+}
+
+/// How one connection ended.
+enum Ended {
+    Stopped,
+    RulesStageGone,
+    Lost,
+}
+
+impl ModbusSource {
+    /// `index` is the table's place in the config, for error messages.
+    pub fn new(index: usize, config: ModbusConfig) -> Result<Self, ModbusSourceError> {
+        let err = |message: String| ModbusSourceError { index, message };
+        let mut slaves = Vec::with_capacity(config.slaves.len());
+        for s in &config.slaves {
+            let device = DeviceId::try_from(s.device.as_str())
+                .map_err(|_| err(format!("device {:?} is too long", s.device)))?;
+            let metrics = s
+                .registers
+                .iter()
+                .map(|r| {
+                    MetricName::try_from(r.metric.as_str())
+                        .map_err(|_| err(format!("metric {:?} is too long", r.metric)))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            slaves.push(SlaveState {
+                unit: s.unit,
+                device,
+                metrics,
+                timeout: Duration::from_millis(config.slave_timeout_ms(s)),
+                retries: config.slave_retries(s),
+                failures_in_row: 0,
+                missing: false,
+            });
+        }
+        Ok(Self {
+            reads: plan_reads(&config),
+            missing_probe: Duration::from_millis(config.reconnect_max_ms),
+            slaves,
+            config,
+        })
+    }
+
+    /// Polls until `stop` is cancelled; drops `out` when it returns.
+    pub async fn run(
+        mut self,
+        out: mpsc::Sender<SourceMsg>,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+    ) {
+        let endpoint = self.config.endpoint();
+        let mut backoff = Backoff::new(
+            Duration::from_millis(self.config.reconnect_min_ms),
+            Duration::from_millis(self.config.reconnect_max_ms),
+        );
+        let mut sampler = RejectSampler::new(SOURCE);
+        let mut outage_logged = false;
+        // When each read is due next; kept across reconnects so the schedule does not reset.
+        let start = Instant::now();
+        let mut due: Vec<Instant> = vec![start; self.reads.len()];
+        tracing::info!(
+            reads = self.reads.len(),
+            slaves = self.slaves.len(),
+            "modbus poll plan"
+        );
+        while !stop.is_cancelled() {
+            let connected = tokio::select! {
+                _ = stop.cancelled() => break,
+                c = connect(&endpoint, self.connect_timeout()) => c,
+            };
+            let mut ctx = match connected {
+                Ok(ctx) => ctx,
+                Err(e) => {
+                    if outage_logged {
+                        tracing::debug!(error = %e, "modbus bus still unreachable");
+                    } else {
+                        tracing::warn!(error = %e, "cannot connect to modbus bus; retrying with backoff");
+                        outage_logged = true;
+                    }
+                    Metrics::inc(&metrics.modbus_connect_failures);
+                    if sleep_unless_stopped(&stop, backoff.next_delay()).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            if outage_logged {
+                tracing::info!("modbus bus connected");
+            } else {
+                tracing::debug!("modbus bus connected");
+            }
+            outage_logged = false;
+            Metrics::inc(&metrics.modbus_connects);
+            let ended = self
+                .poll_until_lost(
+                    &mut ctx,
+                    &mut due,
+                    &out,
+                    &metrics,
+                    &mut sampler,
+                    &stop,
+                    &mut backoff,
+                )
+                .await;
+            match ended {
+                Ended::Stopped => break,
+                Ended::RulesStageGone => {
+                    tracing::error!("rules stage has stopped; no longer polling");
+                    break;
+                }
+                Ended::Lost => {}
+            }
+        }
+        tracing::info!("modbus source stopped");
+    }
+
+    fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.timeout_ms.max(1000))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn poll_until_lost(
+        &mut self,
+        ctx: &mut Context,
+        due: &mut [Instant],
+        out: &mpsc::Sender<SourceMsg>,
+        metrics: &Metrics,
+        sampler: &mut RejectSampler,
+        stop: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Ended {
+        let endpoint = self.config.endpoint();
+        loop {
+            let Some((i, at)) = due.iter().copied().enumerate().min_by_key(|(_, t)| *t) else {
+                // No reads (a validated config always has some): wait for the stop.
+                stop.cancelled().await;
+                return Ended::Stopped;
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return Ended::Stopped,
+                _ = tokio::time::sleep_until(at) => {}
+            }
+            let read = &self.reads[i];
+            let slave = &self.slaves[read.slave];
+            let ts_ms = now_ms();
+            let attempts = if slave.missing { 1 } else { 1 + slave.retries };
+            let mut result = Err(Fault::Timeout);
+            for _ in 0..attempts {
+                // Cancel-safe: on a stop the request in flight is abandoned with its
+                // connection; nothing it would have read was acknowledged anywhere.
+                result = tokio::select! {
+                    _ = stop.cancelled() => return Ended::Stopped,
+                    r = request(ctx, slave.unit, read, slave.timeout) => r,
+                };
+                match &result {
+                    Ok(_) | Err(Fault::Exception(_)) => break,
+                    Err(f) if f.poisons_connection() => {
+                        // Reopen before a retry, so a late answer cannot be taken for it.
+                        match connect(&endpoint, self.connect_timeout()).await {
+                            Ok(c) => *ctx = c,
+                            Err(e) => {
+                                result = Err(Fault::Lost(e));
+                                break;
+                            }
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+            // Next poll: one interval on, skipping polls already missed.
+            let now = Instant::now();
+            let interval = read.interval;
+            let mut next = at + interval;
+            if next <= now {
+                let behind = (now - next).as_nanos() / interval.as_nanos().max(1);
+                next += interval * (behind as u32 + 1);
+            }
+            let slave_index = read.slave;
+            match result {
+                Ok(answer) => {
+                    backoff.reset();
+                    due[i] = next;
+                    Metrics::inc(&metrics.modbus_polls);
+                    let slave = &mut self.slaves[slave_index];
+                    slave.failures_in_row = 0;
+                    if slave.missing {
+                        slave.missing = false;
+                        metrics
+                            .modbus_slaves_missing
+                            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(unit = slave.unit, device = %slave.device, "modbus slave answers again");
+                        // Back on its own schedule: its other reads are due now.
+                        for (j, r) in self.reads.iter().enumerate() {
+                            if r.slave == slave_index && j != i {
+                                due[j] = now;
+                            }
+                        }
+                    }
+                    let read = &self.reads[i];
+                    let slave = &self.slaves[slave_index];
+                    let registers = &self.config.slaves[slave_index].registers;
+                    for &v in &read.values {
+                        let r = &registers[v];
+                        let offset = (r.address - u32::from(read.start)) as usize;
+                        let value = match &answer {
+                            Answer::Registers(regs) => {
+                                let width = usize::from(r.value_type().width());
+                                register_reading(r, &regs[offset..offset + width])
+                            }
+                            Answer::Bits(bits) => bit_reading(r, bits[offset]),
+                        };
+                        let reading = Reading {
+                            device: slave.device.clone(),
+                            metric: slave.metrics[v].clone(),
+                            value,
+                            ts_ms,
+                        };
+                        Metrics::inc(&metrics.readings_in_modbus);
+                        if out.send(SourceMsg::Reading(reading, None)).await.is_err() {
+                            return Ended::RulesStageGone;
+                        }
+                    }
+                }
+                Err(fault) => {
+                    fault.count(metrics);
+                    let slave = &mut self.slaves[slave_index];
+                    slave.failures_in_row = slave.failures_in_row.saturating_add(1);
+                    let location = format!(
+                        "tcp {endpoint} unit {} {} {}+{}",
+                        slave.unit,
+                        read.function.name(),
+                        read.start,
+                        read.count
+                    );
+                    let reason = format!("{}: {}", fault.reason(), fault.describe(slave.timeout));
+                    let became_missing =
+                        !slave.missing && slave.failures_in_row >= self.config.missing_after;
+                    if became_missing {
+                        slave.missing = true;
+                        metrics
+                            .modbus_slaves_missing
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(
+                            unit = slave.unit,
+                            device = %slave.device,
+                            failures = slave.failures_in_row,
+                            last = %reason,
+                            "modbus slave not answering; probing it every {} ms",
+                            self.missing_probe.as_millis()
+                        );
+                    }
+                    due[i] = if self.slaves[slave_index].missing {
+                        // Probe with this read only; the slave's other reads wait until it
+                        // answers again.
+                        for (j, r) in self.reads.iter().enumerate() {
+                            if r.slave == slave_index && j != i {
+                                due[j] = due[j].max(now + PARKED);
+                            }
+                        }
+                        now + self.missing_probe
+                    } else {
+                        next
+                    };
+                    let payload = format!("{fault:?}");
+                    let msg = match sampler.reject(&location, &reason, payload.as_bytes()) {
+                        Some(sample) => Some(SourceMsg::Rejected(Some(sample), None)),
+                        None => {
+                            Metrics::inc(&metrics.deadletters_suppressed);
+                            None
+                        }
+                    };
+                    if let Some(msg) = msg {
+                        if out.send(msg).await.is_err() {
+                            return Ended::RulesStageGone;
+                        }
+                    }
+                    if let Fault::Lost(why) = &fault {
+                        Metrics::inc(&metrics.modbus_disconnects);
+                        tracing::warn!(reason = %why, "modbus connection lost; reconnecting with backoff");
+                        if sleep_unless_stopped(stop, backoff.next_delay()).await {
+                            return Ended::Stopped;
+                        }
+                        return Ended::Lost;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Opens the bus's TCP connection within `timeout`.
+async fn connect(endpoint: &str, timeout: Duration) -> Result<Context, String> {
+    let attempt = async {
+        let addr: SocketAddr = tokio::net::lookup_host(endpoint)
+            .await
+            .map_err(|e| format!("{endpoint}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{endpoint}: no address"))?;
+        tokio_modbus::client::tcp::connect(addr)
+            .await
+            .map_err(|e| format!("{endpoint}: {e}"))
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("{endpoint}: no connection within {timeout:?}")))
+}
+
+/// One read of `req` from `unit`, within `timeout`.
+async fn request(
+    ctx: &mut Context,
+    unit: u8,
+    req: &ReadRequest,
+    timeout: Duration,
+) -> Result<Answer, Fault> {
+    ctx.set_slave(Slave(unit));
+    let (start, count) = (req.start, req.count);
+    let call = async {
+        match req.function {
+            ModbusFunction::Holding => ctx
+                .read_holding_registers(start, count)
+                .await
+                .map(|r| r.map(Answer::Registers)),
+            ModbusFunction::Input => ctx
+                .read_input_registers(start, count)
+                .await
+                .map(|r| r.map(Answer::Registers)),
+            ModbusFunction::Coil => ctx
+                .read_coils(start, count)
+                .await
+                .map(|r| r.map(Answer::Bits)),
+            ModbusFunction::DiscreteInput => ctx
+                .read_discrete_inputs(start, count)
+                .await
+                .map(|r| r.map(Answer::Bits)),
+        }
+    };
+    let answer = match tokio::time::timeout(timeout, call).await {
+        Err(_) => return Err(Fault::Timeout),
+        Ok(Err(e)) => return Err(classify(e)),
+        Ok(Ok(Err(code))) => return Err(Fault::Exception(exception_code(code))),
+        Ok(Ok(Ok(answer))) => answer,
+    };
+    match answer {
+        Answer::Registers(r) if r.len() != usize::from(count) => Err(Fault::Short {
+            got: r.len(),
+            want: count,
+        }),
+        // Bits come packed in whole bytes: up to 7 more than asked.
+        Answer::Bits(b) if b.len() < usize::from(count) => Err(Fault::Short {
+            got: b.len(),
+            want: count,
+        }),
+        Answer::Bits(mut b) => {
+            b.truncate(usize::from(count));
+            Ok(Answer::Bits(b))
+        }
+        a => Ok(a),
+    }
+}
+
+fn classify(e: tokio_modbus::Error) -> Fault {
+    match e {
+        tokio_modbus::Error::Protocol(p) => Fault::Mismatch(p.to_string()),
+        tokio_modbus::Error::Transport(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+            Fault::Garbage(io.to_string())
+        }
+        tokio_modbus::Error::Transport(io) => Fault::Lost(io.to_string()),
+    }
+}
+
+fn exception_code(code: ExceptionCode) -> u8 {
+    u8::from(code)
+}
+
+/// Sleeps `delay`; returns `true` at once if `stop` is cancelled.
+async fn sleep_unless_stopped(stop: &CancellationToken, delay: Duration) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => true,
+        _ = tokio::time::sleep(delay) => false,
+    }
+}

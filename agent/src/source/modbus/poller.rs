@@ -12,16 +12,18 @@
 //!   not match the request (transaction, unit or function), or bytes that do not decode are
 //!   each counted by reason (`edgestream_modbus_errors_total{reason=...}`), logged at a
 //!   bounded rate and sampled on the dead-letter topic with the bus, the unit and the read
-//!   (`tcp 10.0.0.5:502 unit 3 holding 100+4`). After a timeout or undecodable bytes the
+//!   (`tcp 10.0.0.5:502 unit 3 holding 100+4`), each slave and reason with its own sampling
+//!   budget (`deadletter.rs`: 10 samples per 10 s). After a timeout or undecodable bytes the
 //!   connection is reopened at once, so a late answer cannot be taken for the next one.
-//! - **A silent slave does not hold up the others.** After `missing_after` failed polls in a
-//!   row a slave is reported missing (warning, `edgestream_modbus_slaves_missing`) and only
+//! - **A silent slave does not hold up the others.** After `missing_after` polls in a row
+//!   without an answer (timeouts or undecodable bytes; an exception is an answer) a slave is reported missing (warning, `edgestream_modbus_slaves_missing`) and only
 //!   probed once per `reconnect_max_ms` with one of its reads and no retries, until it
 //!   answers again. Its readings stop, which a rule sees with `missing(metric, duration)`.
 //! - **Reconnect with backoff.** A lost connection is reopened with jittered exponential
 //!   backoff ([`Backoff`]); state changes are logged once each.
 //! - Memory is fixed per bus: the plan, one state per slave, the answer of one read.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,9 +31,9 @@ use std::time::Duration;
 use edgestream_protocol::types::{DeviceId, MetricName};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_modbus::client::{Context, Reader};
+use tokio_modbus::client::{Client, Context};
 use tokio_modbus::slave::SlaveContext;
-use tokio_modbus::{ExceptionCode, Slave};
+use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 use tokio_util::sync::CancellationToken;
 
 use super::config::{ModbusConfig, ModbusFunction};
@@ -79,7 +81,12 @@ impl Fault {
 
     fn describe(&self, timeout: Duration) -> String {
         match self {
-            Fault::Exception(code) => format!("exception 0x{code:02x} ({})", exception_name(*code)),
+            Fault::Exception(code) => {
+                format!(
+                    "slave answered exception 0x{code:02x} ({})",
+                    exception_name(*code)
+                )
+            }
             Fault::Timeout => format!("no answer within {} ms", timeout.as_millis()),
             Fault::Short { got, want } => format!("short answer: {got} of {want} values"),
             Fault::Mismatch(m) => format!("answer does not match the request: {m}"),
@@ -97,6 +104,13 @@ impl Fault {
             Fault::Garbage(_) => &m.modbus_errors_garbage,
             Fault::Lost(_) => &m.modbus_errors_connection,
         });
+    }
+
+    /// Whether the slave gave no answer at all (a silent, dead or unplugged slave behind a
+    /// gateway); only these count toward reporting it missing. An exception, a short or a
+    /// mismatched answer come from a slave that is there.
+    fn is_silence(&self) -> bool {
+        matches!(self, Fault::Timeout | Fault::Garbage(_))
     }
 
     /// Whether the connection must be reopened before the next request: an answer may still
@@ -126,6 +140,8 @@ fn exception_name(code: u8) -> &'static str {
 enum Answer {
     Registers(Vec<u16>),
     Bits(Vec<bool>),
+    /// An answer to another function (`call` rejects those first; kept for completeness).
+    Other(String),
 }
 
 /// What the poller keeps per slave.
@@ -211,7 +227,7 @@ impl ModbusSource {
             Duration::from_millis(self.config.reconnect_min_ms),
             Duration::from_millis(self.config.reconnect_max_ms),
         );
-        let mut sampler = RejectSampler::new(SOURCE);
+        let mut samplers = Samplers::default();
         let mut outage_logged = false;
         // When each read is due next; kept across reconnects so the schedule does not reset.
         let start = Instant::now();
@@ -255,7 +271,7 @@ impl ModbusSource {
                     &mut due,
                     &out,
                     &metrics,
-                    &mut sampler,
+                    &mut samplers,
                     &stop,
                     &mut backoff,
                 )
@@ -283,7 +299,7 @@ impl ModbusSource {
         due: &mut [Instant],
         out: &mpsc::Sender<SourceMsg>,
         metrics: &Metrics,
-        sampler: &mut RejectSampler,
+        samplers: &mut Samplers,
         stop: &CancellationToken,
         backoff: &mut Backoff,
     ) -> Ended {
@@ -366,6 +382,7 @@ impl ModbusSource {
                                 register_reading(r, &regs[offset..offset + width])
                             }
                             Answer::Bits(bits) => bit_reading(r, bits[offset]),
+                            Answer::Other(_) => continue,
                         };
                         let reading = Reading {
                             device: slave.device.clone(),
@@ -382,7 +399,9 @@ impl ModbusSource {
                 Err(fault) => {
                     fault.count(metrics);
                     let slave = &mut self.slaves[slave_index];
-                    slave.failures_in_row = slave.failures_in_row.saturating_add(1);
+                    if fault.is_silence() {
+                        slave.failures_in_row = slave.failures_in_row.saturating_add(1);
+                    }
                     let location = format!(
                         "tcp {endpoint} unit {} {} {}+{}",
                         slave.unit,
@@ -420,6 +439,7 @@ impl ModbusSource {
                         next
                     };
                     let payload = format!("{fault:?}");
+                    let sampler = samplers.of(slave_index, fault.reason());
                     let msg = match sampler.reject(&location, &reason, payload.as_bytes()) {
                         Some(sample) => Some(SourceMsg::Rejected(Some(sample), None)),
                         None => {
@@ -443,6 +463,19 @@ impl ModbusSource {
                 }
             }
         }
+    }
+}
+
+/// Dead-letter sampling per slave and reason, so that a chatty fault does not hide another
+/// slave's (each has the budget of [`RejectSampler`]). At most slaves x 6 entries.
+#[derive(Debug, Default)]
+struct Samplers(HashMap<(usize, &'static str), RejectSampler>);
+
+impl Samplers {
+    fn of(&mut self, slave: usize, reason: &'static str) -> &mut RejectSampler {
+        self.0
+            .entry((slave, reason))
+            .or_insert_with(|| RejectSampler::new(SOURCE))
     }
 }
 
@@ -472,25 +505,25 @@ async fn request(
 ) -> Result<Answer, Fault> {
     ctx.set_slave(Slave(unit));
     let (start, count) = (req.start, req.count);
+    // Through `Client::call`, not the `Reader` methods: those `debug_assert` that the slave
+    // sent as many values as asked for, so a short answer would panic a debug build; here it
+    // is counted as `short`.
+    let request = match req.function {
+        ModbusFunction::Holding => Request::ReadHoldingRegisters(start, count),
+        ModbusFunction::Input => Request::ReadInputRegisters(start, count),
+        ModbusFunction::Coil => Request::ReadCoils(start, count),
+        ModbusFunction::DiscreteInput => Request::ReadDiscreteInputs(start, count),
+    };
     let call = async {
-        match req.function {
-            ModbusFunction::Holding => ctx
-                .read_holding_registers(start, count)
-                .await
-                .map(|r| r.map(Answer::Registers)),
-            ModbusFunction::Input => ctx
-                .read_input_registers(start, count)
-                .await
-                .map(|r| r.map(Answer::Registers)),
-            ModbusFunction::Coil => ctx
-                .read_coils(start, count)
-                .await
-                .map(|r| r.map(Answer::Bits)),
-            ModbusFunction::DiscreteInput => ctx
-                .read_discrete_inputs(start, count)
-                .await
-                .map(|r| r.map(Answer::Bits)),
-        }
+        ctx.call(request).await.map(|r| {
+            r.map(|response| match response {
+                Response::ReadHoldingRegisters(w) | Response::ReadInputRegisters(w) => {
+                    Answer::Registers(w)
+                }
+                Response::ReadCoils(b) | Response::ReadDiscreteInputs(b) => Answer::Bits(b),
+                other => Answer::Other(format!("{other:?}")),
+            })
+        })
     };
     let answer = match tokio::time::timeout(timeout, call).await {
         Err(_) => return Err(Fault::Timeout),
@@ -512,6 +545,7 @@ async fn request(
             b.truncate(usize::from(count));
             Ok(Answer::Bits(b))
         }
+        Answer::Other(what) => Err(Fault::Mismatch(what)),
         a => Ok(a),
     }
 }

@@ -262,4 +262,59 @@ type = "f32"
         text.contains("modbus[0].slaves[0].registers[0].type") && text.contains("f16"),
         "{text}"
     );
+    // RTU: a port is needed, TCP's fields are refused, 8 data bits, slave addresses 1 to 247,
+    // and one port is one bus.
+    let rtu = write_config(
+        dir.path(),
+        &format!("id = \"gw\"\ndata_dir = \"{}\"", data.display()),
+        r#"
+[[modbus]]
+transport = "rtu"
+host = "10.0.0.5"
+data_bits = 7
+[[modbus.slaves]]
+unit = 0
+device = "d"
+[[modbus.slaves.registers]]
+metric = "m"
+function = "holding"
+address = 0
+
+[[modbus]]
+transport = "rtu"
+path = "/dev/ttyUSB0"
+[[modbus.slaves]]
+unit = 1
+device = "e"
+[[modbus.slaves.registers]]
+metric = "m"
+function = "holding"
+address = 0
+
+[[modbus]]
+transport = "rtu"
+path = "/dev/ttyUSB0"
+[[modbus.slaves]]
+unit = 1
+device = "f"
+[[modbus.slaves.registers]]
+metric = "m"
+function = "holding"
+address = 0
+"#,
+    );
+    let text = printed(&edgestream(&["check"], &rtu));
+    for (path, words) in [
+        ("modbus[0].path", "needs the serial port"),
+        ("modbus[0].host", "only used with transport = \"tcp\""),
+        ("modbus[0].data_bits", "8 data bits"),
+        ("modbus[0].slaves[0].unit", "1 to 247"),
+        ("modbus[2].path", "already modbus[1]"),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!("{path}:")))
+            .unwrap_or_else(|| panic!("no problem at {path}:\n{text}"));
+        assert!(line.contains(words), "{path}: {line:?} lacks {words:?}");
+    }
 }

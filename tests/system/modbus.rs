@@ -1,5 +1,6 @@
-//! System tests of the Modbus TCP source: the real `edgestream` binary polls simulated slaves
-//! ([`ModbusTcpSlave`], a real TCP server on 127.0.0.1) and forwards to a real mosquitto cloud
+//! System tests of the Modbus sources: the real `edgestream` binary polls simulated slaves
+//! ([`ModbusTcpSlave`], a real TCP server on 127.0.0.1; [`ModbusRtuSlave`], a bus on a real
+//! pseudo-terminal) and forwards to a real mosquitto cloud
 //! broker. The register layouts are written by the simulator's own encoder
 //! (`edgestream_sim::registers_of`), not the agent's decoder.
 
@@ -11,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use edgestream_sim::{
-    registers_of, CloudCollector, ModbusFault, ModbusTable, ModbusTcpSlave, Mosquitto,
+    registers_of, CloudCollector, ModbusFault, ModbusRtuSlave, ModbusTable, ModbusTcpSlave,
+    Mosquitto,
 };
 
 struct Site {
@@ -311,4 +313,133 @@ async fn faults_are_counted_by_reason_and_the_healthy_slave_keeps_its_schedule()
     .await;
     let status = site.agent.terminate(Duration::from_secs(15));
     assert!(status.success(), "{status:?}\n{}", site.agent.logs());
+}
+
+/// Pseudo-terminal numbers are reused as soon as one closes, and an unplugged simulated bus's
+/// link keeps pointing at its old number: RTU tests run one at a time.
+static ONE_PTY_TEST_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Modbus RTU over a real pseudo-terminal at 9,600 baud 8E1: an energy meter's word-swapped
+/// f32 and another slave's i32 arrive; every request is sent after at least 3.5 characters
+/// (4.01 ms) of silence on the bus, which tokio-modbus alone does not keep; a slave whose
+/// answers have a wrong CRC is counted as `crc` (not as a timeout) and dead-lettered; and an
+/// unplugged adapter is counted, reopened by its path, and polled again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtu_keeps_the_inter_frame_silence_counts_crc_errors_and_survives_an_unplug() {
+    let _one = ONE_PTY_TEST_AT_A_TIME.lock().await;
+    let bus = ModbusRtuSlave::start(&[1, 2, 3]).expect("rtu bus");
+    bus.set_registers(
+        1,
+        ModbusTable::Input,
+        0,
+        &registers_of(&231.7f32.to_be_bytes(), false, true),
+    );
+    bus.set_registers(
+        3,
+        ModbusTable::Holding,
+        10,
+        &registers_of(&(-70_000i32).to_be_bytes(), false, false),
+    );
+    bus.set_registers(2, ModbusTable::Holding, 0, &[5]);
+    bus.set_fault(2, Some(ModbusFault::BadCrc));
+    let modbus = format!(
+        r#"
+[[modbus]]
+transport = "rtu"
+path = "{}"
+baud_rate = 9600
+parity = "even"
+timeout_ms = 200
+retries = 0
+missing_after = 3
+reconnect_min_ms = 50
+reconnect_max_ms = 1000
+
+[[modbus.slaves]]
+unit = 1
+device = "meter-1"
+[[modbus.slaves.registers]]
+metric = "voltage"
+function = "input"
+address = 0
+type = "f32"
+word_order = "little"
+interval_ms = 100
+
+[[modbus.slaves]]
+unit = 2
+device = "noisy-2"
+[[modbus.slaves.registers]]
+metric = "x"
+function = "holding"
+address = 0
+interval_ms = 100
+
+[[modbus.slaves]]
+unit = 3
+device = "drive-3"
+[[modbus.slaves.registers]]
+metric = "speed"
+function = "holding"
+address = 10
+type = "i32"
+interval_ms = 100
+"#,
+        bus.path().display()
+    );
+    let site = start_agent("gw-modbus-rtu", &modbus).await;
+    let c = &site.collector;
+    wait_until(
+        "both good slaves' values and the CRC errors",
+        &site.agent,
+        || {
+            let (m, d) = (latest(c, "meter-1"), latest(c, "drive-3"));
+            m.get("voltage") == Some(&f64::from(231.7f32))
+                && d.get("speed") == Some(&-70_000.0)
+                && counter(c, "modbus_errors_crc") >= 3
+        },
+    )
+    .await;
+    assert_eq!(
+        counter(c, "modbus_errors_timeout"),
+        0,
+        "a CRC error is not a timeout"
+    );
+    assert!(latest(c, "noisy-2").is_empty());
+    let dead = c.payloads_on("deadletter");
+    assert!(
+        dead.iter().any(|d| d["where"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("rtu ") && w.contains(" unit 2 holding 0+1"))
+            && d["reason"].as_str().is_some_and(|r| r.starts_with("crc:"))),
+        "{dead:?}"
+    );
+    // The silence before every request, as the bus saw it.
+    wait_until("frames on the bus", &site.agent, || bus.gaps().len() >= 40).await;
+    let gaps = bus.gaps();
+    let silence = Duration::from_nanos(4_010_415); // 3.5 x 11 bits at 9600 baud
+    let shortest = gaps.iter().min().copied().unwrap_or_default();
+    assert!(
+        shortest >= silence,
+        "a request came {shortest:?} after the frame before it (at least {silence:?} required)"
+    );
+    assert_eq!(bus.bad_requests(), 0, "every request arrived whole");
+
+    // Unplug the adapter: the port fails, is counted, and is reopened by its path.
+    bus.unplug();
+    wait_until("the lost port is counted", &site.agent, || {
+        counter(c, "modbus_disconnects") >= 1
+    })
+    .await;
+    bus.set_registers(
+        3,
+        ModbusTable::Holding,
+        10,
+        &registers_of(&(-70_001i32).to_be_bytes(), false, false),
+    );
+    bus.replug().expect("replug");
+    wait_until("polled again after the replug", &site.agent, || {
+        latest(c, "drive-3").get("speed") == Some(&-70_001.0)
+    })
+    .await;
 }

@@ -118,6 +118,7 @@ pub fn message(
                     "short": m.modbus_errors_short,
                     "mismatch": m.modbus_errors_mismatch,
                     "garbage": m.modbus_errors_garbage,
+                    "crc": m.modbus_errors_crc,
                     "connection": m.modbus_errors_connection,
                 },
                 "slaves_missing": m.modbus_slaves_missing,

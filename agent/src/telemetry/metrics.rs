@@ -150,12 +150,14 @@ counters! {
     modbus_polls: Counter "edgestream_modbus_polls_total" r#""# "Modbus reads answered with the values asked for.",
     /// Modbus reads that gave no values, by reason (see dead letters; per slave in the log and
     /// the samples): an exception, no answer in time, fewer values than asked, an answer to
-    /// another request, bytes that do not decode, a connection that failed.
+    /// another request, bytes that do not decode, an RTU answer with a wrong CRC, a connection
+    /// (TCP) or port (RTU) that failed.
     modbus_errors_exception: Counter "edgestream_modbus_errors_total" r#"reason="exception""# "Modbus reads that gave no values, by reason.",
     modbus_errors_timeout: Counter "edgestream_modbus_errors_total" r#"reason="timeout""# "",
     modbus_errors_short: Counter "edgestream_modbus_errors_total" r#"reason="short""# "",
     modbus_errors_mismatch: Counter "edgestream_modbus_errors_total" r#"reason="mismatch""# "",
     modbus_errors_garbage: Counter "edgestream_modbus_errors_total" r#"reason="garbage""# "",
+    modbus_errors_crc: Counter "edgestream_modbus_errors_total" r#"reason="crc""# "",
     modbus_errors_connection: Counter "edgestream_modbus_errors_total" r#"reason="connection""# "",
     /// Modbus connections opened, failed attempts, and connections lost.
     modbus_connects: Counter "edgestream_modbus_connects_total" r#""# "Modbus bus connections opened.",

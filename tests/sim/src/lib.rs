@@ -43,7 +43,9 @@ mod wire;
 
 pub use broker::{InProcessBroker, Mosquitto, MosquittoOptions};
 pub use collector::{CloudCollector, CloudMessage};
-pub use devices::modbus::{registers_of, ModbusFault, ModbusTcpSlave, Table as ModbusTable};
+pub use devices::modbus::{
+    registers_of, rtu_crc, ModbusFault, ModbusRtuSlave, ModbusTcpSlave, Table as ModbusTable,
+};
 pub use devices::mqtt::{
     CommandBehavior, DeviceStats, MetricSpec, MqttDevice, MqttDeviceConfig, MqttFleet,
     PayloadFormat, Rate, Reading,

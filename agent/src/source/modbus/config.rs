@@ -1,4 +1,4 @@
-//! The `[[modbus]]` tables: one per bus (a Modbus TCP connection), each with its slaves
+//! The `[[modbus]]` tables: one per bus (a Modbus TCP connection or an RTU serial line), each with its slaves
 //! (`[[modbus.slaves]]`: unit id and device name) and each slave's register map
 //! (`[[modbus.slaves.registers]]`: metric, function, address, type, byte and word order,
 //! scale, offset, poll interval).
@@ -6,8 +6,11 @@
 //! Addresses are the protocol's, counted from 0 in each of the four tables: the register a
 //! datasheet calls 40001 is `function = "holding"`, `address = 0`; 30001 is `"input"`, 0.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
+use crate::source::config::SerialParity;
 use crate::validation::{bad, valid_name, Problem};
 
 /// Most `[[modbus]]` tables (each is one task and one connection).
@@ -30,6 +33,8 @@ pub const MAX_INTERVAL_MS: u64 = 86_400_000;
 pub enum ModbusTransport {
     /// Modbus TCP (MBAP header) to `host`:`port`.
     Tcp,
+    /// Modbus RTU (binary frames with a CRC, delimited by silence) on the serial port `path`.
+    Rtu,
 }
 
 /// The four tables of a Modbus slave.
@@ -123,6 +128,22 @@ pub struct ModbusConfig {
     /// TCP: default 502.
     #[serde(default)]
     pub port: Option<u16>,
+    /// RTU: the serial port (an RS-485 adapter), preferably a `/dev/serial/by-id/...` link:
+    /// it is reopened by this path after an unplug.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// RTU: default 19200 (the spec's).
+    #[serde(default)]
+    pub baud_rate: Option<u32>,
+    /// RTU: default `"even"` (the spec's).
+    #[serde(default)]
+    pub parity: Option<SerialParity>,
+    /// RTU: 8 (the only size RTU frames have).
+    #[serde(default)]
+    pub data_bits: Option<u8>,
+    /// RTU: 1 or 2; default 1.
+    #[serde(default)]
+    pub stop_bits: Option<u8>,
     /// How long a slave may take to answer one request, unless the slave sets its own.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
@@ -240,12 +261,38 @@ fn default_interval_ms() -> u64 {
 
 impl ModbusConfig {
     /// TCP: `host:port`.
-    pub fn endpoint(&self) -> String {
+    pub fn tcp_address(&self) -> String {
         format!(
             "{}:{}",
             self.host.as_deref().unwrap_or_default(),
             self.port.unwrap_or(502)
         )
+    }
+
+    /// The bus as logs and dead letters name it: `tcp host:port` or `rtu /dev/...`.
+    pub fn endpoint(&self) -> String {
+        match self.transport {
+            ModbusTransport::Tcp => format!("tcp {}", self.tcp_address()),
+            ModbusTransport::Rtu => format!(
+                "rtu {}",
+                self.path
+                    .as_deref()
+                    .unwrap_or_else(|| "".as_ref())
+                    .display()
+            ),
+        }
+    }
+
+    pub fn rtu_baud_rate(&self) -> u32 {
+        self.baud_rate.unwrap_or(19_200)
+    }
+
+    pub fn rtu_parity(&self) -> SerialParity {
+        self.parity.unwrap_or(SerialParity::Even)
+    }
+
+    pub fn rtu_stop_bits(&self) -> u8 {
+        self.stop_bits.unwrap_or(1)
     }
 
     pub fn slave_timeout_ms(&self, slave: &SlaveConfig) -> u64 {
@@ -259,14 +306,55 @@ impl ModbusConfig {
     pub(crate) fn validate(&self, i: usize, p: &mut Vec<Problem>) {
         let at = |field: &str| format!("modbus[{i}].{field}");
         match self.transport {
-            ModbusTransport::Tcp => match &self.host {
-                None => bad(p, &at("host"), "Modbus TCP needs a host"),
-                Some(h) if h.is_empty() => bad(p, &at("host"), "must not be empty"),
-                Some(_) => {}
-            },
-        }
-        if self.port == Some(0) {
-            bad(p, &at("port"), "must be between 1 and 65535");
+            ModbusTransport::Tcp => {
+                match &self.host {
+                    None => bad(p, &at("host"), "Modbus TCP needs a host"),
+                    Some(h) if h.is_empty() => bad(p, &at("host"), "must not be empty"),
+                    Some(_) => {}
+                }
+                if self.port == Some(0) {
+                    bad(p, &at("port"), "must be between 1 and 65535");
+                }
+                let serial = [
+                    ("path", self.path.is_some()),
+                    ("baud_rate", self.baud_rate.is_some()),
+                    ("parity", self.parity.is_some()),
+                    ("data_bits", self.data_bits.is_some()),
+                    ("stop_bits", self.stop_bits.is_some()),
+                ];
+                for (field, set) in serial {
+                    if set {
+                        bad(p, &at(field), "only used with transport = \"rtu\"");
+                    }
+                }
+            }
+            ModbusTransport::Rtu => {
+                match &self.path {
+                    None => bad(p, &at("path"), "Modbus RTU needs the serial port's path"),
+                    Some(path) if path.as_os_str().is_empty() => {
+                        bad(p, &at("path"), "must not be empty")
+                    }
+                    Some(_) => {}
+                }
+                for (field, set) in [("host", self.host.is_some()), ("port", self.port.is_some())] {
+                    if set {
+                        bad(p, &at(field), "only used with transport = \"tcp\"");
+                    }
+                }
+                if !(300..=4_000_000).contains(&self.rtu_baud_rate()) {
+                    bad(p, &at("baud_rate"), "must be between 300 and 4000000");
+                }
+                if self.data_bits.is_some_and(|d| d != 8) {
+                    bad(
+                        p,
+                        &at("data_bits"),
+                        "Modbus RTU characters have 8 data bits",
+                    );
+                }
+                if !(1..=2).contains(&self.rtu_stop_bits()) {
+                    bad(p, &at("stop_bits"), "must be 1 or 2");
+                }
+            }
         }
         if !(1..=60_000).contains(&self.timeout_ms) {
             bad(p, &at("timeout_ms"), "must be between 1 and 60000");
@@ -306,6 +394,13 @@ impl ModbusConfig {
         }
         for (j, s) in self.slaves.iter().enumerate() {
             let at = |field: &str| format!("modbus[{i}].slaves[{j}].{field}");
+            if self.transport == ModbusTransport::Rtu && !(1..=247).contains(&s.unit) {
+                bad(
+                    p,
+                    &at("unit"),
+                    "an RTU slave address is 1 to 247 (0 is broadcast, which no slave answers)",
+                );
+            }
             if let Some(k) = self.slaves[..j].iter().position(|o| o.unit == s.unit) {
                 bad(
                     p,
@@ -453,7 +548,8 @@ fn validate_register(
     }
 }
 
-/// Checks every bus, and that no device is polled on two slaves (its readings would mix).
+/// Checks every bus, that no device is polled on two slaves (its readings would mix) and that
+/// no serial port is two buses (each is opened exclusively).
 pub(crate) fn validate_modbus(buses: &[ModbusConfig], p: &mut Vec<Problem>) {
     if buses.len() > MAX_MODBUS_BUSES {
         bad(p, "modbus", format!("at most {MAX_MODBUS_BUSES} buses"));
@@ -461,6 +557,18 @@ pub(crate) fn validate_modbus(buses: &[ModbusConfig], p: &mut Vec<Problem>) {
     let mut devices: Vec<(&str, usize, usize)> = Vec::new();
     for (i, bus) in buses.iter().enumerate() {
         bus.validate(i, p);
+        if let Some(path) = &bus.path {
+            if let Some(j) = buses[..i]
+                .iter()
+                .position(|o| o.path.as_ref() == Some(path))
+            {
+                bad(
+                    p,
+                    &format!("modbus[{i}].path"),
+                    format!("{} is already modbus[{j}]", path.display()),
+                );
+            }
+        }
         for (j, s) in bus.slaves.iter().enumerate() {
             if let Some((_, bi, sj)) = devices.iter().find(|(d, _, _)| *d == s.device) {
                 bad(

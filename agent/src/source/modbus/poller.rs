@@ -1,5 +1,7 @@
-//! The task that polls one Modbus TCP bus (one `[[modbus]]` table): one connection, one
-//! request at a time, each read of the [`plan`](super::plan) on its own interval.
+//! The task that polls one Modbus bus (one `[[modbus]]` table): one TCP connection or one
+//! RTU serial port, one request at a time, each read of the [`plan`](super::plan) on its own
+//! interval. On RTU every request waits for the line's inter-frame silence
+//! ([`SilentLine`]), and an answer with a wrong CRC is told apart from silence.
 //!
 //! Guarantees and limits:
 //! - **Stamped at the poll.** Every value of a read carries the time the request was sent.
@@ -9,23 +11,27 @@
 //!   up. A slave cannot resend, so a reading read but not yet in the outbox is lost if the
 //!   agent crashes; a graceful stop loses none that was handed over.
 //! - **Bad answers are data.** An exception, a timeout, a short answer, an answer that does
-//!   not match the request (transaction, unit or function), or bytes that do not decode are
-//!   each counted by reason (`edgestream_modbus_errors_total{reason=...}`), logged at a
-//!   bounded rate and sampled on the dead-letter topic with the bus, the unit and the read
-//!   (`tcp 10.0.0.5:502 unit 3 holding 100+4`), each slave and reason with its own sampling
-//!   budget (`deadletter.rs`: 10 samples per 10 s). After a timeout or undecodable bytes the
-//!   connection is reopened at once, so a late answer cannot be taken for the next one.
+//!   not match the request (transaction, unit or function), bytes that do not decode, or an
+//!   RTU answer with a wrong CRC are each counted by reason
+//!   (`edgestream_modbus_errors_total{reason=...}`), logged at a bounded rate and sampled on
+//!   the dead-letter topic with the bus, the unit and the read
+//!   (`tcp 10.0.0.5:502 unit 3 holding 100+4`, `rtu /dev/ttyUSB0 unit 3 input 0+2`), each
+//!   slave and reason with its own sampling budget (`deadletter.rs`: 10 samples per 10 s). After a timeout or undecodable bytes the
+//!   TCP connection is reopened at once, so a late answer cannot be taken for the next one
+//!   (on RTU the silence before the next request and tokio-modbus's cleared buffer do that).
 //! - **A silent slave does not hold up the others.** After `missing_after` polls in a row
-//!   without an answer (timeouts or undecodable bytes; an exception is an answer) a slave is reported missing (warning, `edgestream_modbus_slaves_missing`) and only
-//!   probed once per `reconnect_max_ms` with one of its reads and no retries, until it
+//!   without an answer (timeouts, undecodable bytes, CRC errors; an exception is one) a slave
+//!   is reported missing (warning, `edgestream_modbus_slaves_missing`) and only probed once
+//!   per `reconnect_max_ms` with one of its reads and no retries, until it
 //!   answers again. Its readings stop, which a rule sees with `missing(metric, duration)`.
-//! - **Reconnect with backoff.** A lost connection is reopened with jittered exponential
-//!   backoff ([`Backoff`]); state changes are logged once each.
+//! - **Reconnect with backoff.** A lost connection, or a serial port that fails (unplugged:
+//!   reads end or fail), is reopened (by its path) with jittered exponential backoff
+//!   ([`Backoff`]); state changes are logged once each.
 //! - Memory is fixed per bus: the plan, one state per slave, the answer of one read.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edgestream_protocol::types::{DeviceId, MetricName};
@@ -36,11 +42,13 @@ use tokio_modbus::slave::SlaveContext;
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 use tokio_util::sync::CancellationToken;
 
-use super::config::{ModbusConfig, ModbusFunction};
+use super::config::{ModbusConfig, ModbusFunction, ModbusTransport};
 use super::decode::{bit_reading, register_reading};
 use super::plan::{plan_reads, ReadRequest};
+use super::rtu::{damaged_frame, LineTiming, LineWatch, SilentLine};
 use crate::backoff::Backoff;
 use crate::deadletter::RejectSampler;
+use crate::source::config::SerialParity;
 use crate::source::reading::{now_ms, Reading, SourceMsg};
 use crate::telemetry::metrics::Metrics;
 
@@ -62,6 +70,8 @@ pub enum Fault {
     Mismatch(String),
     /// Bytes that do not decode as a Modbus answer.
     Garbage(String),
+    /// RTU: a whole answer whose CRC does not match.
+    Crc,
     /// The connection failed.
     Lost(String),
 }
@@ -75,6 +85,7 @@ impl Fault {
             Fault::Short { .. } => "short",
             Fault::Mismatch(_) => "mismatch",
             Fault::Garbage(_) => "garbage",
+            Fault::Crc => "crc",
             Fault::Lost(_) => "connection",
         }
     }
@@ -91,6 +102,7 @@ impl Fault {
             Fault::Short { got, want } => format!("short answer: {got} of {want} values"),
             Fault::Mismatch(m) => format!("answer does not match the request: {m}"),
             Fault::Garbage(m) => format!("undecodable answer: {m}"),
+            Fault::Crc => "answer with a wrong CRC".into(),
             Fault::Lost(m) => format!("connection lost: {m}"),
         }
     }
@@ -102,21 +114,30 @@ impl Fault {
             Fault::Short { .. } => &m.modbus_errors_short,
             Fault::Mismatch(_) => &m.modbus_errors_mismatch,
             Fault::Garbage(_) => &m.modbus_errors_garbage,
+            Fault::Crc => &m.modbus_errors_crc,
             Fault::Lost(_) => &m.modbus_errors_connection,
         });
     }
 
-    /// Whether the slave gave no answer at all (a silent, dead or unplugged slave behind a
-    /// gateway); only these count toward reporting it missing. An exception, a short or a
-    /// mismatched answer come from a slave that is there.
+    /// Whether the slave gave no answer that can be trusted (silent, dead, unplugged behind a
+    /// gateway, or on a line too noisy for its frames to survive); only these count toward
+    /// reporting it missing. An exception, a short or a mismatched answer come from a slave
+    /// that is there.
     fn is_silence(&self) -> bool {
-        matches!(self, Fault::Timeout | Fault::Garbage(_))
+        matches!(self, Fault::Timeout | Fault::Garbage(_) | Fault::Crc)
     }
 
-    /// Whether the connection must be reopened before the next request: an answer may still
-    /// be on its way, or the stream is out of step.
-    fn poisons_connection(&self) -> bool {
-        matches!(self, Fault::Timeout | Fault::Garbage(_) | Fault::Lost(_))
+    /// Whether the connection must be reopened before the next request. TCP: an answer may
+    /// still be on its way, or the stream is out of step. RTU: only a failed port; a late or
+    /// damaged answer is over once the line is silent, and tokio-modbus clears its buffer
+    /// before each request.
+    fn poisons_connection(&self, transport: ModbusTransport) -> bool {
+        match transport {
+            ModbusTransport::Tcp => {
+                matches!(self, Fault::Timeout | Fault::Garbage(_) | Fault::Lost(_))
+            }
+            ModbusTransport::Rtu => matches!(self, Fault::Lost(_)),
+        }
     }
 }
 
@@ -172,6 +193,8 @@ pub struct ModbusSource {
     reads: Vec<ReadRequest>,
     slaves: Vec<SlaveState>,
     missing_probe: Duration,
+    /// RTU: what the line heard and when it was last busy.
+    line: Arc<Mutex<LineWatch>>,
 }
 
 /// How one connection ended.
@@ -210,6 +233,7 @@ impl ModbusSource {
         Ok(Self {
             reads: plan_reads(&config),
             missing_probe: Duration::from_millis(config.reconnect_max_ms),
+            line: Arc::default(),
             slaves,
             config,
         })
@@ -222,7 +246,6 @@ impl ModbusSource {
         metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) {
-        let endpoint = self.config.endpoint();
         let mut backoff = Backoff::new(
             Duration::from_millis(self.config.reconnect_min_ms),
             Duration::from_millis(self.config.reconnect_max_ms),
@@ -240,7 +263,7 @@ impl ModbusSource {
         while !stop.is_cancelled() {
             let connected = tokio::select! {
                 _ = stop.cancelled() => break,
-                c = connect(&endpoint, self.connect_timeout()) => c,
+                c = connect(&self.config, &self.line) => c,
             };
             let mut ctx = match connected {
                 Ok(ctx) => ctx,
@@ -288,10 +311,6 @@ impl ModbusSource {
         tracing::info!("modbus source stopped");
     }
 
-    fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.config.timeout_ms.max(1000))
-    }
-
     #[allow(clippy::too_many_arguments)]
     async fn poll_until_lost(
         &mut self,
@@ -328,9 +347,9 @@ impl ModbusSource {
                 };
                 match &result {
                     Ok(_) | Err(Fault::Exception(_)) => break,
-                    Err(f) if f.poisons_connection() => {
+                    Err(f) if f.poisons_connection(self.config.transport) => {
                         // Reopen before a retry, so a late answer cannot be taken for it.
-                        match connect(&endpoint, self.connect_timeout()).await {
+                        match connect(&self.config, &self.line).await {
                             Ok(c) => *ctx = c,
                             Err(e) => {
                                 result = Err(Fault::Lost(e));
@@ -339,6 +358,13 @@ impl ModbusSource {
                         }
                     }
                     Err(_) => {}
+                }
+            }
+            if let Err(Fault::Timeout | Fault::Garbage(_)) = &result {
+                if self.config.transport == ModbusTransport::Rtu
+                    && damaged_frame(&self.line.lock().unwrap_or_else(|e| e.into_inner()).answer)
+                {
+                    result = Err(Fault::Crc);
                 }
             }
             // Next poll: one interval on, skipping polls already missed.
@@ -403,7 +429,7 @@ impl ModbusSource {
                         slave.failures_in_row = slave.failures_in_row.saturating_add(1);
                     }
                     let location = format!(
-                        "tcp {endpoint} unit {} {} {}+{}",
+                        "{endpoint} unit {} {} {}+{}",
                         slave.unit,
                         read.function.name(),
                         read.start,
@@ -479,21 +505,53 @@ impl Samplers {
     }
 }
 
-/// Opens the bus's TCP connection within `timeout`.
-async fn connect(endpoint: &str, timeout: Duration) -> Result<Context, String> {
-    let attempt = async {
-        let addr: SocketAddr = tokio::net::lookup_host(endpoint)
-            .await
-            .map_err(|e| format!("{endpoint}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("{endpoint}: no address"))?;
-        tokio_modbus::client::tcp::connect(addr)
-            .await
-            .map_err(|e| format!("{endpoint}: {e}"))
-    };
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .unwrap_or_else(|_| Err(format!("{endpoint}: no connection within {timeout:?}")))
+/// Opens the bus: a TCP connection, or the serial port behind a [`SilentLine`].
+async fn connect(config: &ModbusConfig, line: &Arc<Mutex<LineWatch>>) -> Result<Context, String> {
+    match config.transport {
+        ModbusTransport::Tcp => {
+            let endpoint = config.tcp_address();
+            let timeout = Duration::from_millis(config.timeout_ms.max(1000));
+            let attempt = async {
+                let addr: SocketAddr = tokio::net::lookup_host(&endpoint)
+                    .await
+                    .map_err(|e| format!("{endpoint}: {e}"))?
+                    .next()
+                    .ok_or_else(|| format!("{endpoint}: no address"))?;
+                tokio_modbus::client::tcp::connect(addr)
+                    .await
+                    .map_err(|e| format!("{endpoint}: {e}"))
+            };
+            tokio::time::timeout(timeout, attempt)
+                .await
+                .unwrap_or_else(|_| Err(format!("{endpoint}: no connection within {timeout:?}")))
+        }
+        ModbusTransport::Rtu => {
+            use tokio_serial::SerialPortBuilderExt;
+            let path = config.path.clone().unwrap_or_default();
+            let parity = config.rtu_parity();
+            let stream = tokio_serial::new(path.to_string_lossy(), config.rtu_baud_rate())
+                .data_bits(tokio_serial::DataBits::Eight)
+                .parity(match parity {
+                    SerialParity::None => tokio_serial::Parity::None,
+                    SerialParity::Odd => tokio_serial::Parity::Odd,
+                    SerialParity::Even => tokio_serial::Parity::Even,
+                })
+                .stop_bits(match config.rtu_stop_bits() {
+                    2 => tokio_serial::StopBits::Two,
+                    _ => tokio_serial::StopBits::One,
+                })
+                .open_native_async()
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let timing = LineTiming::new(
+                config.rtu_baud_rate(),
+                8,
+                parity != SerialParity::None,
+                config.rtu_stop_bits(),
+            );
+            let line = SilentLine::new(stream, timing, line.clone());
+            Ok(tokio_modbus::client::rtu::attach(line))
+        }
+    }
 }
 
 /// One read of `req` from `unit`, within `timeout`.

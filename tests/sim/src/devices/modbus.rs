@@ -1,5 +1,6 @@
-//! A simulated Modbus TCP slave (or a Modbus TCP gateway with several units behind it) on a
-//! real TCP socket on 127.0.0.1.
+//! Simulated Modbus slaves: [`ModbusTcpSlave`], a slave (or a Modbus TCP gateway with
+//! several units behind it) on a real TCP socket on 127.0.0.1, and [`ModbusRtuSlave`], the
+//! slaves of one RS-485 bus on a real pseudo-terminal.
 //!
 //! Each unit has the four tables of a real slave, 65,536 entries each, all zero until a test
 //! sets them ([`ModbusTcpSlave::set_registers`], [`ModbusTcpSlave::set_bits`]). The slave
@@ -34,6 +35,8 @@ const MAX_ADU: usize = 260;
 /// A fault a unit injects into its answers.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModbusFault {
+    /// RTU: answer with the CRC's bytes flipped.
+    BadCrc,
     /// Answer every request with this exception code.
     Exception(u8),
     /// Read requests and never answer.
@@ -44,7 +47,7 @@ pub enum ModbusFault {
     Garbage,
     /// Answer reads with one register or byte of bits fewer than asked for.
     Short,
-    /// Answer with another transaction's identifier.
+    /// Answer with another transaction's identifier (TCP) or another unit's address (RTU).
     WrongTransaction,
 }
 
@@ -395,4 +398,327 @@ pub fn registers_of(bytes: &[u8], byte_swapped: bool, word_swapped: bool) -> Vec
         regs.reverse();
     }
     regs
+}
+
+/// Most bytes of an RTU frame.
+const MAX_RTU_FRAME: usize = 256;
+/// Inter-frame gaps kept for [`ModbusRtuSlave::gaps`].
+pub const MAX_RECORDED_GAPS: usize = 100_000;
+
+/// CRC-16/MODBUS, written apart from the agent's.
+pub fn rtu_crc(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0xffff;
+    for &b in bytes {
+        crc ^= u16::from(b);
+        for _ in 0..8 {
+            let lsb = crc & 1;
+            crc >>= 1;
+            if lsb == 1 {
+                crc ^= 0xa001;
+            }
+        }
+    }
+    crc
+}
+
+#[derive(Debug, Default)]
+struct RtuBus {
+    /// The pty master while plugged.
+    master: Option<serialport::TTYPort>,
+    /// Silence before each request, from the end of the frame before it.
+    gaps: Vec<Duration>,
+    /// Requests dropped for a wrong CRC or an unknown length.
+    bad_requests: u64,
+    /// Emulate the wire at this speed (10 bits a character): see [`ModbusRtuSlave::set_line_speed`].
+    baud: Option<u32>,
+}
+
+/// The slaves of one RS-485 bus on a real pseudo-terminal: the agent opens
+/// [`ModbusRtuSlave::path`], a `by-id` style link to the pty, as it would open an adapter.
+///
+/// Frames are cut as an RTU slave cuts them: by their length, and a partial frame is dropped
+/// after a silence (a read that times out). A request with a wrong CRC, or for a unit the bus
+/// does not have, is not answered. The bus records the silence before each request, from the
+/// end of the frame before it (a request or an answer), so a test can check the
+/// inter-frame gap the master keeps. [`ModbusRtuSlave::unplug`] closes the pty (the agent's
+/// reads fail), [`ModbusRtuSlave::replug`] opens a new one behind the same link.
+#[derive(Debug)]
+pub struct ModbusRtuSlave {
+    state: Arc<Mutex<State>>,
+    bus: Arc<Mutex<RtuBus>>,
+    link: std::path::PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl ModbusRtuSlave {
+    /// A bus with units `units` on a new pty.
+    pub fn start(units: &[u8]) -> io::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("edgestream-modbus-")
+            .tempdir()?;
+        let by_id = dir.path().join("by-id");
+        std::fs::create_dir(&by_id)?;
+        let link = by_id.join("usb-edgestream_sim_rs485-if00-port0");
+        let (master, pty) = super::serial::open_pty().map_err(io::Error::other)?;
+        super::serial::point_link(&link, &pty)?;
+        let mut state = State::default();
+        for u in units {
+            state.units.insert(*u, Unit::new());
+        }
+        let state = Arc::new(Mutex::new(state));
+        let bus = Arc::new(Mutex::new(RtuBus {
+            master: Some(master),
+            ..RtuBus::default()
+        }));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (state, bus, stop) = (state.clone(), bus.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("modbus-rtu-sim".into())
+                .spawn(move || serve_rtu(state, bus, stop))?
+        };
+        Ok(Self {
+            state,
+            bus,
+            link,
+            stop,
+            thread: Some(thread),
+            _dir: dir,
+        })
+    }
+
+    /// The stable path for the agent (a link to the current pty).
+    pub fn path(&self) -> &std::path::Path {
+        &self.link
+    }
+
+    fn with_unit<T>(&self, unit: u8, f: impl FnOnce(&mut Unit) -> T) -> T {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(s.units.get_mut(&unit).expect("no such unit"))
+    }
+
+    fn bus(&self) -> MutexGuard<'_, RtuBus> {
+        self.bus.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets registers from `address` on (holding or input).
+    pub fn set_registers(&self, unit: u8, table: Table, address: u16, values: &[u16]) {
+        self.with_unit(unit, |u| {
+            let t = match table {
+                Table::Holding => &mut u.holding,
+                Table::Input => &mut u.input,
+                _ => panic!("{table:?} holds bits"),
+            };
+            let a = usize::from(address);
+            t[a..a + values.len()].copy_from_slice(values);
+        })
+    }
+
+    /// Injects `fault` into every answer of `unit` (`None`: answer normally again).
+    pub fn set_fault(&self, unit: u8, fault: Option<ModbusFault>) {
+        self.with_unit(unit, |u| u.fault = fault)
+    }
+
+    /// Requests `unit` received with a good CRC (answered or not).
+    pub fn requests(&self, unit: u8) -> u64 {
+        self.with_unit(unit, |u| u.requests)
+    }
+
+    /// When the last requests of `unit` arrived.
+    pub fn request_times(&self, unit: u8) -> Vec<Instant> {
+        self.with_unit(unit, |u| u.times.iter().copied().collect())
+    }
+
+    /// The silence before each request so far.
+    pub fn gaps(&self) -> Vec<Duration> {
+        self.bus().gaps.clone()
+    }
+
+    /// Requests dropped for a wrong CRC or an unknown function.
+    pub fn bad_requests(&self) -> u64 {
+        self.bus().bad_requests
+    }
+
+    /// Emulates a line at `baud` (10 bits a character): each answer is written when the
+    /// request, the silence that ends it (3.5 characters, 1.75 ms above 19,200 baud) and the
+    /// answer would have taken that long on the wire. `None`: answer at once.
+    pub fn set_line_speed(&self, baud: Option<u32>) {
+        self.bus().baud = baud;
+    }
+
+    /// Closes the pty: the agent's reads and writes fail.
+    pub fn unplug(&self) {
+        self.bus().master = None;
+    }
+
+    /// Opens a new pty behind the same link.
+    pub fn replug(&self) -> io::Result<()> {
+        let (master, pty) = super::serial::open_pty().map_err(io::Error::other)?;
+        super::serial::point_link(&self.link, &pty)?;
+        self.bus().master = Some(master);
+        Ok(())
+    }
+}
+
+impl Drop for ModbusRtuSlave {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            // The thread wakes every few milliseconds; a panic in it is already reported.
+            if t.join().is_err() {
+                tracing::warn!("modbus rtu slave thread panicked");
+            }
+        }
+    }
+}
+
+/// Length of the request frame that starts `buf`, if its function is known.
+fn rtu_request_len(buf: &[u8]) -> Option<usize> {
+    match *buf.get(1)? {
+        1..=6 => Some(8),
+        15 | 16 => Some(9 + usize::from(*buf.get(6)?)),
+        _ => None,
+    }
+}
+
+fn serve_rtu(
+    state: Arc<Mutex<State>>,
+    bus: Arc<Mutex<RtuBus>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::io::{Read, Write};
+    let mut buf: Vec<u8> = Vec::with_capacity(MAX_RTU_FRAME);
+    let mut chunk = [0u8; MAX_RTU_FRAME];
+    let mut frame_start: Option<Instant> = None;
+    let mut last_frame_end: Option<Instant> = None;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut guard = bus.lock().unwrap_or_else(|e| e.into_inner());
+        let RtuBus {
+            master,
+            gaps,
+            bad_requests,
+            baud,
+        } = &mut *guard;
+        let Some(master) = master.as_mut() else {
+            drop(guard);
+            buf.clear();
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        };
+        let n = match master.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                // Silence: a partial frame is over.
+                buf.clear();
+                frame_start = None;
+                drop(guard);
+                // Let the test thread take the lock between reads.
+                std::thread::yield_now();
+                continue;
+            }
+            Err(_) => {
+                drop(guard);
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+        };
+        let now = Instant::now();
+        if buf.is_empty() && n > 0 {
+            frame_start = Some(now);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some(len) = rtu_request_len(&buf) {
+            if buf.len() < len {
+                break;
+            }
+            let frame: Vec<u8> = buf.drain(..len).collect();
+            let start = frame_start.take().unwrap_or(now);
+            if let Some(end) = last_frame_end {
+                if gaps.len() < MAX_RECORDED_GAPS {
+                    gaps.push(start.saturating_duration_since(end));
+                }
+            }
+            last_frame_end = Some(now);
+            if rtu_crc(&frame[..len - 2]) != u16::from_le_bytes([frame[len - 2], frame[len - 1]]) {
+                *bad_requests += 1;
+                continue;
+            }
+            let unit = frame[0];
+            let pdu = &frame[1..len - 2];
+            let (answer, fault) = {
+                let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(u) = s.units.get_mut(&unit) else {
+                    continue;
+                };
+                u.requests += 1;
+                if u.times.len() == MAX_RECORDED_REQUESTS {
+                    u.times.pop_front();
+                }
+                u.times.push_back(now);
+                let fault = u.fault.clone();
+                let a = match &fault {
+                    Some(ModbusFault::Exception(code)) => exception(pdu[0], *code),
+                    _ => answer(u, pdu),
+                };
+                (a, fault)
+            };
+            let mut answer = answer;
+            let mut unit_out = unit;
+            match &fault {
+                Some(ModbusFault::Silence) => continue,
+                Some(ModbusFault::Slow(d)) => std::thread::sleep(*d),
+                Some(ModbusFault::Short) if matches!(answer[0], 1..=4) && answer[1] > 0 => {
+                    let cut = if matches!(answer[0], 3 | 4) { 2 } else { 1 };
+                    answer[1] -= cut;
+                    answer.truncate(answer.len() - usize::from(cut));
+                }
+                Some(ModbusFault::WrongTransaction) => unit_out = unit.wrapping_add(1),
+                _ => {}
+            }
+            let mut out = Vec::with_capacity(answer.len() + 3);
+            out.push(unit_out);
+            out.extend_from_slice(&answer);
+            let crc = rtu_crc(&out);
+            out.extend_from_slice(&crc.to_le_bytes());
+            match &fault {
+                Some(ModbusFault::BadCrc) => {
+                    let n = out.len();
+                    out[n - 1] ^= 0xff;
+                    out[n - 2] ^= 0xff;
+                }
+                Some(ModbusFault::Garbage) => {
+                    out = vec![0xff, 0x00, 0x13, 0x37, 0xff, 0xfe, 0x00, 0x42];
+                }
+                _ => {}
+            }
+            if let Some(baud) = *baud {
+                let character = Duration::from_nanos(10_000_000_000 / u64::from(baud.max(1)));
+                let silence = if baud > 19_200 {
+                    Duration::from_micros(1_750)
+                } else {
+                    character * 7 / 2
+                };
+                let wire = character * (len + out.len()) as u32 + silence;
+                let due = start + wire;
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+            }
+            if master
+                .write_all(&out)
+                .and_then(|()| master.flush())
+                .is_err()
+            {
+                break;
+            }
+            last_frame_end = Some(Instant::now());
+        }
+        if buf.len() > MAX_RTU_FRAME || (buf.len() >= 2 && rtu_request_len(&buf).is_none()) {
+            *bad_requests += 1;
+            buf.clear();
+        }
+    }
 }

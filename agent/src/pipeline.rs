@@ -7,7 +7,7 @@
 //!  SerialSource (one OS thread per port) --(same channel, blocking_send, no ack)--> RulesStage
 //!  ModbusSource (one task per bus) ---------(same channel, send().await, no ack)--> RulesStage
 //!
-//!  cloud commands (uplink) ---------+                      +--> serial port thread (PortLink)
+//!  cloud commands (uplink) ---------+                      +--> serial port thread, Modbus bus task (PortLink)
 //!  RulesStage (rule commands) ------+--> CommandRouter ----+--> local broker devices/{d}/commands
 //!  replies (serial, local broker) --+        |
 //!                                            +--> outbox (commands/outcomes)
@@ -256,7 +256,9 @@ impl Agent {
         let (tx, rx) = mpsc::channel(SOURCE_CHANNEL_CAPACITY);
         // One thread and one sender clone per serial port; each drops its sender soon after
         // `stop_intake` (within `serial::READ_TIMEOUT`), like the MQTT source.
-        let (routes, port_links) = DeviceRoutes::new(&config.serial, &device_tx);
+        let (routes, mut port_links) =
+            DeviceRoutes::new(&config.serial, &config.modbus, &device_tx);
+        let modbus_links = port_links.split_off(config.serial.len());
         let mut serial_threads = Vec::new();
         for (port, link) in config.serial.iter().zip(port_links) {
             let thread = SerialSource::new(port.clone())?.with_link(link).spawn(
@@ -269,8 +271,8 @@ impl Agent {
         // One task and one sender clone per Modbus bus; each drops its sender as soon as
         // `stop_intake` is cancelled (a request in flight is abandoned).
         let mut modbus_tasks = Vec::new();
-        for (i, bus) in config.modbus.iter().enumerate() {
-            let source = ModbusSource::new(i, bus.clone())?;
+        for ((i, bus), link) in config.modbus.iter().enumerate().zip(modbus_links) {
+            let source = ModbusSource::new(i, bus.clone())?.with_link(link);
             let span = tracing::info_span!("modbus", bus = %bus.endpoint());
             modbus_tasks.push(tokio::spawn(
                 source

@@ -167,7 +167,8 @@ fn a_data_dir_that_is_a_file_is_one_clear_message() {
 
 /// A broken Modbus register map: `check` names every problem by its field path (overlap, a
 /// type its table cannot hold, an address past the end, a bit without its number, a device on
-/// two slaves) and says nothing about the good entries.
+/// two slaves, a command mapped to a read-only register or to none) and says nothing about the
+/// good entries.
 #[test]
 fn check_names_every_problem_of_a_modbus_register_map_by_its_path() {
     let dir = tempfile::tempdir().unwrap();
@@ -215,6 +216,14 @@ function = "holding"
 address = 10
 type = "bit"
 
+[[modbus.slaves.writes]]
+command = "set_voltage"
+metric = "voltage"
+
+[[modbus.slaves.writes]]
+command = "set_nothing"
+metric = "nothing"
+
 [[modbus.slaves]]
 unit = 2
 device = "meter-1"
@@ -241,6 +250,11 @@ type = "f32"
         ),
         ("modbus[0].slaves[0].registers[4].bit", "needs `bit`"),
         ("modbus[0].slaves[1].device", "already modbus[0].slaves[0]"),
+        ("modbus[0].slaves[0].writes[0].metric", "read only"),
+        (
+            "modbus[0].slaves[0].writes[1].metric",
+            "not in this slave's registers",
+        ),
     ] {
         let line = text
             .lines()

@@ -443,3 +443,194 @@ interval_ms = 100
     })
     .await;
 }
+
+/// (state, detail) of every outcome for `id` at the cloud, in arrival order.
+fn outcomes(c: &CloudCollector, id: &str) -> Vec<(String, String)> {
+    c.outcomes()
+        .iter()
+        .filter(|o| o["id"] == id)
+        .map(|o| {
+            (
+                o["state"].as_str().unwrap_or_default().to_string(),
+                o["detail"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn command(id: &str, device: &str, name: &str, args: serde_json::Value) -> serde_json::Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    serde_json::json!({"v": 1, "id": id, "device": device, "name": name, "args": args,
+                       "issued_at": now, "expires_at": now + 60_000})
+}
+
+/// Device commands to a Modbus slave: a setpoint (f32, word-swapped, scaled) and a coil are
+/// written end to end with `succeeded` and read back by the next poll; the slave's exception
+/// is the command's `failed` outcome; a command outside the allow-list's range, one not
+/// allowed at all, and one whose value does not fit the register never reach the bus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_command_reaches_the_slave_and_a_refused_one_never_reaches_the_bus() {
+    let slave = ModbusTcpSlave::start(&[1]).await.expect("slave");
+    let modbus = format!(
+        r#"
+[commands]
+reply_timeout_ms = 5000
+
+[[commands.allow]]
+name = "set_setpoint"
+devices = ["boiler-*"]
+args.value = {{ type = "number", min = 20, max = 90, required = true }}
+
+[[commands.allow]]
+name = "set_burner"
+devices = ["boiler-*"]
+args.enabled = {{ type = "bool", required = true }}
+
+[[commands.allow]]
+name = "set_code"
+devices = ["boiler-*"]
+args.value = {{ type = "integer", required = true }}
+
+[[modbus]]
+transport = "tcp"
+host = "127.0.0.1"
+port = {}
+timeout_ms = 500
+
+[[modbus.slaves]]
+unit = 1
+device = "boiler-1"
+
+[[modbus.slaves.registers]]
+metric = "setpoint"
+function = "holding"
+address = 100
+type = "f32"
+word_order = "little"
+scale = 0.5
+interval_ms = 200
+
+[[modbus.slaves.registers]]
+metric = "burner"
+function = "coil"
+address = 5
+interval_ms = 200
+
+[[modbus.slaves.registers]]
+metric = "code"
+function = "holding"
+address = 110
+type = "u16"
+interval_ms = 200
+
+[[modbus.slaves.writes]]
+command = "set_setpoint"
+metric = "setpoint"
+
+[[modbus.slaves.writes]]
+command = "set_burner"
+arg = "enabled"
+metric = "burner"
+
+[[modbus.slaves.writes]]
+command = "set_code"
+metric = "code"
+"#,
+        slave.port()
+    );
+    let site = start_agent("gw-modbus-writes", &modbus).await;
+    let c = &site.collector;
+    wait_online(c).await;
+    wait_until("first poll", &site.agent, || {
+        latest(c, "boiler-1").get("setpoint") == Some(&0.0)
+    })
+    .await;
+
+    for cmd in [
+        command(
+            "w-1",
+            "boiler-1",
+            "set_setpoint",
+            serde_json::json!({"value": 72.5}),
+        ),
+        command(
+            "w-2",
+            "boiler-1",
+            "set_burner",
+            serde_json::json!({"enabled": true}),
+        ),
+        // Refused by the allow-list (range, unknown name) and by the register's range.
+        command(
+            "w-3",
+            "boiler-1",
+            "set_setpoint",
+            serde_json::json!({"value": 150}),
+        ),
+        command("w-4", "boiler-1", "reboot", serde_json::json!({})),
+        command(
+            "w-5",
+            "boiler-1",
+            "set_code",
+            serde_json::json!({"value": 70000}),
+        ),
+    ] {
+        c.publish("commands", &cmd, false)
+            .await
+            .expect("publish command");
+    }
+    let finished = |id: &str| {
+        outcomes(c, id)
+            .iter()
+            .any(|(s, _)| matches!(s.as_str(), "succeeded" | "failed" | "rejected"))
+    };
+    wait_until("every command finished", &site.agent, || {
+        ["w-1", "w-2", "w-3", "w-4", "w-5"]
+            .iter()
+            .all(|id| finished(id))
+    })
+    .await;
+    let last = |id: &str| outcomes(c, id).last().cloned().unwrap_or_default();
+    assert_eq!(last("w-1").0, "succeeded", "{:?}", outcomes(c, "w-1"));
+    assert_eq!(last("w-2").0, "succeeded", "{:?}", outcomes(c, "w-2"));
+    assert_eq!(last("w-3").0, "rejected", "{:?}", outcomes(c, "w-3"));
+    assert_eq!(last("w-4").0, "rejected", "{:?}", outcomes(c, "w-4"));
+    assert_eq!(last("w-5").0, "failed", "{:?}", outcomes(c, "w-5"));
+    assert!(last("w-5").1.contains("outside"), "{:?}", last("w-5"));
+    // Exactly the two good writes reached the slave: 72.5 / 0.5 = 145.0 as a word-swapped
+    // f32 in registers 100-101 (function 16), and coil 5 on (function 5).
+    assert_eq!(
+        slave.writes(1),
+        vec![
+            (16, 100, registers_of(&145.0f32.to_be_bytes(), false, true)),
+            (5, 5, vec![1]),
+        ]
+    );
+    wait_until("the written values read back", &site.agent, || {
+        let b = latest(c, "boiler-1");
+        b.get("setpoint") == Some(&72.5) && b.get("burner") == Some(&1.0)
+    })
+    .await;
+
+    // The slave refuses: its exception is the outcome.
+    slave.set_fault(1, Some(ModbusFault::Exception(0x04)));
+    let cmd = command(
+        "w-6",
+        "boiler-1",
+        "set_setpoint",
+        serde_json::json!({"value": 30}),
+    );
+    c.publish("commands", &cmd, false)
+        .await
+        .expect("publish command");
+    wait_until("the exception is the outcome", &site.agent, || {
+        finished("w-6")
+    })
+    .await;
+    let (state, detail) = last("w-6");
+    assert_eq!(state, "failed");
+    assert!(detail.contains("exception 0x04"), "{detail}");
+    assert_eq!(slave.writes(1).len(), 2, "a refused write changes nothing");
+}

@@ -180,6 +180,29 @@ pub struct SlaveConfig {
     #[serde(default)]
     pub retries: Option<u8>,
     pub registers: Vec<RegisterConfig>,
+    /// Device commands that write one of its registers or coils (`[[modbus.slaves.writes]]`).
+    #[serde(default)]
+    pub writes: Vec<WriteConfig>,
+}
+
+/// A device command that writes a value of the register map (`[[modbus.slaves.writes]]`):
+/// the command `command`'s argument `arg`, as `(arg - offset) / scale` in the register's type,
+/// byte and word order, to its holding registers (function 6 for one, 16 for more) or its
+/// coil (function 5). The command must also be allowed by `[[commands.allow]]`, which checks
+/// the argument's type and range before anything reaches the bus.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteConfig {
+    pub command: String,
+    /// The argument that carries the value.
+    #[serde(default = "default_write_arg")]
+    pub arg: String,
+    /// The `metric` of the register map entry written.
+    pub metric: String,
+}
+
+fn default_write_arg() -> String {
+    "value".into()
 }
 
 /// One value of a slave's register map (`[[modbus.slaves.registers]]`).
@@ -441,7 +464,77 @@ impl ModbusConfig {
                     p,
                 );
             }
+            for (k, w) in s.writes.iter().enumerate() {
+                validate_write(s, &s.writes[..k], w, &format!("{}[{k}]", at("writes")), p);
+            }
         }
+    }
+}
+
+/// A `[[modbus.slaves.writes]]` entry: a command name once per slave, mapped to a holding
+/// register or coil of the slave's map (not an input register, a discrete input or one bit).
+fn validate_write(
+    slave: &SlaveConfig,
+    before: &[WriteConfig],
+    w: &WriteConfig,
+    at: &str,
+    p: &mut Vec<Problem>,
+) {
+    let field = |f: &str| format!("{at}.{f}");
+    if !valid_name(
+        &w.command,
+        edgestream_protocol::limits::MAX_COMMAND_NAME_LEN,
+    ) {
+        bad(
+            p,
+            &field("command"),
+            format!("{:?} is not a valid command name", w.command),
+        );
+    } else if let Some(o) = before.iter().position(|o| o.command == w.command) {
+        bad(
+            p,
+            &field("command"),
+            format!("{:?} is already writes[{o}] of this slave", w.command),
+        );
+    }
+    if !valid_name(&w.arg, edgestream_protocol::limits::MAX_ARG_KEY_LEN) {
+        bad(
+            p,
+            &field("arg"),
+            format!("{:?} is not a valid argument name", w.arg),
+        );
+    }
+    let Some(k) = slave.registers.iter().position(|r| r.metric == w.metric) else {
+        bad(
+            p,
+            &field("metric"),
+            format!("{:?} is not in this slave's registers", w.metric),
+        );
+        return;
+    };
+    let r = &slave.registers[k];
+    if matches!(
+        r.function,
+        ModbusFunction::Input | ModbusFunction::DiscreteInput
+    ) {
+        bad(
+            p,
+            &field("metric"),
+            format!(
+                "{:?} (registers[{k}]) is a {} register: read only; only holding registers and coils can be written",
+                w.metric,
+                r.function.name()
+            ),
+        );
+    } else if r.value_type() == ValueType::Bit {
+        bad(
+            p,
+            &field("metric"),
+            format!(
+                "{:?} (registers[{k}]) is one bit of a register, which cannot be written alone; map the whole register",
+                w.metric
+            ),
+        );
     }
 }
 

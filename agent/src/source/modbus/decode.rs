@@ -1,4 +1,5 @@
-//! Registers to readings: the pure half of a Modbus source. No I/O, no allocation.
+//! Registers to readings, and command values to registers: the pure half of a Modbus source.
+//! No I/O; no allocation on the read path.
 //!
 //! A value of `n` registers is turned into its `2n` bytes, most significant first, by taking
 //! the registers in order (reversed with `word_order = "little"`) and each register's two
@@ -54,6 +55,75 @@ pub fn register_reading(r: &RegisterConfig, regs: &[u16]) -> f64 {
 /// The reading for a coil or discrete input entry `r`.
 pub fn bit_reading(r: &RegisterConfig, on: bool) -> f64 {
     f64::from(on) * r.scale + r.offset
+}
+
+/// What a write puts on the bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteValue {
+    /// Holding registers from the entry's address (function 6 for one, 16 for more).
+    Registers(Vec<u16>),
+    /// A coil (function 5).
+    Coil(bool),
+}
+
+/// The registers (or coil) that hold `value` for register map entry `r`: the reading's
+/// inverse, `(value - offset) / scale` in the entry's type (integers rounded to the nearest),
+/// byte and word order. `Err` says why the value does not fit.
+pub fn write_value(r: &RegisterConfig, value: f64) -> Result<WriteValue, String> {
+    let raw = (value - r.offset) / r.scale;
+    if !raw.is_finite() {
+        return Err(format!("{value} gives no finite raw value"));
+    }
+    let t = r.value_type();
+    if t == ValueType::Bool {
+        return Ok(WriteValue::Coil(raw != 0.0));
+    }
+    let int = |min: f64, max: f64| {
+        let v = raw.round();
+        if v < min || v > max {
+            Err(format!("{value} is {v} raw, outside {t:?}'s {min}..={max}"))
+        } else {
+            Ok(v)
+        }
+    };
+    let bytes: Vec<u8> = match t {
+        ValueType::U16 => (int(0.0, 65_535.0)? as u16).to_be_bytes().to_vec(),
+        ValueType::I16 => (int(-32_768.0, 32_767.0)? as i16).to_be_bytes().to_vec(),
+        ValueType::U32 => (int(0.0, 4_294_967_295.0)? as u32).to_be_bytes().to_vec(),
+        ValueType::I32 => (int(-2_147_483_648.0, 2_147_483_647.0)? as i32)
+            .to_be_bytes()
+            .to_vec(),
+        ValueType::U64 => (int(0.0, 18_446_744_073_709_549_568.0)? as u64)
+            .to_be_bytes()
+            .to_vec(),
+        ValueType::I64 => (int(-9_223_372_036_854_775_808.0, 9_223_372_036_854_774_784.0)? as i64)
+            .to_be_bytes()
+            .to_vec(),
+        ValueType::F32 => {
+            if raw.abs() > f64::from(f32::MAX) {
+                return Err(format!("{value} is {raw} raw, outside f32's range"));
+            }
+            (raw as f32).to_be_bytes().to_vec()
+        }
+        ValueType::F64 => raw.to_be_bytes().to_vec(),
+        ValueType::Bit | ValueType::Bool => {
+            return Err("one bit of a register cannot be written alone".into())
+        }
+    };
+    let mut regs: Vec<u16> = bytes
+        .chunks(2)
+        .map(|c| {
+            let reg = u16::from_be_bytes([c[0], c[1]]);
+            match r.byte_order {
+                Order::Big => reg,
+                Order::Little => reg.swap_bytes(),
+            }
+        })
+        .collect();
+    if r.word_order == Order::Little {
+        regs.reverse();
+    }
+    Ok(WriteValue::Registers(regs))
 }
 
 #[cfg(test)]
@@ -136,6 +206,38 @@ mod tests {
         assert_eq!(raw_value(ValueType::Bit, 15, Little, Big, &reg), 1.0);
         assert_eq!(raw_value(ValueType::Bool, 0, Big, Big, &[0]), 0.0);
         assert_eq!(raw_value(ValueType::Bool, 0, Big, Big, &[1]), 1.0);
+    }
+
+    #[test]
+    fn a_written_value_reads_back_as_itself_in_every_type_and_order() {
+        for t in ["u16", "i16", "u32", "i32", "u64", "i64", "f32", "f64"] {
+            for (byte, word) in [
+                ("big", "big"),
+                ("big", "little"),
+                ("little", "big"),
+                ("little", "little"),
+            ] {
+                let r: RegisterConfig = toml::from_str(&format!(
+                    "metric = \"m\"\nfunction = \"holding\"\naddress = 0\ntype = \"{t}\"\nbyte_order = \"{byte}\"\nword_order = \"{word}\"\nscale = 0.5\noffset = 10.0\n"
+                ))
+                .unwrap();
+                let Ok(WriteValue::Registers(regs)) = write_value(&r, 70.5) else {
+                    panic!("{t}");
+                };
+                assert_eq!(regs.len(), usize::from(r.value_type().width()));
+                assert_eq!(register_reading(&r, &regs), 70.5, "{t} {byte}/{word}");
+            }
+        }
+        let r: RegisterConfig =
+            toml::from_str("metric = \"m\"\nfunction = \"holding\"\naddress = 0\ntype = \"u16\"\n")
+                .unwrap();
+        assert!(write_value(&r, 65_536.0).is_err());
+        assert!(write_value(&r, -1.0).is_err());
+        assert_eq!(write_value(&r, 1.4), Ok(WriteValue::Registers(vec![1])));
+        let c: RegisterConfig =
+            toml::from_str("metric = \"on\"\nfunction = \"coil\"\naddress = 3\n").unwrap();
+        assert_eq!(write_value(&c, 1.0), Ok(WriteValue::Coil(true)));
+        assert_eq!(write_value(&c, 0.0), Ok(WriteValue::Coil(false)));
     }
 
     #[test]

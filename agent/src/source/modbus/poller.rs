@@ -27,6 +27,13 @@
 //! - **Reconnect with backoff.** A lost connection, or a serial port that fails (unplugged:
 //!   reads end or fail), is reopened (by its path) with jittered exponential backoff
 //!   ([`Backoff`]); state changes are logged once each.
+//! - **Writes.** Between two polls (at least every [`COMMAND_POLL`]) the task takes the
+//!   device commands the router handed it ([`PortLink`]) and carries out each with one write
+//!   request, mapped by `[[modbus.slaves.writes]]` to a holding register or a coil
+//!   ([`write_value`]). The command's outcome is the write's: `succeeded` when the slave
+//!   confirmed it, `failed` with the slave's exception, a timeout (the write may or may not
+//!   have happened: it is never repeated) or why the value does not fit the register, which
+//!   then never reaches the bus. The router has already checked the allow-list.
 //! - Memory is fixed per bus: the plan, one state per slave, the answer of one read.
 
 use std::collections::HashMap;
@@ -34,7 +41,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use edgestream_protocol::types::{DeviceId, MetricName};
+use edgestream_protocol::types::{
+    ArgValue, Command, CommandOutcome, DeviceId, MetricName, OutcomeState,
+};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_modbus::client::{Client, Context};
@@ -43,16 +52,19 @@ use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 use tokio_util::sync::CancellationToken;
 
 use super::config::{ModbusConfig, ModbusFunction, ModbusTransport};
-use super::decode::{bit_reading, register_reading};
+use super::decode::{bit_reading, register_reading, write_value, WriteValue};
 use super::plan::{plan_reads, ReadRequest};
 use super::rtu::{damaged_frame, LineTiming, LineWatch, SilentLine};
 use crate::backoff::Backoff;
+use crate::commands::routes::{DeviceEvent, PortLink};
 use crate::deadletter::RejectSampler;
 use crate::source::config::SerialParity;
 use crate::source::reading::{now_ms, Reading, SourceMsg};
 use crate::telemetry::metrics::Metrics;
 
 const SOURCE: &str = "modbus";
+/// Longest a command handed to the bus waits for the task to look (between polls).
+pub const COMMAND_POLL: Duration = Duration::from_millis(20);
 /// How far off the reads of a missing slave are put, other than the one that probes it; they
 /// are due again as soon as it answers.
 const PARKED: Duration = Duration::from_secs(365 * 86_400);
@@ -195,6 +207,8 @@ pub struct ModbusSource {
     missing_probe: Duration,
     /// RTU: what the line heard and when it was last busy.
     line: Arc<Mutex<LineWatch>>,
+    /// Commands for the bus's devices and the routing table (`None`: read only).
+    link: Option<PortLink>,
 }
 
 /// How one connection ended.
@@ -234,9 +248,101 @@ impl ModbusSource {
             reads: plan_reads(&config),
             missing_probe: Duration::from_millis(config.reconnect_max_ms),
             line: Arc::default(),
+            link: None,
             slaves,
             config,
         })
+    }
+
+    /// Lets the bus carry device commands (writes) and report their outcomes.
+    pub fn with_link(mut self, link: PortLink) -> Self {
+        self.link = Some(link);
+        self
+    }
+
+    /// Tells the routing table whether commands can be handed to the bus; on closing, gives
+    /// back those caught in the hand-off.
+    async fn set_open(&mut self, open: bool) {
+        // `&mut`: a `PortLink` holds a std `Receiver`, which is not `Sync`, so the future may
+        // hold only exclusive references to it across an await to stay `Send`.
+        let Some(l) = self.link.as_mut() else {
+            return;
+        };
+        l.routes.set_open(l.index, open);
+        if !open {
+            while let Ok(cmd) = l.commands.try_recv() {
+                let back = DeviceEvent::Written {
+                    id: cmd.id.to_string(),
+                    port: l.index,
+                    error: Some("modbus bus closed before the write".into()),
+                };
+                if l.events.send(back).await.is_err() {
+                    // The router has stopped; the command stays in its saved table.
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Carries out the commands waiting for the bus (module doc). `Err` if the connection
+    /// must be reopened.
+    async fn write_commands(&mut self, ctx: &mut Context, metrics: &Metrics) -> Result<(), Fault> {
+        let Self {
+            link,
+            config,
+            slaves,
+            ..
+        } = self;
+        let Some(l) = link.as_mut() else {
+            return Ok(());
+        };
+        while let Ok(cmd) = l.commands.try_recv() {
+            let written = DeviceEvent::Written {
+                id: cmd.id.to_string(),
+                port: l.index,
+                error: None,
+            };
+            if l.events.send(written).await.is_err() {
+                tracing::debug!(id = %cmd.id, "write not reported: router stopped");
+            }
+            let result = write(config, slaves, ctx, &cmd).await;
+            let (state, detail, fault) = match result {
+                Ok(detail) => (OutcomeState::Succeeded, detail, None),
+                Err(WriteError::Refused(why)) => (OutcomeState::Failed, why, None),
+                Err(WriteError::Fault(f, timeout)) => {
+                    f.count(metrics);
+                    let mut detail = f.describe(timeout);
+                    if f == Fault::Timeout {
+                        detail.push_str("; the write may or may not have happened");
+                    }
+                    (OutcomeState::Failed, detail, Some(f))
+                }
+            };
+            let mut text = heapless::String::new();
+            for c in detail.chars() {
+                if text.push(c).is_err() {
+                    break;
+                }
+            }
+            let outcome = CommandOutcome {
+                id: cmd.id.clone(),
+                device: cmd.device.clone(),
+                state,
+                detail: text,
+                ts: Some(now_ms()),
+            };
+            let reply = DeviceEvent::Reply {
+                outcome: Box::new(outcome),
+                ack: None,
+            };
+            if l.events.send(reply).await.is_err() {
+                tracing::debug!(id = %cmd.id, "outcome not reported: router stopped");
+            }
+            if let Some(f) = fault.filter(|f| f.poisons_connection(config.transport)) {
+                return Err(f);
+            }
+        }
+        Ok(())
     }
 
     /// Polls until `stop` is cancelled; drops `out` when it returns.
@@ -288,6 +394,7 @@ impl ModbusSource {
             }
             outage_logged = false;
             Metrics::inc(&metrics.modbus_connects);
+            self.set_open(true).await;
             let ended = self
                 .poll_until_lost(
                     &mut ctx,
@@ -299,6 +406,7 @@ impl ModbusSource {
                     &mut backoff,
                 )
                 .await;
+            self.set_open(false).await;
             match ended {
                 Ended::Stopped => break,
                 Ended::RulesStageGone => {
@@ -329,9 +437,23 @@ impl ModbusSource {
                 stop.cancelled().await;
                 return Ended::Stopped;
             };
+            // Commands first: a write waits for no poll.
+            if let Err(fault) = self.write_commands(ctx, metrics).await {
+                Metrics::inc(&metrics.modbus_disconnects);
+                tracing::warn!(reason = %fault.describe(Duration::ZERO), "modbus connection reopened after a write");
+                return Ended::Lost;
+            }
+            // With commands to watch for, wake at least every COMMAND_POLL.
+            let wake = match &self.link {
+                Some(_) => at.min(Instant::now() + COMMAND_POLL),
+                None => at,
+            };
             tokio::select! {
                 _ = stop.cancelled() => return Ended::Stopped,
-                _ = tokio::time::sleep_until(at) => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            if Instant::now() < at {
+                continue;
             }
             let read = &self.reads[i];
             let slave = &self.slaves[read.slave];
@@ -502,6 +624,78 @@ impl Samplers {
         self.0
             .entry((slave, reason))
             .or_insert_with(|| RejectSampler::new(SOURCE))
+    }
+}
+
+/// Why a command was not carried out.
+#[derive(Debug)]
+enum WriteError {
+    /// Before the bus: no mapping, no argument, a value that does not fit.
+    Refused(String),
+    /// On the bus, with the slave's timeout.
+    Fault(Fault, Duration),
+}
+
+/// Carries out `cmd` with one write request (module doc).
+async fn write(
+    config: &ModbusConfig,
+    slaves: &[SlaveState],
+    ctx: &mut Context,
+    cmd: &Command,
+) -> Result<String, WriteError> {
+    let refused = |why: String| Err(WriteError::Refused(why));
+    let Some(s) = config
+        .slaves
+        .iter()
+        .position(|s| s.device == cmd.device.as_str())
+    else {
+        return refused(format!("{} is not a slave of this bus", cmd.device));
+    };
+    let slave = &config.slaves[s];
+    let Some(w) = slave.writes.iter().find(|w| w.command == cmd.name.as_str()) else {
+        return refused(format!(
+            "`{}` writes no register of {} (no [[modbus.slaves.writes]] entry)",
+            cmd.name, cmd.device
+        ));
+    };
+    let value = match cmd.args.get(&w.arg) {
+        Some(ArgValue::Int(i)) => *i as f64,
+        Some(ArgValue::Float(f)) => *f,
+        Some(ArgValue::Bool(b)) => f64::from(*b),
+        Some(ArgValue::Str(_)) => return refused(format!("argument `{}` is not a number", w.arg)),
+        None => return refused(format!("argument `{}` is missing", w.arg)),
+    };
+    let Some(r) = slave.registers.iter().find(|r| r.metric == w.metric) else {
+        return refused(format!("no register `{}`", w.metric));
+    };
+    let on_bus = write_value(r, value).map_err(WriteError::Refused)?;
+    let address = r.address as u16;
+    let request = match &on_bus {
+        WriteValue::Coil(on) => Request::WriteSingleCoil(address, *on),
+        WriteValue::Registers(regs) if regs.len() == 1 => {
+            Request::WriteSingleRegister(address, regs[0])
+        }
+        WriteValue::Registers(regs) => {
+            Request::WriteMultipleRegisters(address, std::borrow::Cow::Borrowed(regs.as_slice()))
+        }
+    };
+    let state = &slaves[s];
+    ctx.set_slave(Slave(state.unit));
+    let fault = |f| Err(WriteError::Fault(f, state.timeout));
+    match tokio::time::timeout(state.timeout, ctx.call(request)).await {
+        Err(_) => fault(Fault::Timeout),
+        Ok(Err(e)) => fault(classify(e)),
+        Ok(Ok(Err(code))) => fault(Fault::Exception(exception_code(code))),
+        Ok(Ok(Ok(_))) => Ok(match on_bus {
+            WriteValue::Coil(on) => format!("coil {address} set {}", if on { "on" } else { "off" }),
+            WriteValue::Registers(regs) => {
+                format!(
+                    "{} = {value} written to holding {address}+{}",
+                    w.metric,
+                    regs.len()
+                )
+            }
+        }),
     }
 }
 

@@ -425,7 +425,8 @@ pub fn rtu_crc(bytes: &[u8]) -> u16 {
 struct RtuBus {
     /// The pty master while plugged.
     master: Option<serialport::TTYPort>,
-    /// Silence before each request, from the end of the frame before it.
+    /// Silence before each request, from the end of the frame before it (for an answer, the
+    /// start of its write: the agent cannot see it sooner).
     gaps: Vec<Duration>,
     /// Requests dropped for a wrong CRC or an unknown length.
     bad_requests: u64,
@@ -707,6 +708,11 @@ fn serve_rtu(
                     std::thread::sleep(due - now);
                 }
             }
+            // The answer's end is taken before the write: the agent may read it as soon as
+            // the write starts, and this thread may be descheduled before the write returns,
+            // so a time taken after it could be later than the agent's and make the silence
+            // before the next request look shorter than it was.
+            last_frame_end = Some(Instant::now());
             if master
                 .write_all(&out)
                 .and_then(|()| master.flush())
@@ -714,7 +720,6 @@ fn serve_rtu(
             {
                 break;
             }
-            last_frame_end = Some(Instant::now());
         }
         if buf.len() > MAX_RTU_FRAME || (buf.len() >= 2 && rtu_request_len(&buf).is_none()) {
             *bad_requests += 1;

@@ -50,6 +50,7 @@ use crate::source::mqtt::LocalMqttSource;
 use crate::source::reading::SOURCE_CHANNEL_CAPACITY;
 use crate::source::serial::{SerialSource, SerialSourceError};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::modbus_slaves::SlaveTable;
 use crate::uplink::link::{StatusInfo, Uplink, UplinkError};
 use crate::uplink::topics::CloudTopics;
 
@@ -223,9 +224,18 @@ impl Agent {
         let (cloud_cmds_tx, cloud_cmds_rx) = mpsc::channel(crate::commands::router::CLOUD_CAPACITY);
         let (rule_cmds_tx, rule_cmds_rx) = mpsc::channel(crate::commands::router::RULE_CAPACITY);
         let (device_tx, device_rx) = mpsc::channel(crate::commands::router::DEVICE_CAPACITY);
-        let uplink = Uplink::new(&config, outbox.clone(), metrics.clone(), status_rx)?
+        // One entry per Modbus slave, bus by bus, for the health message.
+        let slave_table = Arc::new(SlaveTable::new(config.modbus.iter().flat_map(|b| {
+            b.slaves
+                .iter()
+                .map(|s| (b.endpoint(), s.unit, s.device.clone()))
+        })));
+        let mut uplink = Uplink::new(&config, outbox.clone(), metrics.clone(), status_rx)?
             .with_inbound(rule_topics, bundles_tx)
             .with_inbound(vec![topics.commands], cloud_cmds_tx);
+        if !config.modbus.is_empty() {
+            uplink = uplink.with_modbus_slaves(slave_table.clone());
+        }
         // Capacity 1, full-policy block: a second bundle waits until the first is swapped in.
         let (plans_tx, plans_rx) = mpsc::channel(1);
         let remote_rules = RemoteRules::new(
@@ -271,8 +281,12 @@ impl Agent {
         // One task and one sender clone per Modbus bus; each drops its sender as soon as
         // `stop_intake` is cancelled (a request in flight is abandoned).
         let mut modbus_tasks = Vec::new();
+        let mut first_slave = 0;
         for ((i, bus), link) in config.modbus.iter().enumerate().zip(modbus_links) {
-            let source = ModbusSource::new(i, bus.clone())?.with_link(link);
+            let source = ModbusSource::new(i, bus.clone())?
+                .with_link(link)
+                .with_slave_table(slave_table.clone(), first_slave);
+            first_slave += bus.slaves.len();
             let span = tracing::info_span!("modbus", bus = %bus.endpoint());
             modbus_tasks.push(tokio::spawn(
                 source

@@ -289,6 +289,29 @@ async fn faults_are_counted_by_reason_and_the_healthy_slave_keeps_its_schedule()
         );
     }
     assert!(site.agent.logs().contains("modbus slave not answering"));
+    // Per slave and reason in the health message.
+    let health = c.payloads_on("health").last().cloned().expect("health");
+    let entry = |unit: u64| {
+        health["modbus_slaves"]["slaves"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["unit"] == unit).cloned())
+            .unwrap_or_else(|| panic!("unit {unit} not in {health}"))
+    };
+    assert!(entry(1)["polls"].as_u64() > Some(10), "{health}");
+    assert_eq!(entry(1)["errors"], serde_json::json!({}), "{health}");
+    assert!(
+        entry(2)["errors"]["exception"].as_u64() > Some(0),
+        "{health}"
+    );
+    assert!(entry(3)["errors"]["timeout"].as_u64() > Some(0), "{health}");
+    assert_eq!(entry(3)["missing"], true, "{health}");
+    assert_eq!(
+        entry(2)["missing"],
+        false,
+        "an exception is an answer: {health}"
+    );
+    assert!(entry(4)["errors"]["short"].as_u64() > Some(0), "{health}");
+    assert_eq!(entry(4)["device"], "unit-4");
 
     // Unplug the bus: counted as a lost connection and failed reconnects; back after replug.
     slave.unplug();

@@ -61,6 +61,7 @@ use crate::deadletter::RejectSampler;
 use crate::source::config::SerialParity;
 use crate::source::reading::{now_ms, Reading, SourceMsg};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::modbus_slaves::SlaveTable;
 
 const SOURCE: &str = "modbus";
 /// Longest a command handed to the bus waits for the task to look (between polls).
@@ -209,6 +210,8 @@ pub struct ModbusSource {
     line: Arc<Mutex<LineWatch>>,
     /// Commands for the bus's devices and the routing table (`None`: read only).
     link: Option<PortLink>,
+    /// Per-slave figures for the health message, and this bus's first entry in it.
+    table: Option<(Arc<SlaveTable>, usize)>,
 }
 
 /// How one connection ended.
@@ -249,9 +252,21 @@ impl ModbusSource {
             missing_probe: Duration::from_millis(config.reconnect_max_ms),
             line: Arc::default(),
             link: None,
+            table: None,
             slaves,
             config,
         })
+    }
+
+    /// Counts polls and failures per slave in `table`, whose entries from `first` on are this
+    /// bus's slaves in order.
+    pub fn with_slave_table(mut self, table: Arc<SlaveTable>, first: usize) -> Self {
+        self.table = Some((table, first));
+        self
+    }
+
+    fn table_entry(&self, slave: usize) -> Option<(&SlaveTable, usize)> {
+        self.table.as_ref().map(|(t, first)| (&**t, first + slave))
     }
 
     /// Lets the bus carry device commands (writes) and report their outcomes.
@@ -503,6 +518,10 @@ impl ModbusSource {
                     backoff.reset();
                     due[i] = next;
                     Metrics::inc(&metrics.modbus_polls);
+                    if let Some((t, e)) = self.table_entry(slave_index) {
+                        t.polled(e);
+                        t.set_missing(e, false);
+                    }
                     let slave = &mut self.slaves[slave_index];
                     slave.failures_in_row = 0;
                     if slave.missing {
@@ -546,6 +565,9 @@ impl ModbusSource {
                 }
                 Err(fault) => {
                     fault.count(metrics);
+                    if let Some((t, e)) = self.table_entry(slave_index) {
+                        t.failed(e, fault.reason());
+                    }
                     let slave = &mut self.slaves[slave_index];
                     if fault.is_silence() {
                         slave.failures_in_row = slave.failures_in_row.saturating_add(1);
@@ -561,6 +583,10 @@ impl ModbusSource {
                     let became_missing =
                         !slave.missing && slave.failures_in_row >= self.config.missing_after;
                     if became_missing {
+                        if let Some((t, e)) = self.table.as_ref().map(|(t, f)| (t, f + slave_index))
+                        {
+                            t.set_missing(e, true);
+                        }
                         slave.missing = true;
                         metrics
                             .modbus_slaves_missing

@@ -44,7 +44,8 @@ mod wire;
 pub use broker::{InProcessBroker, Mosquitto, MosquittoOptions};
 pub use collector::{CloudCollector, CloudMessage};
 pub use devices::modbus::{
-    registers_of, rtu_crc, ModbusFault, ModbusRtuSlave, ModbusTcpSlave, Table as ModbusTable,
+    f32_word_swapped, registers_of, rtu_crc, ModbusFault, ModbusRtuSlave, ModbusTcpSlave,
+    Table as ModbusTable,
 };
 pub use devices::mqtt::{
     CommandBehavior, DeviceStats, MetricSpec, MqttDevice, MqttDeviceConfig, MqttFleet,

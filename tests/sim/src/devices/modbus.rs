@@ -99,6 +99,8 @@ pub struct ModbusTcpSlave {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
     server: Option<JoinHandle<()>>,
+    /// Tasks that move registers along signals ([`ModbusTcpSlave::drive`]).
+    drivers: Vec<JoinHandle<()>>,
 }
 
 impl ModbusTcpSlave {
@@ -116,7 +118,47 @@ impl ModbusTcpSlave {
             addr,
             state,
             server,
+            drivers: Vec::new(),
         })
+    }
+
+    /// Moves holding or input registers from `address` along `signal`, sampled every
+    /// `period` (its time in seconds since this call) and written as `encode` lays the value
+    /// out, like a meter's measurement; a dropout (`None`) leaves the last value. Runs until
+    /// the slave is dropped.
+    pub fn drive(
+        &mut self,
+        unit: u8,
+        table: Table,
+        address: u16,
+        mut signal: crate::signal::Signal,
+        encode: fn(f64) -> Vec<u16>,
+        period: Duration,
+    ) {
+        let state = self.state.clone();
+        let started = Instant::now();
+        self.drivers.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let Some(v) = signal.sample(started.elapsed().as_secs_f64()) else {
+                    continue;
+                };
+                let regs = encode(v);
+                let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(u) = s.units.get_mut(&unit) else {
+                    return;
+                };
+                let t = match table {
+                    Table::Input => &mut u.input,
+                    _ => &mut u.holding,
+                };
+                let a = usize::from(address);
+                if let Some(dst) = t.get_mut(a..a + regs.len()) {
+                    dst.copy_from_slice(&regs);
+                }
+            }
+        }));
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -208,7 +250,16 @@ impl ModbusTcpSlave {
 impl Drop for ModbusTcpSlave {
     fn drop(&mut self) {
         self.unplug();
+        for d in &self.drivers {
+            d.abort();
+        }
     }
+}
+
+/// An `f32` in two registers, low word first: how many energy meters lay out their
+/// measurements.
+pub fn f32_word_swapped(v: f64) -> Vec<u16> {
+    registers_of(&(v as f32).to_be_bytes(), false, true)
 }
 
 /// Accepts connections until aborted; the connections end with it.

@@ -25,6 +25,10 @@ struct Site {
 }
 
 async fn start_agent(gateway: &str, modbus_toml: &str) -> Site {
+    start_agent_with_rules(gateway, "", modbus_toml).await
+}
+
+async fn start_agent_with_rules(gateway: &str, rules: &str, modbus_toml: &str) -> Site {
     let local = Mosquitto::start().await.expect("local broker");
     let cloud = Mosquitto::start().await.expect("cloud broker");
     let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", gateway)
@@ -36,7 +40,7 @@ async fn start_agent(gateway: &str, modbus_toml: &str) -> Site {
         &dir.path().join("data"),
         local.port(),
         cloud.port(),
-        "",
+        rules,
         modbus_toml,
     );
     let mut agent = AgentProcess::start(dir.path(), &config);
@@ -209,10 +213,10 @@ async fn every_type_in_every_byte_and_word_order_reaches_the_cloud_with_scale_an
 }
 
 /// A bus with four units behind one TCP endpoint (a Modbus gateway): one healthy, one that
-/// answers with an exception, one silent, one that answers short and then with garbage. Each
-/// fault is counted with its reason and sampled on the dead-letter topic naming its unit; the
-/// silent one is reported missing, and the healthy one keeps its schedule. Then the whole bus
-/// is unplugged and comes back.
+/// answers with an exception, one that falls silent, one that answers short and then with
+/// garbage. Each fault is counted with its reason and sampled on the dead-letter topic naming
+/// its unit; the silent one is reported missing and a `missing()` rule raises its alert, and
+/// the healthy one keeps its schedule. Then the whole bus is unplugged and comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_are_counted_by_reason_and_the_healthy_slave_keeps_its_schedule() {
     let mut slave = ModbusTcpSlave::start(&[1, 2, 3, 4]).await.expect("slave");
@@ -220,7 +224,6 @@ async fn faults_are_counted_by_reason_and_the_healthy_slave_keeps_its_schedule()
         slave.set_registers(unit, ModbusTable::Holding, 0, &[u16::from(unit) * 10]);
     }
     slave.set_fault(2, Some(ModbusFault::Exception(0x02)));
-    slave.set_fault(3, Some(ModbusFault::Silence));
     slave.set_fault(4, Some(ModbusFault::Short));
     let mut modbus = format!(
         "\n[[modbus]]\ntransport = \"tcp\"\nhost = \"127.0.0.1\"\nport = {}\ntimeout_ms = 400\nretries = 1\nmissing_after = 3\nreconnect_min_ms = 50\nreconnect_max_ms = 1000\n",
@@ -231,8 +234,15 @@ async fn faults_are_counted_by_reason_and_the_healthy_slave_keeps_its_schedule()
             "\n[[modbus.slaves]]\nunit = {unit}\ndevice = \"unit-{unit}\"\n[[modbus.slaves.registers]]\nmetric = \"power\"\nfunction = \"holding\"\naddress = 0\ninterval_ms = 200\n"
         ));
     }
-    let mut site = start_agent("gw-modbus-faults", &modbus).await;
+    let rules = "rule slave_silent\n  on device \"unit-*\"\n  when missing(power, 2s)\n  alert warning \"modbus slave silent\"\n";
+    let mut site = start_agent_with_rules("gw-modbus-faults", rules, &modbus).await;
     let c = &site.collector;
+    // Unit 3 answers first, then falls silent.
+    wait_until("unit 3 answers", &site.agent, || {
+        latest(c, "unit-3").get("power") == Some(&30.0)
+    })
+    .await;
+    slave.set_fault(3, Some(ModbusFault::Silence));
     wait_until(
         "exception, timeout and short answers counted",
         &site.agent,
@@ -262,7 +272,7 @@ async fn faults_are_counted_by_reason_and_the_healthy_slave_keeps_its_schedule()
         site.agent.logs()
     );
     assert!(latest(c, "unit-1").get("power") == Some(&10.0));
-    for unit in 2..=4 {
+    for unit in [2, 4] {
         assert!(
             latest(c, &format!("unit-{unit}")).is_empty(),
             "unit {unit} gave readings"
@@ -289,6 +299,18 @@ async fn faults_are_counted_by_reason_and_the_healthy_slave_keeps_its_schedule()
         );
     }
     assert!(site.agent.logs().contains("modbus slave not answering"));
+    // Its readings stopped: a rule sees that with `missing()`.
+    wait_until("the missing() rule raises its alert", &site.agent, || {
+        c.alerts().iter().any(|a| {
+            a["rule"] == "slave_silent" && a["device"] == "unit-3" && a["state"] == "raised"
+        })
+    })
+    .await;
+    assert!(
+        c.alerts().iter().all(|a| a["device"] == "unit-3"),
+        "only the silent unit: {:?}",
+        c.alerts()
+    );
     // Per slave and reason in the health message.
     let health = c.payloads_on("health").last().cloned().expect("health");
     let entry = |unit: u64| {

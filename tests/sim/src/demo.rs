@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::agent::AgentChild;
-use crate::signal::{Profile, Signal};
-use crate::{simulate, CloudCollector, InProcessBroker, ModbusTable, ModbusTcpSlave, MqttDevice};
+use crate::{simulate, CloudCollector, InProcessBroker, MqttDevice};
 
 /// The rules the demo runs: a threshold with hysteresis that also commands the boiler, two
 /// anomaly detectors and a downsampling rule.
@@ -149,7 +148,9 @@ async fn run(duration: Option<Duration>, agent_exe: &Path) -> anyhow::Result<Sum
         .prefix("edgestream-demo-")
         .tempdir()
         .context("temp dir")?;
-    let meter = energy_meter().await?;
+    let meter = crate::devices::modbus::energy_meter(0)
+        .await
+        .context("simulated Modbus meter")?;
     let config = write_config(dir.path(), local.port(), cloud.port(), meter.port())?;
     let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", GATEWAY)
         .await
@@ -293,21 +294,6 @@ impl LogWatch {
 /// stderr is a file).
 fn log_level(line: &str) -> Option<&str> {
     line.split_whitespace().nth(1)
-}
-
-/// The demo's Modbus device: an energy meter (unit 1) whose voltage and power, in input
-/// registers 0-1 and 2-3 as word-swapped f32, follow signals with noise.
-async fn energy_meter() -> anyhow::Result<ModbusTcpSlave> {
-    let mut meter = ModbusTcpSlave::start(&[1])
-        .await
-        .context("simulated Modbus meter")?;
-    let every = Duration::from_millis(200);
-    let voltage = Signal::new(Profile::Constant(230.0), 1.5, 11);
-    let power = Signal::new(Profile::Constant(1800.0), 120.0, 12);
-    let encode = crate::f32_word_swapped;
-    meter.drive(1, ModbusTable::Input, 0, voltage, encode, every);
-    meter.drive(1, ModbusTable::Input, 2, power, encode, every);
-    Ok(meter)
 }
 
 /// Writes the demo's rules and the agent's config into `dir`; returns the config's path.

@@ -106,7 +106,12 @@ pub struct ModbusTcpSlave {
 impl ModbusTcpSlave {
     /// Listens on a port the operating system picks, with units `units`.
     pub async fn start(units: &[u8]) -> io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(0, units).await
+    }
+
+    /// Listens on 127.0.0.1:`port` (0: a port the operating system picks).
+    pub async fn start_on(port: u16, units: &[u8]) -> io::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
         let addr = listener.local_addr()?;
         let mut state = State::default();
         for u in units {
@@ -254,6 +259,21 @@ impl Drop for ModbusTcpSlave {
             d.abort();
         }
     }
+}
+
+/// A simulated energy meter on 127.0.0.1:`port` (0: any free port), unit 1: voltage and
+/// power in input registers 0-1 and 2-3 as word-swapped f32, following signals with noise
+/// (sampled every 200 ms). What `edgestream demo` polls and `edgestream simulate
+/// --modbus-port` serves.
+pub async fn energy_meter(port: u16) -> io::Result<ModbusTcpSlave> {
+    use crate::signal::{Profile, Signal};
+    let mut meter = ModbusTcpSlave::start_on(port, &[1]).await?;
+    let every = Duration::from_millis(200);
+    let voltage = Signal::new(Profile::Constant(230.0), 1.5, 11);
+    let power = Signal::new(Profile::Constant(1800.0), 120.0, 12);
+    meter.drive(1, Table::Input, 0, voltage, f32_word_swapped, every);
+    meter.drive(1, Table::Input, 2, power, f32_word_swapped, every);
+    Ok(meter)
 }
 
 /// An `f32` in two registers, low word first: how many energy meters lay out their

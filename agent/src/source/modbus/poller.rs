@@ -18,7 +18,7 @@
 //!   (`tcp 10.0.0.5:502 unit 3 holding 100+4`, `rtu /dev/ttyUSB0 unit 3 input 0+2`), each
 //!   slave and reason with its own sampling budget (`deadletter.rs`: 10 samples per 10 s). After a timeout or undecodable bytes the
 //!   TCP connection is reopened at once, so a late answer cannot be taken for the next one
-//!   (on RTU the silence before the next request and tokio-modbus's cleared buffer do that).
+//!   (on RTU [`SilentLine`] drops bytes still arriving before it sends the next request).
 //! - **A silent slave does not hold up the others.** After `missing_after` polls in a row
 //!   without an answer (timeouts, undecodable bytes, CRC errors; an exception is one) a slave
 //!   is reported missing (warning, `edgestream_modbus_slaves_missing`) and only probed once
@@ -141,9 +141,9 @@ impl Fault {
     }
 
     /// Whether the connection must be reopened before the next request. TCP: an answer may
-    /// still be on its way, or the stream is out of step. RTU: only a failed port; a late or
-    /// damaged answer is over once the line is silent, and tokio-modbus clears its buffer
-    /// before each request.
+    /// still be on its way, or the stream is out of step. RTU: only a failed port; a late
+    /// answer is dropped by [`SilentLine`] before the next request, and tokio-modbus clears
+    /// its buffer before each request.
     fn poisons_connection(&self, transport: ModbusTransport) -> bool {
         match transport {
             ModbusTransport::Tcp => {

@@ -10,6 +10,10 @@
 //! never held apart. Bytes sent are counted busy until the UART has shifted them out at the
 //! line's speed. Above 19,200 baud the spec's fixed 1.75 ms is used.
 //!
+//! **Late answers.** An answer that arrives after its request timed out would be read as the
+//! next request's answer; [`SilentLine`] reads and drops whatever is arriving before it sends
+//! a request, and counts the silence from it.
+//!
 //! **CRC errors.** On a CRC mismatch tokio-modbus drops the answer byte by byte looking for a
 //! frame, so a corrupted answer ends as a timeout (or "too many retries"). [`SilentLine`]
 //! keeps the bytes heard since the last request ([`LineWatch::answer`], at most one frame),
@@ -106,13 +110,37 @@ impl<T: AsyncRead + Unpin> AsyncRead for SilentLine<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for SilentLine<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for SilentLine<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         if !self.in_frame {
+            // Bytes still arriving now belong to an earlier exchange (an answer that came
+            // after its timeout): read and drop them, or they would be taken for the next
+            // answer; the silence counts from the last of them. An error or the end of the
+            // stream is left for the next read to report.
+            let mut late = 0;
+            loop {
+                let mut scratch = [0u8; 64];
+                let mut stale = ReadBuf::new(&mut scratch);
+                match Pin::new(&mut self.inner).poll_read(cx, &mut stale) {
+                    Poll::Ready(Ok(())) if !stale.filled().is_empty() => {
+                        late += stale.filled().len();
+                    }
+                    _ => break,
+                }
+            }
+            if late > 0 {
+                tracing::debug!(
+                    bytes = late,
+                    "late bytes on the line dropped before a request"
+                );
+                let mut w = lock(&self.watch);
+                let now = Instant::now();
+                w.busy_until = Some(w.busy_until.map_or(now, |b| b.max(now)));
+            }
             // The first byte of a frame: wait for the silence that ends the previous one.
             let quiet_at = lock(&self.watch)
                 .busy_until
@@ -225,7 +253,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_request_waits_for_the_silence_after_the_answer_and_after_its_own_bytes() {
+    async fn a_request_waits_for_the_silence_and_a_late_answer_is_dropped() {
         let (agent, mut slave) = tokio::io::duplex(1024);
         let timing = LineTiming::new(9_600, 8, true, 1);
         let watch = Arc::new(Mutex::new(LineWatch::default()));
@@ -273,5 +301,24 @@ mod tests {
             waited >= want && waited < want + Duration::from_millis(2),
             "{waited:?} against {want:?}"
         );
+
+        // An answer that comes late, after its request timed out: it is dropped before the
+        // next request, and the silence counts from it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut got = [0u8; 16];
+        slave.read_exact(&mut got).await.unwrap(); // the two requests not answered
+        let late = frame(&[0x01, 0x03, 0x02, 0xde, 0xad]);
+        slave.write_all(&late).await.unwrap();
+        let heard_late = Instant::now();
+        line.write_all(&request).await.unwrap();
+        line.flush().await.unwrap();
+        assert!(Instant::now() - heard_late >= timing.silence);
+        let mut got = [0u8; 8];
+        slave.read_exact(&mut got).await.unwrap();
+        let fresh = frame(&[0x01, 0x03, 0x02, 0x00, 0x07]);
+        slave.write_all(&fresh).await.unwrap();
+        let mut heard = [0u8; 7];
+        line.read_exact(&mut heard).await.unwrap();
+        assert_eq!(heard.to_vec(), fresh, "the late answer was dropped");
     }
 }

@@ -15,7 +15,7 @@ use crate::commands::config::CommandsConfig;
 use crate::outbox::config::OutboxConfig;
 use crate::rules_stage::config::RulesConfig;
 use crate::source::config::{validate_serial, LocalConfig, SerialConfig};
-use crate::source::modbus::config::{validate_modbus, ModbusConfig};
+use crate::source::modbus::config::{validate_modbus, validate_writes, ModbusConfig};
 use crate::telemetry::config::{HealthConfig, LogConfig, MetricsConfig};
 use crate::uplink::config::CloudConfig;
 use crate::validation::{bad, section, with_placeholders};
@@ -282,6 +282,7 @@ impl Config {
         validate_serial(&self.serial, &mut p);
         validate_modbus(&self.modbus, &mut p);
         self.commands.validate(&mut p);
+        validate_writes(&self.modbus, &self.commands.allow, &mut p);
         p
     }
 

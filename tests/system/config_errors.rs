@@ -276,6 +276,50 @@ type = "f32"
         text.contains("modbus[0].slaves[0].registers[0].type") && text.contains("f16"),
         "{text}"
     );
+    // Writes against the allow-list: a command nothing allows, a range the register cannot
+    // hold.
+    let writes = write_config(
+        dir.path(),
+        &format!("id = \"gw\"\ndata_dir = \"{}\"", data.display()),
+        r#"
+[[commands.allow]]
+name = "set_limit"
+devices = ["meter-*"]
+args.value = { type = "number", min = 0, max = 70000, required = true }
+
+[[modbus]]
+transport = "tcp"
+host = "h"
+[[modbus.slaves]]
+unit = 1
+device = "meter-1"
+[[modbus.slaves.registers]]
+metric = "limit"
+function = "holding"
+address = 0
+type = "u16"
+[[modbus.slaves.writes]]
+command = "set_limit"
+metric = "limit"
+[[modbus.slaves.writes]]
+command = "reset"
+metric = "limit"
+"#,
+    );
+    let text = printed(&edgestream(&["check"], &writes));
+    for (path, words) in [
+        ("modbus[0].slaves[0].writes[0].metric", "reach 70000"),
+        (
+            "modbus[0].slaves[0].writes[1].command",
+            "no [[commands.allow]] entry allows \"reset\"",
+        ),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!("{path}:")))
+            .unwrap_or_else(|| panic!("no problem at {path}:\n{text}"));
+        assert!(line.contains(words), "{path}: {line:?} lacks {words:?}");
+    }
     // RTU: a port is needed, TCP's fields are refused, 8 data bits, slave addresses 1 to 247,
     // and one port is one bus.
     let rtu = write_config(

@@ -747,3 +747,43 @@ pub(crate) fn validate_writes(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bus(text: &str) -> ModbusConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn defaults_and_per_slave_overrides() {
+        let b = bus(
+            "transport = \"rtu\"\npath = \"/dev/ttyUSB0\"\ntimeout_ms = 300\n\
+             [[slaves]]\nunit = 1\ndevice = \"a\"\nregisters = []\n\
+             [[slaves]]\nunit = 2\ndevice = \"b\"\ntimeout_ms = 900\nretries = 0\nregisters = []\n",
+        );
+        assert_eq!(
+            (b.rtu_baud_rate(), b.rtu_parity(), b.rtu_stop_bits()),
+            (19_200, SerialParity::Even, 1),
+            "the spec's defaults"
+        );
+        assert_eq!(b.endpoint(), "rtu /dev/ttyUSB0");
+        assert_eq!(
+            (
+                b.slave_timeout_ms(&b.slaves[0]),
+                b.slave_retries(&b.slaves[0])
+            ),
+            (300, 1)
+        );
+        assert_eq!(
+            (
+                b.slave_timeout_ms(&b.slaves[1]),
+                b.slave_retries(&b.slaves[1])
+            ),
+            (900, 0)
+        );
+        let t = bus("transport = \"tcp\"\nhost = \"10.0.0.5\"\nslaves = []\n");
+        assert_eq!(t.endpoint(), "tcp 10.0.0.5:502");
+    }
+}

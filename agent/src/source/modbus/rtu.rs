@@ -252,6 +252,30 @@ mod tests {
         assert!(!damaged_frame(&[]));
     }
 
+    proptest::proptest! {
+        /// Any bytes (what a noisy line delivers): no panic; a whole frame with its CRC is
+        /// never called damaged, and one flipped bit in it always is.
+        #[test]
+        fn damaged_frame_on_any_input(
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            unit in 1u8..=247,
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..=250),
+            flip in proptest::prelude::any::<usize>(),
+        ) {
+            let _ = damaged_frame(&noise);
+            let mut body = vec![unit, 0x03, data.len() as u8];
+            body.extend_from_slice(&data);
+            let good = frame(&body);
+            proptest::prop_assert!(!damaged_frame(&good));
+            let mut bad = good.clone();
+            let bit = flip % (bad.len() * 8);
+            // Not the byte count: a changed length describes another (incomplete) frame.
+            proptest::prop_assume!(bit / 8 != 2 && bit / 8 != 1);
+            bad[bit / 8] ^= 1 << (bit % 8);
+            proptest::prop_assert!(damaged_frame(&bad));
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_request_waits_for_the_silence_and_a_late_answer_is_dropped() {
         let (agent, mut slave) = tokio::io::duplex(1024);

@@ -15,6 +15,7 @@ use crate::commands::config::CommandsConfig;
 use crate::outbox::config::OutboxConfig;
 use crate::rules_stage::config::RulesConfig;
 use crate::source::config::{validate_serial, LocalConfig, SerialConfig};
+use crate::source::modbus::config::{validate_modbus, validate_writes, ModbusConfig};
 use crate::telemetry::config::{HealthConfig, LogConfig, MetricsConfig};
 use crate::uplink::config::CloudConfig;
 use crate::validation::{bad, section, with_placeholders};
@@ -46,6 +47,9 @@ pub struct Config {
     /// Serial ports to read (`[[serial]]`, one table per port).
     #[serde(default)]
     pub serial: Vec<SerialConfig>,
+    /// Modbus buses to poll (`[[modbus]]`, one table per bus).
+    #[serde(default)]
+    pub modbus: Vec<ModbusConfig>,
     /// Device commands: what is allowed, how long to wait (`crate::commands::config`).
     #[serde(default)]
     pub commands: CommandsConfig,
@@ -122,9 +126,9 @@ impl Config {
         let table: toml::Table =
             toml::from_str(text).map_err(|e| ConfigErrors(vec![syntax_problem(text, &e)]))?;
         let mut problems = Vec::new();
-        const SECTIONS: [&str; 10] = [
+        const SECTIONS: [&str; 11] = [
             "gateway", "local", "cloud", "outbox", "rules", "health", "log", "metrics", "serial",
-            "commands",
+            "modbus", "commands",
         ];
         for key in table.keys() {
             if !SECTIONS.contains(&key.as_str()) {
@@ -158,6 +162,7 @@ impl Config {
             Some(MetricsConfig::default()),
         );
         let serial = section::<Vec<SerialConfig>>(&table, "serial", &mut problems, Some(vec![]));
+        let modbus = section::<Vec<ModbusConfig>>(&table, "modbus", &mut problems, Some(vec![]));
         let commands = section(
             &table,
             "commands",
@@ -165,7 +170,7 @@ impl Config {
             Some(CommandsConfig::default()),
         );
         match (
-            gateway, local, cloud, outbox, rules, health, log, metrics, serial, commands,
+            gateway, local, cloud, outbox, rules, health, log, metrics, serial, modbus, commands,
         ) {
             (
                 Some(gateway),
@@ -177,6 +182,7 @@ impl Config {
                 Some(log),
                 Some(metrics),
                 Some(serial),
+                Some(modbus),
                 Some(commands),
             ) => Ok((
                 Some(Config {
@@ -189,11 +195,24 @@ impl Config {
                     log,
                     metrics,
                     serial,
+                    modbus,
                     commands,
                 }),
                 problems,
             )),
-            (gateway, local, cloud, outbox, rules, health, log, metrics, serial, commands) => {
+            (
+                gateway,
+                local,
+                cloud,
+                outbox,
+                rules,
+                health,
+                log,
+                metrics,
+                serial,
+                modbus,
+                commands,
+            ) => {
                 // A section that failed on some fields is still validated on the others, with
                 // placeholders for the failed ones (whose problems are already reported).
                 let mut placeholders = Vec::new();
@@ -230,6 +249,9 @@ impl Config {
                 if let Some(s) = &serial {
                     validate_serial(s, &mut problems);
                 }
+                if let Some(m) = &modbus {
+                    validate_modbus(m, &mut problems);
+                }
                 if let Some(c) = &commands {
                     c.validate(&mut problems);
                 }
@@ -258,7 +280,9 @@ impl Config {
         self.log.validate(&mut p);
         self.metrics.validate(&mut p);
         validate_serial(&self.serial, &mut p);
+        validate_modbus(&self.modbus, &mut p);
         self.commands.validate(&mut p);
+        validate_writes(&self.modbus, &self.commands.allow, &mut p);
         p
     }
 

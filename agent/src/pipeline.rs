@@ -5,8 +5,9 @@
 //!        ^                                          |                           |
 //!        +------------- PUBACK after flush ---------+                 Uplink --(QoS 1)--> cloud
 //!  SerialSource (one OS thread per port) --(same channel, blocking_send, no ack)--> RulesStage
+//!  ModbusSource (one task per bus) ---------(same channel, send().await, no ack)--> RulesStage
 //!
-//!  cloud commands (uplink) ---------+                      +--> serial port thread (PortLink)
+//!  cloud commands (uplink) ---------+                      +--> serial port thread, Modbus bus task (PortLink)
 //!  RulesStage (rule commands) ------+--> CommandRouter ----+--> local broker devices/{d}/commands
 //!  replies (serial, local broker) --+        |
 //!                                            +--> outbox (commands/outcomes)
@@ -44,10 +45,12 @@ use crate::config::Config;
 use crate::outbox::store::{OpenReport, Outbox, OutboxError, OutboxSettings};
 use crate::rules_stage::remote::{RemoteRules, RuleStore, StoredState};
 use crate::rules_stage::stage::{RulesStage, TICK};
+use crate::source::modbus::poller::{ModbusSource, ModbusSourceError};
 use crate::source::mqtt::LocalMqttSource;
 use crate::source::reading::SOURCE_CHANNEL_CAPACITY;
 use crate::source::serial::{SerialSource, SerialSourceError};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::modbus_slaves::SlaveTable;
 use crate::uplink::link::{StatusInfo, Uplink, UplinkError};
 use crate::uplink::topics::CloudTopics;
 
@@ -70,6 +73,8 @@ pub enum StartError {
     MetricsEndpoint { port: u16, source: std::io::Error },
     #[error(transparent)]
     Serial(#[from] SerialSourceError),
+    #[error(transparent)]
+    Modbus(#[from] ModbusSourceError),
 }
 
 /// What stopping left behind.
@@ -219,9 +224,18 @@ impl Agent {
         let (cloud_cmds_tx, cloud_cmds_rx) = mpsc::channel(crate::commands::router::CLOUD_CAPACITY);
         let (rule_cmds_tx, rule_cmds_rx) = mpsc::channel(crate::commands::router::RULE_CAPACITY);
         let (device_tx, device_rx) = mpsc::channel(crate::commands::router::DEVICE_CAPACITY);
-        let uplink = Uplink::new(&config, outbox.clone(), metrics.clone(), status_rx)?
+        // One entry per Modbus slave, bus by bus, for the health message.
+        let slave_table = Arc::new(SlaveTable::new(config.modbus.iter().flat_map(|b| {
+            b.slaves
+                .iter()
+                .map(|s| (b.endpoint(), s.unit, s.device.clone()))
+        })));
+        let mut uplink = Uplink::new(&config, outbox.clone(), metrics.clone(), status_rx)?
             .with_inbound(rule_topics, bundles_tx)
             .with_inbound(vec![topics.commands], cloud_cmds_tx);
+        if !config.modbus.is_empty() {
+            uplink = uplink.with_modbus_slaves(slave_table.clone());
+        }
         // Capacity 1, full-policy block: a second bundle waits until the first is swapped in.
         let (plans_tx, plans_rx) = mpsc::channel(1);
         let remote_rules = RemoteRules::new(
@@ -252,7 +266,9 @@ impl Agent {
         let (tx, rx) = mpsc::channel(SOURCE_CHANNEL_CAPACITY);
         // One thread and one sender clone per serial port; each drops its sender soon after
         // `stop_intake` (within `serial::READ_TIMEOUT`), like the MQTT source.
-        let (routes, port_links) = DeviceRoutes::new(&config.serial, &device_tx);
+        let (routes, mut port_links) =
+            DeviceRoutes::new(&config.serial, &config.modbus, &device_tx);
+        let modbus_links = port_links.split_off(config.serial.len());
         let mut serial_threads = Vec::new();
         for (port, link) in config.serial.iter().zip(port_links) {
             let thread = SerialSource::new(port.clone())?.with_link(link).spawn(
@@ -261,6 +277,22 @@ impl Agent {
                 phases.stop_intake.clone(),
             )?;
             serial_threads.push(thread);
+        }
+        // One task and one sender clone per Modbus bus; each drops its sender as soon as
+        // `stop_intake` is cancelled (a request in flight is abandoned).
+        let mut modbus_tasks = Vec::new();
+        let mut first_slave = 0;
+        for ((i, bus), link) in config.modbus.iter().enumerate().zip(modbus_links) {
+            let source = ModbusSource::new(i, bus.clone())?
+                .with_link(link)
+                .with_slave_table(slave_table.clone(), first_slave);
+            first_slave += bus.slaves.len();
+            let span = tracing::info_span!("modbus", bus = %bus.endpoint());
+            modbus_tasks.push(tokio::spawn(
+                source
+                    .run(tx.clone(), metrics.clone(), phases.stop_intake.clone())
+                    .instrument(span),
+            ));
         }
         let (acks_tx, acks_rx) = mpsc::channel(crate::source::reading::ACK_BATCHES);
         let source = LocalMqttSource::new(&config)
@@ -322,6 +354,7 @@ impl Agent {
             stage: stage_task,
             local_source: source_task,
             serial_threads,
+            modbus_tasks,
             uplink: uplink_task,
             router: router_task,
             remote_rules: remote_rules_task,
@@ -348,6 +381,7 @@ struct Running {
     stage: JoinHandle<()>,
     local_source: JoinHandle<()>,
     serial_threads: Vec<std::thread::JoinHandle<()>>,
+    modbus_tasks: Vec<JoinHandle<()>>,
     uplink: JoinHandle<()>,
     router: JoinHandle<()>,
     remote_rules: JoinHandle<()>,
@@ -396,6 +430,14 @@ impl Running {
                 .is_err()
             {
                 report.stuck.push("serial source");
+            }
+        }
+        for task in std::mem::take(&mut self.modbus_tasks) {
+            if tokio::time::timeout(Duration::from_secs(2), task)
+                .await
+                .is_err()
+            {
+                report.stuck.push("modbus source");
             }
         }
         if tokio::time::timeout(deadline + Duration::from_secs(3), &mut self.uplink)

@@ -23,6 +23,7 @@ fn demo_runs_end_to_end_without_errors() {
             .unwrap_or_else(|| panic!("no {label:?} in the summary:\n{stdout}"))
     };
     assert!(figure("readings in") > 0, "{stdout}");
+    assert!(figure("modbus readings in") > 0, "{stdout}");
     assert!(figure("alerts raised/cleared") > 0, "{stdout}");
     assert!(figure("records forwarded") > 0, "{stdout}");
     assert!(figure("records acknowledged") > 0, "{stdout}");

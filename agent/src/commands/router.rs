@@ -630,7 +630,7 @@ impl CommandRouter {
                 };
                 match error {
                     None => {
-                        tracing::debug!(%id, port = %self.routes.path(port), "command written to the serial port")
+                        tracing::debug!(%id, port = %self.routes.path(port), "command written to its port")
                     }
                     Some(why) => {
                         tracing::info!(%id, port = %self.routes.path(port), reason = %why, "command not written; queued again");
@@ -781,8 +781,8 @@ impl CommandRouter {
                     self.routes
                         .hand_off(i, p.command.clone())
                         .map_err(|e| match e {
-                            HandOff::Closed => "serial port closed".to_string(),
-                            HandOff::Busy => "serial port busy".to_string(),
+                            HandOff::Closed => "port closed".to_string(),
+                            HandOff::Busy => "port busy".to_string(),
                         })
                 }
                 Route::Mqtt => match &self.local {

@@ -1,9 +1,12 @@
-//! Which transport reaches a device: one of the serial ports, or else the local MQTT broker.
+//! Which transport reaches a device: one of the ports (a serial port, or a Modbus bus), or
+//! else the local MQTT broker.
 //!
 //! A device is on a serial port if that port's `[[serial]] devices` lists it, or if readings
 //! from it arrived on that port (learned, at most [`MAX_LEARNED_DEVICES`]; the latest port
-//! wins, so a sensor moved to another adapter follows). Every other device is addressed on
-//! the local broker (`devices/{device}/commands`).
+//! wins, so a sensor moved to another adapter follows). A device is on a Modbus bus if it is
+//! one of the bus's `[[modbus.slaves]]`. Every other device is addressed on the local broker
+//! (`devices/{device}/commands`). Ports are numbered serial ports first, then Modbus buses,
+//! each in config order.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -14,6 +17,7 @@ use edgestream_protocol::types::{Command, CommandOutcome};
 use tokio::sync::mpsc;
 
 use crate::source::config::SerialConfig;
+use crate::source::modbus::config::ModbusConfig;
 use crate::source::reading::Ack;
 
 /// What the device side tells the router.
@@ -25,7 +29,7 @@ pub enum DeviceEvent {
         outcome: Box<CommandOutcome>,
         ack: Option<Ack>,
     },
-    /// A serial port's thread wrote a command (`error: None`) or could not.
+    /// A port wrote a command (`error: None`) or could not.
     Written {
         id: String,
         port: usize,
@@ -48,14 +52,15 @@ struct Port {
     open: AtomicBool,
 }
 
-/// The routing table, shared by the router (reads) and the serial threads (learn, open/close).
+/// The routing table, shared by the router (reads) and the ports (learn, open/close).
 #[derive(Debug)]
 pub struct DeviceRoutes {
     ports: Vec<Port>,
     learned: Mutex<HashMap<String, usize>>,
 }
 
-/// What a serial port's thread needs for commands: its queue, where to report, the table.
+/// What a port (a serial port's thread, a Modbus bus's task) needs for commands: its queue,
+/// where to report, the table.
 #[derive(Debug)]
 pub struct PortLink {
     pub index: usize,
@@ -79,18 +84,24 @@ pub enum HandOff {
 }
 
 impl DeviceRoutes {
-    /// One link per configured port, in `serial` order.
+    /// One link per configured port: `serial` in order, then `modbus` in order.
     pub fn new(
         serial: &[SerialConfig],
+        modbus: &[ModbusConfig],
         events: &mpsc::Sender<DeviceEvent>,
     ) -> (Arc<DeviceRoutes>, Vec<PortLink>) {
         let mut ports = Vec::new();
         let mut receivers = Vec::new();
-        for s in serial {
+        let serial = serial.iter().map(|s| (s.path.clone(), s.devices.clone()));
+        let modbus = modbus.iter().map(|b| {
+            let devices = b.slaves.iter().map(|s| s.device.clone()).collect();
+            (PathBuf::from(b.endpoint()), devices)
+        });
+        for (path, listed) in serial.chain(modbus) {
             let (tx, rx) = std::sync::mpsc::sync_channel(PORT_COMMAND_CAPACITY);
             ports.push(Port {
-                path: s.path.clone(),
-                listed: s.devices.clone(),
+                path,
+                listed,
                 tx,
                 open: AtomicBool::new(false),
             });

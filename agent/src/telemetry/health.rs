@@ -99,7 +99,11 @@ pub fn message(
         "outbox_disk_bytes": outbox_disk_bytes,
         "outbox_opened": outbox_opened,
         "summary": {
-            "readings_in": { "mqtt": m.readings_in_mqtt, "serial": m.readings_in_serial },
+            "readings_in": {
+                "mqtt": m.readings_in_mqtt,
+                "serial": m.readings_in_serial,
+                "modbus": m.readings_in_modbus,
+            },
             "parse_errors": { "mqtt": m.rejected_mqtt, "serial": m.rejected_serial },
             "oversized": { "local": m.local_oversized, "cloud": m.cloud_oversized },
             "serial": {
@@ -107,6 +111,21 @@ pub fn message(
                 "connects": m.serial_connects,
                 "disconnects": m.serial_disconnects,
                 "bytes": m.serial_bytes,
+            },
+            "modbus": {
+                "polls": m.modbus_polls,
+                "errors": {
+                    "exception": m.modbus_errors_exception,
+                    "timeout": m.modbus_errors_timeout,
+                    "short": m.modbus_errors_short,
+                    "mismatch": m.modbus_errors_mismatch,
+                    "garbage": m.modbus_errors_garbage,
+                    "crc": m.modbus_errors_crc,
+                    "connection": m.modbus_errors_connection,
+                },
+                "slaves_missing": m.modbus_slaves_missing,
+                "connects": m.modbus_connects,
+                "disconnects": m.modbus_disconnects,
             },
             "rule_evaluations": m.rules_evaluated,
             "rules_refused": {

@@ -149,6 +149,27 @@ counters! {
     serial_ports_open: Gauge "edgestream_serial_ports_open" r#""# "Serial ports open now.",
     /// Command replies read from serial ports (frames or JSON lines), handed to the router.
     serial_outcomes: Counter "edgestream_serial_command_replies_total" r#""# "Command replies read from serial ports.",
+    /// Readings polled from Modbus slaves.
+    readings_in_modbus: Counter "edgestream_readings_in_total" r#"source="modbus""# "",
+    /// Modbus reads answered with the values asked for.
+    modbus_polls: Counter "edgestream_modbus_polls_total" r#""# "Modbus reads answered with the values asked for.",
+    /// Modbus reads that gave no values, by reason (see dead letters; per slave in the log and
+    /// the samples): an exception, no answer in time, fewer values than asked, an answer to
+    /// another request, bytes that do not decode, an RTU answer with a wrong CRC, a connection
+    /// (TCP) or port (RTU) that failed.
+    modbus_errors_exception: Counter "edgestream_modbus_errors_total" r#"reason="exception""# "Modbus reads that gave no values, by reason.",
+    modbus_errors_timeout: Counter "edgestream_modbus_errors_total" r#"reason="timeout""# "",
+    modbus_errors_short: Counter "edgestream_modbus_errors_total" r#"reason="short""# "",
+    modbus_errors_mismatch: Counter "edgestream_modbus_errors_total" r#"reason="mismatch""# "",
+    modbus_errors_garbage: Counter "edgestream_modbus_errors_total" r#"reason="garbage""# "",
+    modbus_errors_crc: Counter "edgestream_modbus_errors_total" r#"reason="crc""# "",
+    modbus_errors_connection: Counter "edgestream_modbus_errors_total" r#"reason="connection""# "",
+    /// Modbus connections opened, failed attempts, and connections lost.
+    modbus_connects: Counter "edgestream_modbus_connects_total" r#""# "Modbus bus connections opened.",
+    modbus_connect_failures: Counter "edgestream_modbus_connect_failures_total" r#""# "Failed attempts to connect to a Modbus bus.",
+    modbus_disconnects: Counter "edgestream_modbus_disconnects_total" r#""# "Modbus bus connections lost.",
+    /// Slaves that stopped answering (`missing_after` failed polls in a row) (gauge).
+    modbus_slaves_missing: Gauge "edgestream_modbus_slaves_missing" r#""# "Modbus slaves not answering now.",
     /// Commands received from the cloud, and issued by rules (that reached the router).
     commands_received_cloud: Counter "edgestream_commands_received_total" r#"source="cloud""# "Device commands received, by source (rules: every command a rule emitted).",
     commands_from_rules: Counter "edgestream_commands_routed_from_rules_total" r#""# "Commands issued by rules that reached the command router.",

@@ -42,6 +42,7 @@ use crate::mqtt_link::{self, Staged};
 use crate::outbox::record::{Priority, Record};
 use crate::outbox::store::{Key, Outbox, Stored};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::modbus_slaves::SlaveTable;
 use crate::uplink::config::CloudConfig;
 use crate::uplink::inbound::{AckToken, InboundAck, InboundMsg};
 use crate::uplink::topics::CloudTopics;
@@ -123,6 +124,8 @@ pub struct Uplink {
     connections: u64,
     /// Oversized cloud messages, sampled to the dead-letter topic.
     sampler: RejectSampler,
+    /// The Modbus slaves' figures, listed in the health message when there are any.
+    modbus_slaves: Option<Arc<SlaveTable>>,
 }
 
 impl std::fmt::Debug for Uplink {
@@ -271,7 +274,14 @@ impl Uplink {
             started: Instant::now(),
             transport,
             inbound: Vec::new(),
+            modbus_slaves: None,
         })
+    }
+
+    /// Lists the Modbus slaves' figures in every health message (`modbus_slaves`).
+    pub fn with_modbus_slaves(mut self, table: Arc<SlaveTable>) -> Self {
+        self.modbus_slaves = Some(table);
+        self
     }
 
     /// Subscribes to `topics` on the cloud broker (QoS 1) on every connection and hands each
@@ -763,7 +773,7 @@ impl Uplink {
     }
 
     fn publish_health(&self, s: &mut Session) {
-        let payload = crate::telemetry::health::message(
+        let mut payload = crate::telemetry::health::message(
             &self.gateway,
             self.started.elapsed().as_secs(),
             &self.metrics.snapshot(),
@@ -771,6 +781,9 @@ impl Uplink {
             self.outbox.open_report(),
             &self.outbox.storage_status(),
         );
+        if let Some(t) = &self.modbus_slaves {
+            payload["modbus_slaves"] = t.to_json();
+        }
         if let Ok(bytes) = serde_json::to_vec(&payload) {
             if s.client
                 .try_publish(&self.topics.health, QoS::AtMostOnce, false, bytes)

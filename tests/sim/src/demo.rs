@@ -1,7 +1,9 @@
 //! `edgestream demo`: the whole data path with nothing installed.
 //!
 //! Two in-process brokers (rumqttd) stand in for the sensors' broker and the cloud; simulated
-//! devices publish realistic signals with injected anomalies; the agent (the `edgestream`
+//! devices publish realistic signals with injected anomalies, and a simulated energy meter
+//! answers Modbus TCP on 127.0.0.1 with word-swapped f32 registers that follow signals; the
+//! agent (the `edgestream`
 //! binary's `run` command, as a child process) runs the demo rules from a generated config,
 //! with its outbox in a temporary directory; a subscriber on the "cloud" counts what arrives.
 //! A status line, fed from the agent's Prometheus endpoint, is printed every second and a
@@ -71,6 +73,10 @@ pub fn main(duration: Option<u64>, agent_exe: PathBuf) -> anyhow::Result<()> {
     println!();
     println!("summary after {:.1} s", s.elapsed.as_secs_f64());
     println!("  readings in            {readings_in}");
+    println!(
+        "  modbus readings in     {}",
+        count(r#"edgestream_readings_in_total{source="modbus"}"#)
+    );
     println!(
         "  alerts raised/cleared  {raised}/{}",
         count(r#"edgestream_alerts_total{transition="cleared"}"#)
@@ -142,7 +148,10 @@ async fn run(duration: Option<Duration>, agent_exe: &Path) -> anyhow::Result<Sum
         .prefix("edgestream-demo-")
         .tempdir()
         .context("temp dir")?;
-    let config = write_config(dir.path(), local.port(), cloud.port())?;
+    let meter = crate::devices::modbus::energy_meter(0)
+        .await
+        .context("simulated Modbus meter")?;
+    let config = write_config(dir.path(), local.port(), cloud.port(), meter.port())?;
     let collector = CloudCollector::connect("127.0.0.1", cloud.port(), "edgestream", GATEWAY)
         .await
         .context("cloud subscriber")?;
@@ -201,9 +210,10 @@ async fn run(duration: Option<Duration>, agent_exe: &Path) -> anyhow::Result<Sum
             .context("scraping the agent's metrics")?;
         let count = |k: &str| m.get(k).copied().unwrap_or(0.0);
         let status = format!(
-            "[{:>4}s] in {:>6} | alerts {:>3} | commands {:>3} | forwarded {:>6} | acked {:>6} | outbox {:>5} | cloud readings {:>6}",
+            "[{:>4}s] in {:>6} | modbus {:>4} | alerts {:>3} | commands {:>3} | forwarded {:>6} | acked {:>6} | outbox {:>5} | cloud readings {:>6}",
             started.elapsed().as_secs(),
             count(r#"edgestream_readings_in_total{source="mqtt"}"#),
+            count(r#"edgestream_readings_in_total{source="modbus"}"#),
             count(r#"edgestream_alerts_total{transition="raised"}"#)
                 + count(r#"edgestream_alerts_total{transition="cleared"}"#),
             count(r#"edgestream_commands_total{outcome="succeeded"}"#),
@@ -287,19 +297,33 @@ fn log_level(line: &str) -> Option<&str> {
 }
 
 /// Writes the demo's rules and the agent's config into `dir`; returns the config's path.
-fn write_config(dir: &Path, local_port: u16, cloud_port: u16) -> anyhow::Result<PathBuf> {
+fn write_config(
+    dir: &Path,
+    local_port: u16,
+    cloud_port: u16,
+    modbus_port: u16,
+) -> anyhow::Result<PathBuf> {
     let rules = dir.join("demo.esr");
     std::fs::write(&rules, DEMO_RULES.trim_start()).context("writing the demo rules")?;
     let path = dir.join("edgestream.toml");
-    std::fs::write(&path, config_text(dir, &rules, local_port, cloud_port))
-        .context("writing the agent config")?;
+    std::fs::write(
+        &path,
+        config_text(dir, &rules, local_port, cloud_port, modbus_port),
+    )
+    .context("writing the agent config")?;
     Ok(path)
 }
 
 /// The agent's config: the two brokers, small uplink batches so that the status line moves
-/// every second, the Prometheus endpoint the status line reads, and the one command the demo
-/// rules send.
-fn config_text(dir: &Path, rules: &Path, local_port: u16, cloud_port: u16) -> String {
+/// every second, the Prometheus endpoint the status line reads, the one command the demo
+/// rules send, and the energy meter polled over Modbus TCP.
+fn config_text(
+    dir: &Path,
+    rules: &Path,
+    local_port: u16,
+    cloud_port: u16,
+    modbus_port: u16,
+) -> String {
     format!(
         r#"# Written by `edgestream demo`. The ports are the demo's in-process brokers.
 [gateway]
@@ -331,6 +355,33 @@ interval_secs = 5
 name = "set_burner"
 devices = ["boiler-*"]
 args.level = {{ type = "integer", min = 0, max = 100, required = true }}
+
+# An energy meter polled over Modbus TCP (the demo's simulated slave): f32 measurements in
+# word-swapped order, as many meters send them.
+[[modbus]]
+transport = "tcp"
+host = "127.0.0.1"
+port = {modbus_port}
+
+[[modbus.slaves]]
+unit = 1
+device = "meter-1"
+
+[[modbus.slaves.registers]]
+metric = "voltage"
+function = "input"
+address = 0
+type = "f32"
+word_order = "little"
+interval_ms = 1000
+
+[[modbus.slaves.registers]]
+metric = "power"
+function = "input"
+address = 2
+type = "f32"
+word_order = "little"
+interval_ms = 1000
 {tail}"#,
         tail = crate::agent::CONFIG_TAIL,
         data = dir.join("data").display(),

@@ -14,7 +14,7 @@
 //! * [`proxy`]: cut, blackhole and restore a TCP path.
 //! * [`signal`]: deterministic sensor signals with injected faults.
 //! * [`devices`]: MQTT devices and fleets that record what the broker
-//!   acknowledged, and serial devices.
+//!   acknowledged, serial devices, and Modbus TCP slaves.
 //! * [`collector`]: records what the gateway published to the cloud broker.
 //! * [`simulate`](mod@simulate): run a simulated site (`edgestream simulate`, the demo).
 //! * [`demo`], [`bench`]: `edgestream demo` and `edgestream bench`.
@@ -43,6 +43,10 @@ mod wire;
 
 pub use broker::{InProcessBroker, Mosquitto, MosquittoOptions};
 pub use collector::{CloudCollector, CloudMessage};
+pub use devices::modbus::{
+    f32_word_swapped, registers_of, rtu_crc, ModbusFault, ModbusRtuSlave, ModbusTcpSlave,
+    Table as ModbusTable,
+};
 pub use devices::mqtt::{
     CommandBehavior, DeviceStats, MetricSpec, MqttDevice, MqttDeviceConfig, MqttFleet,
     PayloadFormat, Rate, Reading,

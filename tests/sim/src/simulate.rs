@@ -55,6 +55,9 @@ pub struct SimulateOptions {
     pub mqtt_devices: Vec<MqttDeviceConfig>,
     /// Serial devices on ptys (may be empty).
     pub serial_devices: Vec<SerialDeviceConfig>,
+    /// Also serve a simulated Modbus TCP energy meter on 127.0.0.1 at this port (0: any free
+    /// port; printed).
+    pub modbus_port: Option<u16>,
     /// Stop after this long; `None` = until Ctrl-C or every device finished.
     pub duration: Option<Duration>,
     /// Print serial paths and periodic progress to stdout.
@@ -69,6 +72,7 @@ impl SimulateOptions {
             port,
             mqtt_devices: devices,
             serial_devices: Vec::new(),
+            modbus_port: None,
             duration: None,
             print: true,
         }
@@ -157,6 +161,20 @@ pub async fn simulate_until(
         }
         serial.push(dev);
     }
+    let meter = match opts.modbus_port {
+        Some(port) => Some(
+            crate::devices::modbus::energy_meter(port)
+                .await
+                .map_err(|e| anyhow::anyhow!("modbus meter on port {port}: {e}"))?,
+        ),
+        None => None,
+    };
+    if let (Some(m), true) = (&meter, opts.print) {
+        println!(
+            "modbus energy meter: 127.0.0.1:{} unit 1, input registers 0-1 voltage and 2-3 power (f32, word_order = \"little\")",
+            m.port()
+        );
+    }
     let mut fleet = MqttFleet::spawn(&opts.host, opts.port, opts.mqtt_devices.clone());
     if opts.print && !opts.mqtt_devices.is_empty() {
         println!(
@@ -167,7 +185,9 @@ pub async fn simulate_until(
         );
     }
     let deadline = opts.duration.map(|d| started + d);
-    let all_finite = opts.mqtt_devices.iter().all(|d| d.max_samples.is_some())
+    // A Modbus meter answers until stopped: with one, only the deadline or Ctrl-C ends the run.
+    let all_finite = meter.is_none()
+        && opts.mqtt_devices.iter().all(|d| d.max_samples.is_some())
         && opts.serial_devices.iter().all(|d| d.max_samples.is_some());
     let mut progress = tokio::time::interval(PROGRESS_EVERY);
     progress.tick().await;
@@ -196,6 +216,7 @@ pub async fn simulate_until(
         }
     }
     fleet.stop().await;
+    drop(meter);
     let report = SimReport {
         elapsed: started.elapsed(),
         mqtt: fleet

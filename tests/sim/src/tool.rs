@@ -47,6 +47,10 @@ pub struct SimulateArgs {
     /// Also run a serial probe on a pseudo-terminal (its path is printed).
     #[arg(long)]
     pub serial: bool,
+    /// Also serve a simulated Modbus TCP energy meter on 127.0.0.1 at this port (0: any free
+    /// port; printed with its register map).
+    #[arg(long)]
+    pub modbus_port: Option<u16>,
     /// Stop after this many seconds (default: Ctrl-C).
     #[arg(long)]
     pub duration: Option<u64>,
@@ -79,6 +83,7 @@ fn run_simulate(args: SimulateArgs) -> anyhow::Result<()> {
     if args.serial {
         opts.serial_devices.push(simulate::demo_serial_probe());
     }
+    opts.modbus_port = args.modbus_port;
     opts.duration = args.duration.map(std::time::Duration::from_secs);
     opts.print = true;
     let runtime = tokio::runtime::Builder::new_multi_thread()

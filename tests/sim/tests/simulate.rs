@@ -73,6 +73,7 @@ async fn simulate_runs_serial_devices_until_they_finish() {
         port: 1,
         mqtt_devices: Vec::new(),
         serial_devices: vec![probe],
+        modbus_port: None,
         duration: Some(Duration::from_secs(10)),
         print: false,
     };

@@ -233,7 +233,7 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 /// The master is made close-on-exec: `TTYPort::pair` does not, and an agent
 /// started as a child process after this would inherit it and keep the pty
 /// alive through an unplug, so writes to an "unplugged" device would succeed.
-fn open_pty() -> Result<(TTYPort, PathBuf), SerialSimError> {
+pub(crate) fn open_pty() -> Result<(TTYPort, PathBuf), SerialSimError> {
     let (mut master, slave) = TTYPort::pair()?;
     nix::fcntl::fcntl(
         std::os::fd::AsRawFd::as_raw_fd(&master),
@@ -249,7 +249,7 @@ fn open_pty() -> Result<(TTYPort, PathBuf), SerialSimError> {
     Ok((master, path))
 }
 
-fn point_link(link: &Path, target: &Path) -> std::io::Result<()> {
+pub(crate) fn point_link(link: &Path, target: &Path) -> std::io::Result<()> {
     // Create beside it and rename over it, so the link never disappears: an
     // agent polling the path sees either the old or the new pty.
     let tmp = link.with_extension("new");

@@ -5,6 +5,7 @@
 //! - [`plan`]: which reads poll a bus (adjacent values of one slave, table and interval in one
 //!   request, within the protocol's limits);
 //! - [`decode`]: registers to values (every type, byte and word order, scale and offset);
+//! - [`writes`]: the write mappings checked against the allow-list;
 //! - [`poller`]: the task that polls one bus;
 //! - [`rtu`]: the RTU line: the inter-frame silence tokio-modbus does not keep, CRC checks.
 
@@ -13,3 +14,4 @@ pub mod decode;
 pub mod plan;
 pub mod poller;
 pub mod rtu;
+pub mod writes;

@@ -1,11 +1,12 @@
 //! The Modbus benchmark: figures for docs/performance.md, not pass/fail speed claims (each run
-//! only checks that values flowed). Ignored by default; run on a quiet machine with a release
-//! build of the agent:
+//! only checks that values flowed). A `cargo bench` target (no test harness); run it on a quiet
+//! machine with a release build of the agent, both parts or those whose name contains an
+//! argument:
 //!
 //! ```sh
 //! cargo build --release -p edgestream-agent --no-default-features
 //! EDGESTREAM_AGENT=$CARGO_TARGET_DIR/release/edgestream MODBUS_BENCH_SECS=30 \
-//!   cargo test -p edgestream-agent --test modbus_bench -- --ignored --nocapture --test-threads 1
+//!   cargo bench -p edgestream-agent --bench modbus [-- tcp|rtu]
 //! ```
 //!
 //! - `tcp_10_slaves_x_100_registers_at_10_hz`: ten simulated Modbus TCP slaves (one bus
@@ -117,8 +118,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark: run with --ignored (module doc)"]
 async fn tcp_10_slaves_x_100_registers_at_10_hz() {
     let mut slaves = Vec::new();
     let mut modbus = String::new();
@@ -193,8 +192,6 @@ async fn tcp_10_slaves_x_100_registers_at_10_hz() {
     assert!(values > 0 && sent > 0.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark: run with --ignored (module doc)"]
 async fn rtu_polls_against_the_line_maximum() {
     const REGISTERS: usize = 10;
     for baud in [9_600u32, 115_200] {
@@ -251,5 +248,27 @@ async fn rtu_polls_against_the_line_maximum() {
             bus.gaps().iter().min()
         );
         assert!(polls > 0);
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; any other argument selects parts by name.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if wanted("tcp_10_slaves_x_100_registers_at_10_hz") {
+        println!("== tcp_10_slaves_x_100_registers_at_10_hz");
+        rt.block_on(tcp_10_slaves_x_100_registers_at_10_hz());
+    }
+    if wanted("rtu_polls_against_the_line_maximum") {
+        println!("== rtu_polls_against_the_line_maximum");
+        rt.block_on(rtu_polls_against_the_line_maximum());
     }
 }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use rand::Rng;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -33,6 +34,19 @@ impl Backoff {
 
     pub fn reset(&mut self) {
         self.current = self.min;
+    }
+
+    /// Waits the next delay before a retry, cut short when `stop` is cancelled. `false` when
+    /// `stop` was cancelled already: the attempt just made was the last one.
+    pub async fn wait_unless_stopped(&mut self, stop: &CancellationToken) -> bool {
+        if stop.is_cancelled() {
+            return false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(self.next_delay()) => {}
+            _ = stop.cancelled() => {}
+        }
+        true
     }
 }
 

@@ -306,18 +306,6 @@ impl CommandRouter {
         self
     }
 
-    /// Waits before a retry of a failed save; false once the agent is stopping (the caller
-    /// gives the turn up).
-    async fn retry_later(&self, backoff: &mut Backoff) -> bool {
-        if self.stopping.is_cancelled() {
-            return false;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.next_delay()) => true,
-            _ = self.stopping.cancelled() => false,
-        }
-    }
-
     /// Drops this turn's acknowledgements and outcomes: its inputs are redelivered after the
     /// restart and handled again (at-least-once), since nothing of the turn is durable.
     fn give_up_turn(&mut self) {
@@ -835,13 +823,13 @@ impl CommandRouter {
                 Ok(Ok(())) => self.dirty = false,
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "command table cannot be saved; retrying, nothing acknowledged");
-                    if !self.retry_later(&mut backoff).await {
+                    if !backoff.wait_unless_stopped(&self.stopping).await {
                         return self.give_up_turn();
                     }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "command table save task failed; retrying");
-                    if !self.retry_later(&mut backoff).await {
+                    if !backoff.wait_unless_stopped(&self.stopping).await {
                         return self.give_up_turn();
                     }
                 }
@@ -857,7 +845,7 @@ impl CommandRouter {
                     Ok(()) => break,
                     Err(e) => {
                         tracing::error!(error = %e, "command outcomes cannot be stored; retrying, nothing acknowledged");
-                        if !self.retry_later(&mut backoff).await {
+                        if !backoff.wait_unless_stopped(&self.stopping).await {
                             return self.give_up_turn();
                         }
                     }

@@ -482,7 +482,7 @@ impl RulesStage {
             };
             self.beat();
             tracing::debug!(error = %e, records = records.len(), "outbox commit failed; retrying, nothing acknowledged");
-            if self.stopping.is_cancelled() {
+            if !backoff.wait_unless_stopped(&self.stopping).await {
                 tracing::error!(
                     error = %e,
                     records = records.len(),
@@ -490,10 +490,6 @@ impl RulesStage {
                 );
                 records.clear();
                 return false;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
-                _ = self.stopping.cancelled() => {}
             }
         }
     }

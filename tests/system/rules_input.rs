@@ -50,17 +50,7 @@ async fn start() -> (
     agent
         .wait_log("metrics endpoint listening", Duration::from_secs(20))
         .await;
-    let logs = agent.logs();
-    let line = logs
-        .lines()
-        .find(|l| l.contains("metrics endpoint listening"))
-        .unwrap();
-    let port: u16 = line[line.find("127.0.0.1:").unwrap() + 10..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .unwrap();
+    let port = metrics_port(&agent.logs());
     agent.wait_subscribed().await;
     (local, cloud, collector, dir, agent, port)
 }

@@ -188,7 +188,7 @@ impl Drop for AgentChild {
 }
 
 /// The port in the agent's `metrics endpoint listening addr=127.0.0.1:PORT` line.
-fn metrics_port_in(logs: &str) -> Option<u16> {
+pub fn metrics_port_in(logs: &str) -> Option<u16> {
     let line = logs.lines().find(|l| l.contains(METRICS_LINE))?;
     let rest = &line[line.find("127.0.0.1:")? + "127.0.0.1:".len()..];
     let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();

@@ -432,14 +432,5 @@ pub fn assert_all_delivered_in_order(
 
 /// The port from the agent's `metrics endpoint listening addr=127.0.0.1:PORT` log line.
 pub fn metrics_port(logs: &str) -> u16 {
-    let line = logs
-        .lines()
-        .find(|l| l.contains("metrics endpoint listening"))
-        .expect("metrics endpoint in the log");
-    let rest = &line[line.find("127.0.0.1:").expect("address") + "127.0.0.1:".len()..];
-    rest.chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<String>()
-        .parse()
-        .expect("port")
+    edgestream_sim::agent::metrics_port_in(logs).expect("metrics endpoint port in the log")
 }
